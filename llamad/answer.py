@@ -1,0 +1,171 @@
+"""Engine events -> answer events: the one pipeline both API families read.
+
+Token text goes through the reasoning splitter, then (when tools are offered) the tool-call
+parser; what comes out is a stream of typed answer events. A streamed reply frames these
+events; a non-streamed reply is the same events folded by `fold`.
+"""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol, Union
+
+from llamad.engine import Done, Engine, Generation, Started, Token, Waiting
+from llamad.reasoning import ReasoningSplitter
+
+
+@dataclass
+class Keepalive:
+    """Nothing to say yet (queued, or the prompt is being evaluated)."""
+
+
+@dataclass
+class ReasoningDelta:
+    text: str
+
+
+@dataclass
+class TextDelta:
+    text: str
+
+
+@dataclass
+class ToolCallStart:
+    index: int
+    id: str
+    name: str
+
+
+@dataclass
+class ToolCallDelta:
+    index: int
+    arguments: str
+
+
+@dataclass
+class ToolCallEnd:
+    index: int
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass
+class Finish:
+    reason: str  # "stop" | "length" | "tool_calls"
+    stop_sequence: str | None
+    usage: Usage
+    time_to_first_token_s: float | None = None
+    decode_s: float = 0.0
+
+
+AnswerEvent = Union[Keepalive, ReasoningDelta, TextDelta, ToolCallStart, ToolCallDelta, ToolCallEnd, Finish]
+
+
+class ToolParser(Protocol):
+    """Turns answer text into text and tool-call events (see llamad.tools)."""
+
+    def feed(self, text: str) -> list[AnswerEvent]: ...
+
+    def finish(self) -> list[AnswerEvent]: ...
+
+    @property
+    def calls(self) -> int: ...
+
+
+class PlainText:
+    """The parser used when no tools are offered: everything is text."""
+
+    calls = 0
+
+    def feed(self, text: str) -> list[AnswerEvent]:
+        return [TextDelta(text)] if text else []
+
+    def finish(self) -> list[AnswerEvent]:
+        return []
+
+
+async def answer_events(
+    engine: Engine,
+    generation: Generation,
+    keep_reasoning: bool,
+    parser: ToolParser | None = None,
+) -> AsyncIterator[AnswerEvent]:
+    splitter = ReasoningSplitter(starts_in_reasoning=generation.prompt.opens_reasoning)
+    parser = parser or PlainText()
+
+    def route(pieces: list[tuple[str, str]]) -> list[AnswerEvent]:
+        out: list[AnswerEvent] = []
+        for kind, text in pieces:
+            if kind == "reasoning":
+                if keep_reasoning:
+                    out.append(ReasoningDelta(text))
+            else:
+                out.extend(parser.feed(text))
+        return out
+
+    async with aclosing(engine.stream(generation)) as events:
+        async for event in events:
+            if isinstance(event, Token):
+                for item in route(splitter.feed(event.text)):
+                    yield item
+            elif isinstance(event, Waiting):
+                yield Keepalive()
+            elif isinstance(event, Started):
+                continue
+            elif isinstance(event, Done):
+                for item in route(splitter.finish()):
+                    yield item
+                for item in parser.finish():
+                    yield item
+                reason = event.finish_reason
+                if parser.calls and reason == "stop":
+                    reason = "tool_calls"
+                yield Finish(
+                    reason=reason,
+                    stop_sequence=event.stop_sequence,
+                    usage=Usage(event.prompt_tokens, event.completion_tokens, event.cached_tokens),
+                    time_to_first_token_s=event.time_to_first_token_s,
+                    decode_s=event.decode_s,
+                )
+
+
+@dataclass
+class FoldedCall:
+    id: str
+    name: str
+    arguments: str = ""
+
+
+@dataclass
+class Answer:
+    reasoning: str = ""
+    text: str = ""
+    tool_calls: list[FoldedCall] = field(default_factory=list)
+    finish: Finish | None = None
+
+
+def fold_event(answer: Answer, event: AnswerEvent) -> None:
+    if isinstance(event, ReasoningDelta):
+        answer.reasoning += event.text
+    elif isinstance(event, TextDelta):
+        answer.text += event.text
+    elif isinstance(event, ToolCallStart):
+        answer.tool_calls.append(FoldedCall(id=event.id, name=event.name))
+    elif isinstance(event, ToolCallDelta):
+        answer.tool_calls[event.index].arguments += event.arguments
+    elif isinstance(event, Finish):
+        answer.finish = event
+
+
+async def fold(events: AsyncIterator[AnswerEvent]) -> Answer:
+    answer = Answer()
+    async with aclosing(events) as stream:
+        async for event in stream:
+            fold_event(answer, event)
+    return answer

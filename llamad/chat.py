@@ -1,0 +1,199 @@
+"""The chat both API families translate into, and its rendering into a prompt.
+
+OpenAI and Anthropic requests become one `Chat` (system/user/assistant/tool messages,
+tool calls, offered tools). `ChatTemplate` turns a Chat into prompt text with the GGUF's
+own Jinja template, a named llama-cpp-python format, or a choice by architecture.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text, as the model (or the client's history) wrote it
+
+
+@dataclass
+class ChatMessage:
+    role: str  # system | user | assistant | tool
+    content: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_call_id: str | None = None
+    # For tool results: the name of the tool that produced it, when known.
+    name: str | None = None
+    is_error: bool = False
+
+
+@dataclass
+class ToolSpec:
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+@dataclass
+class Chat:
+    messages: list[ChatMessage]
+    tools: list[ToolSpec] = field(default_factory=list)
+    # Extra system text (tool instructions) appended by the tools layer.
+    system_suffix: str = ""
+
+
+# Architecture -> llama-cpp-python chat format, for GGUF files that carry no template.
+FORMAT_BY_ARCHITECTURE = {
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3": "gemma",
+    "gemma3n": "gemma",
+    "llama": "llama-3",
+    "qwen2": "chatml",
+    "qwen3": "chatml",
+    "phi3": "chatml",
+    "mistral": "mistral-instruct",
+}
+
+# Formats whose llama-cpp-python formatter drops system messages: fold them into the
+# first user turn instead (this is what Gemma's own template does).
+FOLD_SYSTEM_FORMATS = {"gemma"}
+
+
+def known_formats() -> list[str]:
+    from llama_cpp.llama_chat_format import LlamaChatCompletionHandlerRegistry
+
+    return sorted(LlamaChatCompletionHandlerRegistry()._chat_handlers)  # noqa: SLF001
+
+
+def named_formatter(name: str) -> Callable[..., Any]:
+    """The llama-cpp-python formatter function registered under `name`."""
+    from llama_cpp import llama_chat_format
+
+    for candidate in (name.replace("-", "_").replace(".", "_"), name.replace("-", "").replace(".", "")):
+        formatter = getattr(llama_chat_format, f"format_{candidate}", None)
+        if callable(formatter):
+            return formatter
+    raise ValueError(
+        f"unknown chat_format '{name}'; known formats: {', '.join(known_formats())}"
+    )
+
+
+def tool_call_json(call: ToolCall) -> str:
+    """One tool call as the JSON object the text rendering uses."""
+    try:
+        arguments: Any = json.loads(call.arguments) if call.arguments.strip() else {}
+    except json.JSONDecodeError:
+        arguments = call.arguments  # malformed history: keep what was sent, as a string
+    return json.dumps({"name": call.name, "arguments": arguments}, ensure_ascii=False)
+
+
+def messages_as_text(chat: Chat, template_has_tools: bool) -> list[dict[str, Any]]:
+    """Chat messages as the dicts a chat template expects.
+
+    Templates without tool support get tool calls and tool results as plain text, so
+    nothing the client sent is dropped: calls as `<tool_call>{json}</tool_call>` in the
+    assistant turn, results as `<tool_response>…</tool_response>` in a user turn.
+    """
+    out: list[dict[str, Any]] = []
+    system_parts = [m.content for m in chat.messages if m.role == "system" and m.content]
+    if chat.system_suffix:
+        system_parts.append(chat.system_suffix)
+    if system_parts:
+        out.append({"role": "system", "content": "\n\n".join(system_parts)})
+    for message in chat.messages:
+        if message.role == "system":
+            continue
+        if message.role == "assistant":
+            entry: dict[str, Any] = {"role": "assistant", "content": message.content}
+            if message.tool_calls:
+                if template_has_tools:
+                    entry["tool_calls"] = [
+                        {
+                            "id": call.id,
+                            "type": "function",
+                            "function": {"name": call.name, "arguments": call.arguments},
+                        }
+                        for call in message.tool_calls
+                    ]
+                else:
+                    calls = "\n".join(f"<tool_call>\n{tool_call_json(c)}\n</tool_call>" for c in message.tool_calls)
+                    entry["content"] = f"{message.content}\n{calls}".strip()
+            out.append(entry)
+        elif message.role == "tool":
+            if template_has_tools:
+                entry = {"role": "tool", "content": message.content, "tool_call_id": message.tool_call_id}
+                if message.name:
+                    entry["name"] = message.name
+                out.append(entry)
+            else:
+                label = f' name="{message.name}"' if message.name else ""
+                status = ' status="error"' if message.is_error else ""
+                text = f"<tool_response{label}{status}>\n{message.content}\n</tool_response>"
+                if out and out[-1]["role"] == "user" and out[-1].get("_tool_results"):
+                    out[-1]["content"] += "\n" + text
+                else:
+                    out.append({"role": "user", "content": text, "_tool_results": True})
+        else:
+            out.append({"role": "user", "content": message.content})
+    for entry in out:
+        entry.pop("_tool_results", None)
+    return _merge_same_role(out)
+
+
+def _merge_same_role(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Strict templates (Gemma, Mistral) require user/assistant to alternate."""
+    merged: list[dict[str, Any]] = []
+    for entry in messages:
+        if (
+            merged
+            and entry["role"] == merged[-1]["role"]
+            and entry["role"] in ("user", "assistant")
+            and "tool_calls" not in entry
+            and "tool_calls" not in merged[-1]
+        ):
+            merged[-1] = {**merged[-1], "content": f"{merged[-1]['content']}\n\n{entry['content']}"}
+        else:
+            merged.append(entry)
+    return merged
+
+
+def fold_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    system, rest = messages[0]["content"], messages[1:]
+    if rest and rest[0]["role"] == "user":
+        return [{**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}] + rest[1:]
+    return [{"role": "user", "content": system}] + rest
+
+
+@dataclass
+class ChatTemplate:
+    """How this model's prompts are written, chosen once at load time."""
+
+    # "gguf" (the file's Jinja template) or "format:<name>"
+    source: str
+    render_fn: Callable[..., Any]
+    fold_system_prompt: bool = False
+    supports_tools: bool = False
+
+    def render(self, chat: Chat) -> tuple[str, list[str], bool]:
+        """-> (prompt text, template stop strings, prompt already holds BOS text)."""
+        messages = messages_as_text(chat, self.supports_tools)
+        if self.fold_system_prompt:
+            messages = fold_system(messages)
+        kwargs: dict[str, Any] = {"messages": messages}
+        if self.supports_tools and chat.tools:
+            kwargs["tools"] = [
+                {
+                    "type": "function",
+                    "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+                }
+                for t in chat.tools
+            ]
+        result = self.render_fn(**kwargs)
+        stops = result.stop if isinstance(result.stop, list) else ([result.stop] if result.stop else [])
+        return result.prompt, [s for s in stops if s], bool(getattr(result, "added_special", False))

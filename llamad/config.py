@@ -1,0 +1,338 @@
+"""Configuration: built-in defaults < TOML file < environment, validated once.
+
+Every value remembers where it came from, so `llamad config --sources` can say it and a
+validation error can name the key, the source (file and line, or variable) and what was
+expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import msgspec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = Path("/etc/llamad.toml")
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Requests allowed to wait for the engine; beyond that the answer is an immediate 429/529.
+    max_queue: int = 16
+    # Seconds a request may wait for the engine before it gets an overload error.
+    queue_timeout: float = 60.0
+    max_body_bytes: int = 4 * 1024 * 1024
+    # A streamed answer whose client stops reading for this long is cancelled.
+    write_timeout: float = 30.0
+    # SIGTERM: how long the running generation may go on before it is cut.
+    shutdown_grace: float = 10.0
+    api_keys: list[str] = []
+    api_key_file: str = ""
+    metrics_require_key: bool = False
+
+
+class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    path: str = ""
+    dir: str = ""
+    # The id reported in responses and /v1/models (the seed's MODEL_NAME).
+    name: str = "llama-local"
+    n_ctx: int = 4096
+    # 0 means one thread per CPU core.
+    n_threads: int = 0
+    n_batch: int = 512
+    # -1 offloads every layer (a no-op on a CPU-only build).
+    n_gpu_layers: int = -1
+    # Empty: the GGUF's own template, or a choice by architecture when it has none.
+    chat_format: str = ""
+    # Bytes of saved KV state kept for prompt-prefix reuse beyond the live context; 0 disables.
+    prompt_cache_bytes: int = 256 * 1024 * 1024
+
+
+class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    max_tokens_hard_cap: int = 1024
+    # Used when a request names no max_tokens (OpenAI makes it optional).
+    default_max_tokens: int = 512
+    max_messages: int = 1024
+
+
+class LoggingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    level: str = "info"
+    # auto: JSON when stdout is not a terminal (journald), console when it is.
+    format: str = "auto"
+    # Log prompts and completions (off: they may be private).
+    log_content: bool = False
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    model: ModelConfig = msgspec.field(default_factory=ModelConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+
+
+SECTIONS: dict[str, type[msgspec.Struct]] = {
+    "server": ServerConfig,
+    "model": ModelConfig,
+    "limits": LimitsConfig,
+    "logging": LoggingConfig,
+}
+
+# The seed server's environment names, kept so old deployments keep working.
+LEGACY_ENV: dict[str, tuple[str, str]] = {
+    "MODEL_PATH": ("model", "path"),
+    "MODEL_DIR": ("model", "dir"),
+    "MODEL_NAME": ("model", "name"),
+    "N_CTX": ("model", "n_ctx"),
+    "N_THREADS": ("model", "n_threads"),
+    "N_GPU_LAYERS": ("model", "n_gpu_layers"),
+    "MAX_TOKENS_HARD_CAP": ("limits", "max_tokens_hard_cap"),
+    "PORT": ("server", "port"),
+    "HOST": ("server", "host"),
+    "LLAMAD_API_KEY": ("server", "api_keys"),
+}
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "json", "console")
+
+
+class ConfigError(Exception):
+    """A user mistake in the configuration: one line that says what and where."""
+
+
+@dataclass
+class LoadedConfig:
+    config: Config
+    # "section.key" -> "default" | "/etc/llamad.toml:12" | "env MODEL_PATH"
+    sources: dict[str, str] = field(default_factory=dict)
+    file: Path | None = None
+
+    def source(self, dotted: str) -> str:
+        return self.sources.get(dotted, "default")
+
+
+def _field_names(struct: type[msgspec.Struct]) -> tuple[str, ...]:
+    return struct.__struct_fields__
+
+
+def _line_of(text: str, section: str | None, key: str) -> int | None:
+    """Best-effort line number of `key` inside `[section]` of a TOML text."""
+    current: str | None = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        header = re.match(r"^\[\s*([A-Za-z0-9_.-]+)\s*\]", stripped)
+        if header:
+            current = header.group(1)
+            if section is not None and current == section and key == section:
+                return number
+            continue
+        if current == section and re.match(rf"^{re.escape(key)}\s*=", stripped):
+            return number
+    return None
+
+
+def _where(path: Path, text: str, section: str | None, key: str) -> str:
+    line = _line_of(text, section, key)
+    return f"{path}:{line}" if line else str(path)
+
+
+def _expected(struct: type[msgspec.Struct], key: str) -> str:
+    hint = struct.__annotations__.get(key, "")
+    hint = str(hint).replace("list[str]", "a list of strings")
+    return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}.get(
+        hint, hint
+    )
+
+
+def _convert_section(
+    section: str, raw: Mapping[str, Any], where: Mapping[str, str], strict: bool
+) -> msgspec.Struct:
+    struct = SECTIONS[section]
+    for key in raw:
+        if key not in _field_names(struct):
+            known = ", ".join(_field_names(struct))
+            raise ConfigError(
+                f"unknown key '{section}.{key}' ({where[key]}); known keys in [{section}]: {known}"
+            )
+    try:
+        return msgspec.convert(dict(raw), struct, strict=strict)
+    except msgspec.ValidationError as exc:
+        match = re.search(r"at `\$\.([A-Za-z0-9_]+)", str(exc))
+        key = match.group(1) if match else next(iter(raw), "?")
+        value = raw.get(key)
+        raise ConfigError(
+            f"'{section}.{key}' = {value!r} ({where.get(key, '?')}): expected {_expected(struct, key)}"
+        ) from None
+
+
+def _read_file(path: Path) -> tuple[dict[str, Any], str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _env_value(section: str, key: str, value: str) -> Any:
+    """Environment strings become lists for list keys; msgspec converts the rest."""
+    annotation = str(SECTIONS[section].__annotations__.get(key, ""))
+    if annotation.startswith("list"):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> LoadedConfig:
+    """Builds the effective configuration. `path=None` means LLAMAD_CONFIG or /etc/llamad.toml."""
+    env = os.environ if env is None else env
+    explicit = path is not None or bool(env.get("LLAMAD_CONFIG"))
+    file = Path(path if path is not None else env.get("LLAMAD_CONFIG") or DEFAULT_CONFIG_PATH)
+
+    raw_sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    where: dict[str, dict[str, str]] = {name: {} for name in SECTIONS}
+    sources: dict[str, str] = {}
+    file_used: Path | None = None
+
+    if file.exists():
+        data, text = _read_file(file)
+        file_used = file
+        for section, values in data.items():
+            if section not in SECTIONS:
+                location = _where(file, text, section, section)
+                raise ConfigError(
+                    f"unknown section [{section}] ({location}); known sections: {', '.join(SECTIONS)}"
+                )
+            if not isinstance(values, dict):
+                raise ConfigError(f"'{section}' ({_where(file, text, None, section)}) must be a table")
+            for key, value in values.items():
+                raw_sections[section][key] = value
+                where[section][key] = _where(file, text, section, key)
+                sources[f"{section}.{key}"] = where[section][key]
+    elif explicit:
+        raise ConfigError(f"config file {file} does not exist")
+
+    # TOML values are typed already: convert them strictly so `port = "80"` is an error.
+    for section in SECTIONS:
+        _convert_section(section, raw_sections[section], where[section], strict=True)
+
+    for variable, (section, key) in LEGACY_ENV.items():
+        if variable in env and env[variable] != "":
+            raw_sections[section][key] = _env_value(section, key, env[variable])
+            where[section][key] = f"env {variable}"
+            sources[f"{section}.{key}"] = f"env {variable}"
+    for section, struct in SECTIONS.items():
+        for key in _field_names(struct):
+            variable = f"LLAMAD_{section.upper()}_{key.upper()}"
+            if variable in env:
+                raw_sections[section][key] = _env_value(section, key, env[variable])
+                where[section][key] = f"env {variable}"
+                sources[f"{section}.{key}"] = f"env {variable}"
+
+    converted = {
+        section: _convert_section(section, raw_sections[section], where[section], strict=False)
+        for section in SECTIONS
+    }
+    config = Config(**converted)
+    loaded = LoadedConfig(config=config, sources=sources, file=file_used)
+    validate(loaded)
+    return loaded
+
+
+def _check(condition: bool, loaded: LoadedConfig, dotted: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ConfigError(f"'{dotted}' = {value!r} ({loaded.source(dotted)}): expected {expected}")
+
+
+def validate(loaded: LoadedConfig) -> None:
+    c = loaded.config
+    _check(1 <= c.server.port <= 65535, loaded, "server.port", c.server.port, "a port from 1 to 65535")
+    _check(c.server.host != "", loaded, "server.host", c.server.host, "an address to bind")
+    _check(c.server.max_queue >= 0, loaded, "server.max_queue", c.server.max_queue, "0 or more")
+    _check(c.server.queue_timeout > 0, loaded, "server.queue_timeout", c.server.queue_timeout, "seconds > 0")
+    _check(c.server.max_body_bytes >= 1024, loaded, "server.max_body_bytes", c.server.max_body_bytes, "at least 1024")
+    _check(c.server.write_timeout > 0, loaded, "server.write_timeout", c.server.write_timeout, "seconds > 0")
+    _check(c.server.shutdown_grace >= 0, loaded, "server.shutdown_grace", c.server.shutdown_grace, "seconds >= 0")
+    _check(c.model.n_ctx >= 64, loaded, "model.n_ctx", c.model.n_ctx, "at least 64")
+    _check(c.model.n_threads >= 0, loaded, "model.n_threads", c.model.n_threads, "0 (all cores) or more")
+    _check(c.model.n_batch >= 1, loaded, "model.n_batch", c.model.n_batch, "at least 1")
+    _check(c.model.n_gpu_layers >= -1, loaded, "model.n_gpu_layers", c.model.n_gpu_layers, "-1 (all) or more")
+    _check(c.model.name != "", loaded, "model.name", c.model.name, "a non-empty model id")
+    _check(c.model.prompt_cache_bytes >= 0, loaded, "model.prompt_cache_bytes", c.model.prompt_cache_bytes, "0 or more")
+    _check(c.limits.max_tokens_hard_cap >= 1, loaded, "limits.max_tokens_hard_cap", c.limits.max_tokens_hard_cap, "at least 1")
+    _check(c.limits.default_max_tokens >= 1, loaded, "limits.default_max_tokens", c.limits.default_max_tokens, "at least 1")
+    _check(c.limits.max_messages >= 1, loaded, "limits.max_messages", c.limits.max_messages, "at least 1")
+    _check(c.logging.level in LOG_LEVELS, loaded, "logging.level", c.logging.level, "one of " + ", ".join(LOG_LEVELS))
+    _check(c.logging.format in LOG_FORMATS, loaded, "logging.format", c.logging.format, "one of " + ", ".join(LOG_FORMATS))
+    if c.server.api_key_file:
+        key_file = Path(c.server.api_key_file)
+        _check(key_file.is_file(), loaded, "server.api_key_file", c.server.api_key_file, "a readable file of keys")
+
+
+def api_keys(config: Config) -> list[str]:
+    """Keys from `api_keys` and `api_key_file` (one per line, # comments allowed)."""
+    keys = [k for k in config.server.api_keys if k]
+    if config.server.api_key_file:
+        for line in Path(config.server.api_key_file).read_text(encoding="utf-8").splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                keys.append(line)
+    return keys
+
+
+@dataclass
+class ModelChoice:
+    path: Path
+    # Why this file: "model.path" or "model.dir (3 files, chose by name)".
+    reason: str
+    candidates: list[Path] = field(default_factory=list)
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def resolve_model(loaded: LoadedConfig) -> ModelChoice:
+    """Finds the GGUF file to serve and checks it is one; errors name the key and source."""
+    c = loaded.config.model
+    if c.path:
+        path = Path(c.path).expanduser()
+        reason = "model.path"
+        candidates = [path]
+        _check(path.is_file(), loaded, "model.path", c.path, "an existing .gguf file")
+    elif c.dir:
+        directory = Path(c.dir).expanduser()
+        _check(directory.is_dir(), loaded, "model.dir", c.dir, "an existing directory of .gguf files")
+        candidates = sorted(p for p in directory.iterdir() if p.suffix == ".gguf" and p.is_file())
+        _check(bool(candidates), loaded, "model.dir", c.dir, "a directory holding at least one .gguf file")
+        named = [p for p in candidates if c.name in (p.name, p.stem)]
+        if named:
+            path, reason = named[0], f"model.dir: the file named by model.name ({c.name})"
+        else:
+            path, reason = candidates[0], "model.dir: first .gguf in sorted order"
+    else:
+        raise ConfigError(
+            "no model configured: set model.path or model.dir in the config file, "
+            "or MODEL_PATH / MODEL_DIR in the environment"
+        )
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    key = "model.path" if c.path else "model.dir"
+    _check(magic == GGUF_MAGIC, loaded, key, str(path), "a GGUF file (it must start with the bytes 'GGUF')")
+    return ModelChoice(path=path, reason=reason, candidates=candidates)
+
+
+def to_toml_data(config: Config) -> dict[str, Any]:
+    return msgspec.to_builtins(config)

@@ -1,0 +1,372 @@
+"""The engine: one model, its lock, and generation as a stream of typed events.
+
+`Engine` holds everything that does not depend on llama.cpp: the scheduler (the lock and
+its bounded FIFO queue), the worker thread that keeps inference off the event loop,
+cancellation, stop sequences and token limits. A subclass supplies three things: `load`,
+`prepare` (chat -> prompt tokens) and `decode` (prompt -> one text piece per token). The
+real subclass is `LlamaEngine` (llamad.llama); the fast tests use a fake with the same
+three methods, so everything here is exercised by both tiers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator, Union
+
+from llamad.chat import Chat
+from llamad.scheduler import Overloaded, QueueTimeout, Scheduler, ShuttingDown
+
+__all__ = [
+    "Engine",
+    "EngineNotReady",
+    "ContextOverflow",
+    "Overloaded",
+    "QueueTimeout",
+    "ShuttingDown",
+    "Prompt",
+    "Sampling",
+    "Generation",
+    "Waiting",
+    "Started",
+    "Token",
+    "Done",
+    "EngineEvent",
+]
+
+
+class EngineNotReady(Exception):
+    def __init__(self, state: str):
+        super().__init__(f"the model is not loaded (state: {state})")
+        self.state = state
+
+
+class ContextOverflow(Exception):
+    def __init__(self, prompt_tokens: int, n_ctx: int):
+        super().__init__(
+            f"this model's context is {n_ctx} tokens, but the prompt is {prompt_tokens} tokens; "
+            "shorten the messages"
+        )
+        self.prompt_tokens = prompt_tokens
+        self.n_ctx = n_ctx
+
+
+class PromptError(ValueError):
+    """The chat cannot be rendered into a prompt (the template refused it)."""
+
+
+class Cancelled(Exception):
+    pass
+
+
+@dataclass
+class Prompt:
+    text: str
+    tokens: list[int]
+    # Strings the chat template ends a turn with; they end generation but are not reported.
+    template_stops: list[str] = field(default_factory=list)
+    # The template opened a <think> block, so the answer starts inside reasoning.
+    opens_reasoning: bool = False
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+
+@dataclass
+class Generation:
+    prompt: Prompt
+    max_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: list[str] = field(default_factory=list)
+    # GBNF grammar that constrains the output (tool calls, JSON); None for free text.
+    grammar: str | None = None
+
+
+@dataclass
+class Waiting:
+    """Still queued for the engine (or processing the prompt): a keep-alive opportunity."""
+
+    position: int
+
+
+@dataclass
+class Started:
+    """The engine is ours and the prompt is evaluated; tokens follow."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    queued_s: float
+    prompt_s: float
+
+
+@dataclass
+class Token:
+    text: str
+
+
+@dataclass
+class Done:
+    finish_reason: str  # "stop" | "length"
+    stop_sequence: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    time_to_first_token_s: float | None = None
+    decode_s: float = 0.0
+
+
+EngineEvent = Union[Waiting, Started, Token, Done]
+
+KEEPALIVE_S = 5.0
+
+
+@dataclass
+class EngineStats:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cancelled: int = 0
+
+
+class Engine:
+    """Base class: the scheduling, threading and text handling shared by every engine."""
+
+    def __init__(self, model_id: str, n_ctx: int, max_queue: int = 16, queue_timeout: float = 60.0):
+        self.model_id = model_id
+        self.n_ctx = n_ctx
+        self.state = "loading"
+        self.error: str | None = None
+        self.info: dict[str, object] = {}
+        self.scheduler = Scheduler(max_queue=max_queue, queue_timeout=queue_timeout)
+        self.stats = EngineStats()
+        # One worker thread: the model is only ever touched from this thread.
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamad-engine")
+        self._running: threading.Event | None = None
+
+    # -- what a subclass supplies -------------------------------------------------------
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    def _prepare(self, chat: Chat) -> Prompt:
+        raise NotImplementedError
+
+    def _decode(self, generation: Generation, cancel: threading.Event) -> Iterator[str | int]:
+        """Yields, once the prompt is evaluated, the number of prompt tokens reused from
+        the cache (an int), then one text piece per generated token (a str, possibly
+        empty while a multi-byte character is incomplete). Ends at end-of-generation.
+        Checks `cancel` between tokens and between prompt batches."""
+        raise NotImplementedError
+
+    def count_tokens(self, text: str) -> int:
+        raise NotImplementedError
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def load(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._worker, self._load)
+        except Exception as exc:  # the reason reaches /health and the log, not a traceback
+            self.state = "failed"
+            self.error = str(exc) or exc.__class__.__name__
+            raise
+        self.state = "ready"
+
+    def close(self) -> None:
+        self.scheduler.close()
+        if self._running is not None:
+            self._running.set()
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def generating(self) -> bool:
+        return self.scheduler.busy
+
+    # -- the request path -----------------------------------------------------------------
+    def _require_ready(self) -> None:
+        if self.state != "ready":
+            raise EngineNotReady(self.state)
+
+    async def prepare(self, chat: Chat) -> Prompt:
+        """Renders and tokenizes a chat (no lock needed: it only reads the vocabulary)."""
+        self._require_ready()
+        prompt = await asyncio.to_thread(self._prepare, chat)
+        if len(prompt.tokens) >= self.n_ctx:
+            raise ContextOverflow(len(prompt.tokens), self.n_ctx)
+        return prompt
+
+    def clamp_max_tokens(self, requested: int, prompt: Prompt) -> int:
+        return max(1, min(requested, self.n_ctx - len(prompt.tokens)))
+
+    async def stream(self, generation: Generation) -> AsyncIterator[EngineEvent]:
+        """Waits for the engine (yielding `Waiting` now and then), then streams tokens.
+
+        Closing the iterator early (client gone) stops the generation within one decode
+        step and hands the engine to the next waiter.
+        """
+        self._require_ready()
+        queued_at = time.monotonic()
+        if not self.scheduler.try_acquire():
+            waiter = self.scheduler.enqueue()
+            deadline = self.scheduler.deadline()
+            try:
+                while not waiter.done():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise QueueTimeout(time.monotonic() - queued_at)
+                    yield Waiting(position=self.scheduler.queue_depth)
+                    await asyncio.wait({waiter}, timeout=min(KEEPALIVE_S, remaining))
+                waiter.result()  # raises ShuttingDown if the queue was closed
+            except BaseException:
+                self.scheduler.abandon(waiter)
+                raise
+        try:
+            async for event in self._run(generation, queued_s=time.monotonic() - queued_at):
+                yield event
+        finally:
+            self.scheduler.release()
+
+    async def _run(self, generation: Generation, queued_s: float) -> AsyncIterator[EngineEvent]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[EngineEvent | BaseException | None] = asyncio.Queue()
+        cancel = threading.Event()
+        self._running = cancel
+
+        def emit(item: EngineEvent | BaseException | None) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, item)
+
+        def work() -> None:
+            try:
+                self._generate(generation, cancel, emit, queued_s)
+            except Cancelled:
+                pass
+            except BaseException as exc:
+                emit(exc)
+            finally:
+                emit(None)
+
+        future = loop.run_in_executor(self._worker, work)
+        finished = False
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(events.get(), timeout=KEEPALIVE_S)
+                except asyncio.TimeoutError:
+                    yield Waiting(position=0)  # long prompt evaluation: keep the client alive
+                    continue
+                if item is None:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not finished:
+                cancel.set()
+                self.stats.cancelled += 1
+            # The lock is released only once the worker has stopped touching the model.
+            await asyncio.shield(future)
+            self._running = None
+
+    def _generate(self, generation: Generation, cancel: threading.Event, emit, queued_s: float) -> None:
+        prompt_tokens = len(generation.prompt.tokens)
+        stops = [s for s in generation.stop if s]
+        all_stops = stops + [s for s in generation.prompt.template_stops if s and s not in stops]
+        longest_stop = max((len(s) for s in all_stops), default=0)
+        started = time.monotonic()
+        first_token_at: float | None = None
+        cached = 0
+        completion_tokens = 0
+        pending = ""  # text held back because it may be the start of a stop sequence
+        finish_reason = "stop"
+        stop_sequence: str | None = None
+
+        pieces = self._decode(generation, cancel)
+        try:
+            for piece in pieces:
+                if cancel.is_set():
+                    raise Cancelled()
+                if isinstance(piece, int):
+                    cached = piece
+                    emit(Started(prompt_tokens, cached, queued_s, time.monotonic() - started))
+                    continue
+                completion_tokens += 1
+                if first_token_at is None:
+                    first_token_at = time.monotonic()
+                pending += piece
+                if all_stops:
+                    hit = _find_stop(pending, all_stops)
+                    if hit is not None:
+                        index, matched = hit
+                        if index:
+                            emit(Token(pending[:index]))
+                        pending = ""
+                        stop_sequence = matched if matched in stops else None
+                        break
+                    keep = _held_back(pending, all_stops, longest_stop)
+                    if len(pending) > keep:
+                        emit(Token(pending[: len(pending) - keep]))
+                        pending = pending[len(pending) - keep :]
+                elif pending:
+                    emit(Token(pending))
+                    pending = ""
+                if completion_tokens >= generation.max_tokens:
+                    finish_reason = "length"
+                    break
+            else:
+                if cancel.is_set():
+                    raise Cancelled()
+                if prompt_tokens + completion_tokens >= self.n_ctx:
+                    finish_reason = "length"
+        finally:
+            close = getattr(pieces, "close", None)
+            if close is not None:
+                close()
+        if pending:
+            emit(Token(pending))
+        now = time.monotonic()
+        self.stats.requests += 1
+        self.stats.prompt_tokens += prompt_tokens
+        self.stats.completion_tokens += completion_tokens
+        self.stats.cached_tokens += cached
+        emit(
+            Done(
+                finish_reason=finish_reason,
+                stop_sequence=stop_sequence,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                cached_tokens=cached,
+                time_to_first_token_s=(first_token_at - started + queued_s) if first_token_at else None,
+                decode_s=(now - first_token_at) if first_token_at else 0.0,
+            )
+        )
+
+
+def _find_stop(text: str, stops: list[str]) -> tuple[int, str] | None:
+    best: tuple[int, str] | None = None
+    for stop in stops:
+        index = text.find(stop)
+        if index != -1 and (best is None or index < best[0]):
+            best = (index, stop)
+    return best
+
+
+def _held_back(text: str, stops: list[str], longest: int) -> int:
+    """How many trailing characters could still grow into a stop sequence."""
+    for size in range(min(len(text), longest - 1), 0, -1):
+        tail = text[-size:]
+        if any(stop.startswith(tail) for stop in stops):
+            return size
+    return 0

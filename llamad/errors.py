@@ -1,0 +1,92 @@
+"""Errors as values, and their two wire shapes (OpenAI and Anthropic).
+
+Route code raises `ApiError` (or an engine exception, mapped here); each API family's
+exception handler renders it in its own shape with the right status code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llamad.engine import ContextOverflow, EngineNotReady, Overloaded, PromptError, ShuttingDown
+
+
+@dataclass
+class ApiError(Exception):
+    status: int
+    message: str
+    # A family-neutral kind; each family maps it to its own type name.
+    kind: str = "invalid_request"
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, "invalid_request", param=param, code=code)
+
+
+OPENAI_TYPES = {
+    "invalid_request": "invalid_request_error",
+    "authentication": "authentication_error",
+    "permission": "permission_error",
+    "not_found": "not_found_error",
+    "too_large": "invalid_request_error",
+    "rate_limit": "rate_limit_error",
+    "overloaded": "server_error",
+    "unavailable": "server_error",
+    "server": "server_error",
+}
+
+ANTHROPIC_TYPES = {
+    "invalid_request": "invalid_request_error",
+    "authentication": "authentication_error",
+    "permission": "permission_error",
+    "not_found": "not_found_error",
+    "too_large": "request_too_large",
+    "rate_limit": "rate_limit_error",
+    "overloaded": "overloaded_error",
+    "unavailable": "api_error",
+    "server": "api_error",
+}
+
+
+def from_exception(exc: BaseException, family: str) -> ApiError:
+    """Maps engine and framework exceptions to an ApiError for `family` ("openai"/"anthropic")."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ContextOverflow):
+        return ApiError(400, str(exc), "invalid_request", param="messages", code="context_length_exceeded")
+    if isinstance(exc, PromptError):
+        return ApiError(400, str(exc), "invalid_request", param="messages")
+    if isinstance(exc, Overloaded):
+        headers = {"Retry-After": str(exc.retry_after)}
+        if family == "anthropic":
+            return ApiError(529, str(exc), "overloaded", headers=headers)
+        status = 503 if isinstance(exc, ShuttingDown) else 429
+        kind = "unavailable" if status == 503 else "rate_limit"
+        return ApiError(status, str(exc), kind, code="server_overloaded" if status == 429 else None, headers=headers)
+    if isinstance(exc, EngineNotReady):
+        return ApiError(503, str(exc), "unavailable", code="model_not_loaded", headers={"Retry-After": "5"})
+    return ApiError(500, "internal error while generating; see the server log", "server")
+
+
+def openai_body(error: ApiError) -> dict:
+    return {
+        "error": {
+            "message": error.message,
+            "type": OPENAI_TYPES.get(error.kind, "invalid_request_error"),
+            "param": error.param,
+            "code": error.code,
+        }
+    }
+
+
+def anthropic_body(error: ApiError) -> dict:
+    return {
+        "type": "error",
+        "error": {"type": ANTHROPIC_TYPES.get(error.kind, "invalid_request_error"), "message": error.message},
+    }

@@ -1,0 +1,230 @@
+"""The real engine: one llama_cpp.Llama driven below its completion API.
+
+llama-cpp-python's `create_chat_completion(stream=True)` re-detokenizes the whole answer
+at every step; here generation is driven token by token with an incremental UTF-8
+decoder, and the prompt is evaluated batch by batch so a hang-up during a long prompt stops
+at the next batch. Reuse of the KV cache for a shared prompt prefix comes from comparing
+the new prompt with the tokens already in the context.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import structlog
+
+from llamad.chat import (
+    FOLD_SYSTEM_FORMATS,
+    FORMAT_BY_ARCHITECTURE,
+    Chat,
+    ChatTemplate,
+    named_formatter,
+)
+from llamad.config import Config
+from llamad.engine import Cancelled, Engine, Generation, PromptError, Prompt
+
+log = structlog.get_logger("llamad.engine")
+
+FALLBACK_FORMAT = "chatml"
+
+
+class LlamaEngine(Engine):
+    def __init__(self, config: Config, model_path: Path):
+        super().__init__(
+            model_id=config.model.name,
+            n_ctx=config.model.n_ctx,
+            max_queue=config.server.max_queue,
+            queue_timeout=config.server.queue_timeout,
+        )
+        self.config = config
+        self.model_path = model_path
+        self.llm = None
+        self.template: ChatTemplate | None = None
+
+    # -- loading ---------------------------------------------------------------------------
+    def _load(self) -> None:
+        import llama_cpp
+
+        m = self.config.model
+        threads = m.n_threads or os.cpu_count() or 1
+        started = time.monotonic()
+        log.info(
+            "model_loading",
+            path=str(self.model_path),
+            size_bytes=self.model_path.stat().st_size,
+            n_ctx=m.n_ctx,
+            n_threads=threads,
+            n_gpu_layers=m.n_gpu_layers,
+            gpu_offload_supported=bool(llama_cpp.llama_supports_gpu_offload()),
+        )
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(self.model_path),
+                n_ctx=m.n_ctx,
+                n_batch=m.n_batch,
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_gpu_layers=m.n_gpu_layers,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise RuntimeError(f"llama.cpp could not load {self.model_path}: {exc}") from None
+        self.template = self._choose_template()
+        metadata = self.llm.metadata
+        self.info = {
+            "path": str(self.model_path),
+            "architecture": metadata.get("general.architecture", "unknown"),
+            "chat_template": self.template.source,
+            "n_ctx": m.n_ctx,
+            "n_ctx_train": self.llm.n_ctx_train(),
+            "n_threads": threads,
+            "n_gpu_layers": m.n_gpu_layers,
+        }
+        log.info(
+            "model_loaded",
+            path=str(self.model_path),
+            size_bytes=self.model_path.stat().st_size,
+            architecture=self.info["architecture"],
+            n_ctx=m.n_ctx,
+            n_threads=threads,
+            n_gpu_layers=m.n_gpu_layers,
+            chat_template=self.template.source,
+            load_s=round(time.monotonic() - started, 3),
+        )
+
+    def _choose_template(self) -> ChatTemplate:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        llm = self.llm
+        assert llm is not None
+        metadata = llm.metadata
+        wanted = self.config.model.chat_format
+        architecture = metadata.get("general.architecture", "")
+        if wanted:
+            log.info("chat_template_chosen", source=f"format:{wanted}", reason="model.chat_format")
+            return ChatTemplate(
+                source=f"format:{wanted}",
+                render_fn=named_formatter(wanted),
+                fold_system_prompt=wanted in FOLD_SYSTEM_FORMATS,
+            )
+        template = metadata.get("tokenizer.chat_template")
+        if template:
+            eos = llm.token_eos()
+            bos = llm.token_bos()
+            formatter = Jinja2ChatFormatter(
+                template=template,
+                eos_token=llm._model.token_get_text(eos) if eos != -1 else "",  # noqa: SLF001
+                bos_token=llm._model.token_get_text(bos) if bos != -1 else "",  # noqa: SLF001
+                stop_token_ids=[eos],
+            )
+            log.info("chat_template_chosen", source="gguf", reason="the GGUF carries tokenizer.chat_template")
+            return ChatTemplate(source="gguf", render_fn=formatter, supports_tools="tools" in template)
+        name = FORMAT_BY_ARCHITECTURE.get(architecture, FALLBACK_FORMAT)
+        log.info(
+            "chat_template_chosen",
+            source=f"format:{name}",
+            reason=f"the GGUF has no chat template; chose '{name}' for architecture '{architecture or 'unknown'}'",
+        )
+        return ChatTemplate(
+            source=f"format:{name}", render_fn=named_formatter(name), fold_system_prompt=name in FOLD_SYSTEM_FORMATS
+        )
+
+    # -- prompts ---------------------------------------------------------------------------
+    def _prepare(self, chat: Chat) -> Prompt:
+        assert self.llm is not None and self.template is not None
+        try:
+            text, stops, _ = self.template.render(chat)
+        except Exception as exc:  # a Jinja template may raise_exception() on odd histories
+            raise PromptError(f"the chat template refused these messages: {exc}") from None
+        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        bos = self.llm.token_bos()
+        if self.llm._model.add_bos_token() and bos != -1 and (not tokens or tokens[0] != bos):  # noqa: SLF001
+            tokens.insert(0, bos)
+        return Prompt(
+            text=text,
+            tokens=tokens,
+            template_stops=stops,
+            opens_reasoning=text.rstrip().endswith("<think>"),
+        )
+
+    def count_tokens(self, text: str) -> int:
+        assert self.llm is not None
+        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    # -- generation ------------------------------------------------------------------------
+    def _evaluate_prompt(self, tokens: list[int], cancel: threading.Event) -> int:
+        """Brings the context to `tokens`, reusing the longest cached prefix; returns its length."""
+        llm = self.llm
+        assert llm is not None
+        cached = llm.input_ids[: llm.n_tokens].tolist()
+        prefix = 0
+        for a, b in zip(cached, tokens):
+            if a != b:
+                break
+            prefix += 1
+        # At least the last prompt token is evaluated again: sampling needs fresh logits.
+        prefix = min(prefix, len(tokens) - 1)
+        if prefix < llm.n_tokens and not llm._ctx.kv_cache_seq_rm(-1, prefix, -1):  # noqa: SLF001
+            llm.reset()
+            llm._ctx.kv_cache_clear()  # noqa: SLF001
+            prefix = 0
+        llm.n_tokens = prefix
+        rest = tokens[prefix:]
+        for start in range(0, len(rest), llm.n_batch):
+            if cancel.is_set():
+                # Leave the context consistent with what was evaluated so far.
+                raise Cancelled()
+            llm.eval(rest[start : start + llm.n_batch])
+        return prefix
+
+    def _decode(self, generation: Generation, cancel: threading.Event) -> Iterator[str | int]:
+        import llama_cpp
+
+        llm = self.llm
+        assert llm is not None
+        tokens = generation.prompt.tokens
+        try:
+            cached = self._evaluate_prompt(tokens, cancel)
+        except Cancelled:
+            raise
+        except Exception as exc:
+            llm.reset()
+            raise RuntimeError(f"prompt evaluation failed: {exc}") from None
+        yield cached
+
+        s = generation.sampling
+        llm.set_seed(s.seed if s.seed is not None else random.randrange(2**31))
+        grammar = None
+        if generation.grammar:
+            grammar = llama_cpp.LlamaGrammar.from_string(generation.grammar, verbose=False)
+        vocab = llm._model.vocab  # noqa: SLF001
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        buffer = ctypes.create_string_buffer(256)
+        steps = llm.generate(
+            tokens,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            min_p=s.min_p,
+            temp=s.temperature,
+            repeat_penalty=s.repeat_penalty,
+            frequency_penalty=s.frequency_penalty,
+            presence_penalty=s.presence_penalty,
+            grammar=grammar,
+        )
+        try:
+            for token in steps:
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    return
+                n = llama_cpp.llama_token_to_piece(vocab, token, buffer, 256, 0, False)
+                yield decoder.decode(buffer.raw[: max(n, 0)])
+                if cancel.is_set() or llm.n_tokens >= self.n_ctx - 1:
+                    return
+        finally:
+            steps.close()

@@ -1,0 +1,67 @@
+"""A fake engine for the fast tier: the real Engine base class (scheduler, worker thread,
+cancellation, stop sequences, token limits) with scripted model output instead of llama.cpp."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, Iterator
+
+from llamad.chat import Chat, messages_as_text
+from llamad.engine import Engine, Generation, Prompt
+
+Script = Callable[[Generation], list[str]]
+
+
+class FakeEngine(Engine):
+    """`script(generation)` returns the token pieces the "model" emits for a request.
+
+    By default it echoes "Hello from the fake model." one word per token. Tokens are words
+    of the rendered prompt, so prompt token counts are real counts of something visible.
+    """
+
+    def __init__(
+        self,
+        script: Script | None = None,
+        model_id: str = "llama-local",
+        n_ctx: int = 4096,
+        token_delay: float = 0.0,
+        max_queue: int = 16,
+        queue_timeout: float = 60.0,
+    ):
+        super().__init__(model_id=model_id, n_ctx=n_ctx, max_queue=max_queue, queue_timeout=queue_timeout)
+        self.script = script or (lambda g: ["Hello", " from", " the", " fake", " model."])
+        self.token_delay = token_delay
+        self.generations: list[Generation] = []
+        self.decoded_tokens = 0
+        self.info = {"path": "/fake/model.gguf", "architecture": "fake", "chat_template": "fake"}
+
+    def _load(self) -> None:
+        pass
+
+    def render(self, chat: Chat) -> str:
+        lines = [f"<{m['role']}>{m['content']}" for m in messages_as_text(chat, template_has_tools=False)]
+        return "\n".join(lines) + "\n<assistant>"
+
+    def _prepare(self, chat: Chat) -> Prompt:
+        text = self.render(chat)
+        return Prompt(text=text, tokens=list(range(self.count_tokens(text))), template_stops=["<end>"])
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def _decode(self, generation: Generation, cancel: threading.Event) -> Iterator[str | int]:
+        self.generations.append(generation)
+        yield 0
+        for piece in self.script(generation):
+            if cancel.is_set():
+                return
+            if self.token_delay:
+                time.sleep(self.token_delay)
+            self.decoded_tokens += 1
+            yield piece
+
+
+def pieces(text: str, size: int = 3) -> list[str]:
+    """Splits text into fixed-size pieces, the way tokens split tags and words anywhere."""
+    return [text[i : i + size] for i in range(0, len(text), size)]
