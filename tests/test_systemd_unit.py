@@ -1,0 +1,318 @@
+"""The systemd unit and the daemon's side of the systemd protocols (notify, watchdog, reload)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from llamad.auth import ApiKeys
+from llamad.config import load_config
+from llamad.engine import Done, Generation, Prompt
+from llamad.systemd import Notifier, keep_start_alive, reload_service, status_line, watchdog_loop
+from tests.fake_engine import FakeEngine
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "etc" / "llamad.service"
+DROPIN = ROOT / "etc" / "llamad-devices.conf"
+MAX_EXPOSURE = 2.0
+
+needs_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze is not installed (`make test-deps` installs it)",
+)
+
+
+def _verify_root(tmp_path: Path, *units: Path) -> Path:
+    """A root holding the unit, the stock systemd units and a stub /usr/bin/llamad, so that
+    `systemd-analyze verify` checks the unit itself, not whether llamad is installed here."""
+    root = tmp_path / "root"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "bin").mkdir()
+    (root / "etc/systemd/system/llamad.service.d").mkdir(parents=True)
+    (root / "usr/lib/systemd").mkdir(parents=True)
+    stub = root / "usr/bin/llamad"
+    stub.write_text("#!/bin/sh\n")
+    stub.chmod(0o755)
+    shutil.copy("/bin/kill", root / "bin/kill")
+    for system_dir in ("/usr/lib/systemd/system", "/lib/systemd/system"):
+        if Path(system_dir).is_dir():
+            shutil.copytree(system_dir, root / "usr/lib/systemd/system", symlinks=True, dirs_exist_ok=True)
+            break
+    shutil.copy(UNIT, root / "etc/systemd/system/llamad.service")
+    for unit in units:
+        shutil.copy(unit, root / "etc/systemd/system/llamad.service.d" / unit.name)
+    return root
+
+
+def _analyze_verify(root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["systemd-analyze", "verify", f"--root={root}", str(root / "etc/systemd/system/llamad.service")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@needs_analyze
+def test_unit_verifies_without_any_warning(tmp_path):
+    result = _analyze_verify(_verify_root(tmp_path))
+    # verify exits 0 on unknown keys and typos, so any output at all is a failure.
+    assert result.returncode == 0 and result.stdout + result.stderr == "", result.stdout + result.stderr
+
+
+@needs_analyze
+def test_verify_catches_a_typo(tmp_path):
+    """Guards the check above: it would notice a misspelt key."""
+    root = _verify_root(tmp_path)
+    unit = root / "etc/systemd/system/llamad.service"
+    unit.write_text(unit.read_text().replace("ProtectHome=yes", "ProtectHomes=yes"))
+    result = _analyze_verify(root)
+    assert "ProtectHomes" in result.stdout + result.stderr
+
+
+@needs_analyze
+def test_devices_dropin_verifies(tmp_path):
+    result = _analyze_verify(_verify_root(tmp_path, DROPIN))
+    assert result.returncode == 0 and result.stdout + result.stderr == "", result.stdout + result.stderr
+
+
+def _exposure(unit: Path) -> float:
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout + result.stderr)
+    assert match, result.stdout + result.stderr
+    return float(match.group(1))
+
+
+@needs_analyze
+def test_hardening_exposure_is_at_most_2(tmp_path):
+    score = _exposure(UNIT)
+    assert score <= MAX_EXPOSURE, f"exposure {score} > {MAX_EXPOSURE}: hardening was weakened"
+
+
+def _settings(text: str) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def test_unit_promises_what_the_docs_say():
+    s = _settings(UNIT.read_text())
+    assert s["Type"] == ["notify"]
+    assert s["User"] == ["llamad"]
+    assert s["Restart"] == ["on-failure"]
+    assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert s["ExecStart"][0].startswith("/usr/bin/llamad serve")
+    assert "WatchdogSec" in s and "TimeoutStartSec" in s
+    assert "llamad" in s["StateDirectory"][0] and "CacheDirectory" in s
+    # Jetson's CUDA needs /dev/nvmap, /dev/nvhost-*, /dev/nvgpu/*: no blanket device ban.
+    assert "PrivateDevices" not in s and "DevicePolicy" not in s
+
+
+def test_devices_dropin_keeps_the_jetson_nodes():
+    s = _settings(DROPIN.read_text())
+    allowed = " ".join(s["DeviceAllow"])
+    for node in ("/dev/nvmap", "/dev/nvhost-", "/dev/nvgpu/"):
+        assert node in allowed
+    assert s["DevicePolicy"] == ["closed"]
+
+
+# -- sd_notify ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    path = tmp_path / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(2)
+    yield str(path), sock
+    sock.close()
+
+
+def test_notifier_sends_ready_and_status_in_one_datagram(notify_socket):
+    address, sock = notify_socket
+    assert Notifier({"NOTIFY_SOCKET": address}).ready("ready, model gemma")
+    assert sock.recv(4096).decode().split("\n") == ["READY=1", "STATUS=ready, model gemma"]
+
+
+def test_notifier_reaches_abstract_sockets():
+    name = f"llamad-test-{os.getpid()}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    sock.settimeout(2)
+    try:
+        assert Notifier({"NOTIFY_SOCKET": "@" + name}).watchdog()
+        assert sock.recv(4096) == b"WATCHDOG=1"
+    finally:
+        sock.close()
+
+
+def test_notifier_outside_systemd_is_silent():
+    notifier = Notifier({})
+    assert not notifier.enabled
+    assert notifier.ready() is False
+
+
+async def test_watchdog_pings_from_the_event_loop(notify_socket):
+    address, sock = notify_socket
+    notifier = Notifier({"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "300000", "WATCHDOG_PID": str(os.getpid())})
+    assert notifier.watchdog_s == pytest.approx(0.3)
+    task = asyncio.create_task(watchdog_loop(notifier))
+    await asyncio.sleep(0.35)
+    task.cancel()
+    sock.setblocking(False)
+    pings = []
+    while True:
+        try:
+            pings.append(sock.recv(64))
+        except BlockingIOError:
+            break
+    assert pings.count(b"WATCHDOG=1") >= 2
+
+
+def test_watchdog_meant_for_another_pid_is_ignored():
+    assert Notifier({"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}).watchdog_s is None
+
+
+async def test_loading_extends_the_start_timeout(notify_socket, monkeypatch):
+    address, sock = notify_socket
+    monkeypatch.setattr("llamad.systemd.EXTEND_TIMEOUT_S", 0.05)
+    result = await keep_start_alive(Notifier({"NOTIFY_SOCKET": address}), asyncio.sleep(0.12, result="loaded"))
+    assert result == "loaded"
+    messages = [sock.recv(256).decode() for _ in range(3)]
+    assert messages[0] == "STATUS=loading model"
+    assert all(m.startswith("EXTEND_TIMEOUT_USEC=") for m in messages[1:])
+
+
+# -- reload -------------------------------------------------------------------------------
+
+
+def _gguf(path: Path) -> Path:
+    path.write_bytes(b"GGUF" + b"\0" * 64)
+    return path
+
+
+def _write_config(path: Path, model: Path, extra: str = "") -> Path:
+    path.write_text(f'[model]\npath = "{model}"\nname = "{model.stem}"\n{extra}')
+    return path
+
+
+async def _state(config_path: Path) -> SimpleNamespace:
+    loaded = load_config(config_path, env={})
+    engine = FakeEngine(model_id=loaded.config.model.name)
+    await engine.load()
+    return SimpleNamespace(loaded=loaded, config=loaded.config, engine=engine, api_keys=ApiKeys())
+
+
+def _factory(created: list):
+    def make(config, model_path):
+        engine = FakeEngine(model_id=config.model.name, token_delay=0.0)
+        engine.model_path = model_path
+        created.append(engine)
+        return engine
+
+    return make
+
+
+async def test_reload_applies_limits_queue_keys_and_log_level(tmp_path):
+    model = _gguf(tmp_path / "a.gguf")
+    path = _write_config(tmp_path / "llamad.toml", model)
+    state = await _state(path)
+    levels = []
+    _write_config(
+        path,
+        model,
+        '[server]\nmax_queue = 3\nqueue_timeout = 7.5\napi_keys = ["k1"]\n'
+        '[limits]\nmax_tokens_hard_cap = 77\n[logging]\nlevel = "debug"\n',
+    )
+    result = await reload_service(state, path, engine_factory=_factory([]), set_log_level=levels.append, env={})
+    assert result.ok and not result.model_swapped
+    assert state.config.limits.max_tokens_hard_cap == 77
+    assert (state.engine.scheduler.max_queue, state.engine.scheduler.queue_timeout) == (3, 7.5)
+    assert state.api_keys.accepts("k1") and not state.api_keys.accepts("other")
+    assert levels == ["debug"]
+    state.engine.close()
+
+
+async def test_reload_refuses_a_broken_config_and_keeps_running(tmp_path, notify_socket):
+    address, sock = notify_socket
+    model = _gguf(tmp_path / "a.gguf")
+    path = _write_config(tmp_path / "llamad.toml", model, "[limits]\nmax_tokens_hard_cap = 50\n")
+    state = await _state(path)
+    engine = state.engine
+    path.write_text(path.read_text() + "[limits]\nmax_tokens_hard_cap = 'lots'\n")  # invalid TOML
+    result = await reload_service(state, path, engine_factory=_factory([]), notifier=Notifier({"NOTIFY_SOCKET": address}))
+    assert not result.ok and "not valid TOML" in result.message
+    assert state.config.limits.max_tokens_hard_cap == 50 and state.engine is engine
+    # systemd is told the reload finished either way, or `systemctl reload` would hang.
+    messages = [sock.recv(256).decode() for _ in range(3)]
+    assert messages[0].startswith("RELOADING=1") and messages[1] == "READY=1"
+    engine.close()
+
+
+async def test_reload_refuses_a_missing_model(tmp_path):
+    model = _gguf(tmp_path / "a.gguf")
+    path = _write_config(tmp_path / "llamad.toml", model)
+    state = await _state(path)
+    _write_config(path, tmp_path / "gone.gguf")
+    result = await reload_service(state, path, engine_factory=_factory([]), env={})
+    assert not result.ok and "model.path" in result.message
+    assert state.engine.model_id == "a"
+    state.engine.close()
+
+
+async def test_reload_swaps_the_model_without_dropping_a_running_request(tmp_path):
+    model_a = _gguf(tmp_path / "a.gguf")
+    model_b = _gguf(tmp_path / "b.gguf")
+    path = _write_config(tmp_path / "llamad.toml", model_a)
+    state = await _state(path)
+    old = state.engine
+    old.token_delay = 0.05
+    old.script = lambda g: [f" w{i}" for i in range(10)]
+
+    async def request():
+        prompt = Prompt(text="hi", tokens=[1, 2])
+        return [event async for event in old.stream(Generation(prompt=prompt, max_tokens=50))]
+
+    running = asyncio.create_task(request())
+    await asyncio.sleep(0.1)  # the request is generating on the old model
+    created = []
+    _write_config(path, model_b)
+    result = await reload_service(state, path, engine_factory=_factory(created), env={})
+    assert result.ok and result.model_swapped
+    assert state.engine is created[0] and state.engine.model_id == "b" and state.engine.state == "ready"
+    events = await running
+    done = events[-1]
+    assert isinstance(done, Done) and done.completion_tokens == 10 and done.finish_reason == "stop"
+    for _ in range(50):  # the old engine is closed once it is idle
+        if old.scheduler._closed:
+            break
+        await asyncio.sleep(0.1)
+    assert old.scheduler._closed
+    state.engine.close()
+
+
+def test_status_line_reports_requests_served():
+    engine = FakeEngine(model_id="gemma")
+    engine.state = "ready"
+    engine.stats.requests = 3
+    assert status_line(engine).startswith("ready, idle; served 3 requests; 0 queued")
+    assert "model.path" in status_line(None)
+    engine.close()
