@@ -169,3 +169,23 @@ async def fold(events: AsyncIterator[AnswerEvent]) -> Answer:
         async for event in stream:
             fold_event(answer, event)
     return answer
+
+
+async def admitted(events: AsyncIterator[AnswerEvent]) -> AsyncIterator[AnswerEvent]:
+    """Pulls the first event, which comes as soon as the request is admitted to the engine
+    queue, so a full queue raises Overloaded before any response header is sent."""
+    try:
+        first = await events.__anext__()
+    except BaseException:
+        await events.aclose()
+        raise
+
+    async def chained() -> AsyncIterator[AnswerEvent]:
+        try:
+            yield first
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+
+    return chained()

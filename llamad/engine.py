@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator, Union
 
+import anyio
+
 from llamad.chat import Chat
 from llamad.scheduler import Overloaded, QueueTimeout, Scheduler, ShuttingDown
 
@@ -218,25 +220,33 @@ class Engine:
         """
         self._require_ready()
         queued_at = time.monotonic()
-        if not self.scheduler.try_acquire():
+        if self.scheduler.try_acquire():
+            admitted = True
+        else:
+            # Raises Overloaded at once when the queue is full: the caller primes this
+            # iterator before sending headers, so that becomes a plain 429/529.
             waiter = self.scheduler.enqueue()
-            deadline = self.scheduler.deadline()
-            try:
+            admitted = False
+        try:
+            yield Waiting(position=0 if admitted else self.scheduler.queue_depth)
+            if not admitted:
+                deadline = self.scheduler.deadline()
                 while not waiter.done():
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise QueueTimeout(time.monotonic() - queued_at)
-                    yield Waiting(position=self.scheduler.queue_depth)
                     await asyncio.wait({waiter}, timeout=min(KEEPALIVE_S, remaining))
+                    if not waiter.done():
+                        yield Waiting(position=self.scheduler.queue_depth)
                 waiter.result()  # raises ShuttingDown if the queue was closed
-            except BaseException:
-                self.scheduler.abandon(waiter)
-                raise
-        try:
+                admitted = True
             async for event in self._run(generation, queued_s=time.monotonic() - queued_at):
                 yield event
         finally:
-            self.scheduler.release()
+            if admitted:
+                self.scheduler.release()
+            else:
+                self.scheduler.abandon(waiter)
 
     async def _run(self, generation: Generation, queued_s: float) -> AsyncIterator[EngineEvent]:
         loop = asyncio.get_running_loop()
@@ -276,8 +286,11 @@ class Engine:
             if not finished:
                 cancel.set()
                 self.stats.cancelled += 1
-            # The lock is released only once the worker has stopped touching the model.
-            await asyncio.shield(future)
+            # The lock is released only once the worker has stopped touching the model. The
+            # shielded scope keeps a cancelled caller (anyio re-delivers cancellation at
+            # every await) from skipping this wait.
+            with anyio.CancelScope(shield=True):
+                await future
             self._running = None
 
     def _generate(self, generation: Generation, cancel: threading.Event, emit, queued_s: float) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from litestar.exceptions import HTTPException
+
 from llamad.engine import ContextOverflow, EngineNotReady, Overloaded, PromptError, ShuttingDown
 
 
@@ -28,6 +30,13 @@ class ApiError(Exception):
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, "invalid_request", param=param, code=code)
 
+
+HTTP_KINDS = {401: "authentication", 403: "permission", 404: "not_found", 413: "too_large", 429: "rate_limit"}
+MESSAGES = {
+    404: "no such route; see GET /v1/models, POST /v1/chat/completions, POST /v1/messages",
+    405: "this method is not allowed on this route",
+    413: "the request body is larger than the server's limit (server.max_body_bytes)",
+}
 
 OPENAI_TYPES = {
     "invalid_request": "invalid_request_error",
@@ -69,6 +78,10 @@ def from_exception(exc: BaseException, family: str) -> ApiError:
         status = 503 if isinstance(exc, ShuttingDown) else 429
         kind = "unavailable" if status == 503 else "rate_limit"
         return ApiError(status, str(exc), kind, code="server_overloaded" if status == 429 else None, headers=headers)
+    if isinstance(exc, HTTPException):
+        kind = HTTP_KINDS.get(exc.status_code, "invalid_request" if exc.status_code < 500 else "server")
+        message = MESSAGES.get(exc.status_code, exc.detail)
+        return ApiError(exc.status_code, message, kind, headers=dict(exc.headers or {}))
     if isinstance(exc, EngineNotReady):
         return ApiError(503, str(exc), "unavailable", code="model_not_loaded", headers={"Retry-After": "5"})
     return ApiError(500, "internal error while generating; see the server log", "server")

@@ -83,7 +83,7 @@ class LlamaEngine(Engine):
             "architecture": metadata.get("general.architecture", "unknown"),
             "chat_template": self.template.source,
             "n_ctx": m.n_ctx,
-            "n_ctx_train": self.llm.n_ctx_train(),
+            "n_ctx_train": self.llm._model.n_ctx_train(),  # noqa: SLF001
             "n_threads": threads,
             "n_gpu_layers": m.n_gpu_layers,
         }

@@ -1,0 +1,105 @@
+"""create_app(config, engine): routes, lifespan, error handlers."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+import structlog
+from litestar import Litestar, Request, Response, get, route
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException
+from litestar.middleware import DefineMiddleware
+
+from llamad import openai
+from llamad.config import Config
+from llamad.engine import Engine
+from llamad.errors import anthropic_body, from_exception, openai_body
+from llamad.metrics import Metrics
+from llamad.observe import ObserveMiddleware, record_of
+
+log = structlog.get_logger("llamad.app")
+
+ANTHROPIC_PREFIXES = ("/v1/messages",)
+
+
+def family_of(path: str) -> str:
+    return "anthropic" if path.startswith(ANTHROPIC_PREFIXES) else "openai"
+
+
+def error_handler(request: Request, exc: Exception) -> Response:
+    """Every error, in the shape of the API family the path belongs to."""
+    family = family_of(request.url.path)
+    error = from_exception(exc, family)
+    if error.status >= 500 and not isinstance(exc, HTTPException) and error.kind == "server":
+        log.exception("request_failed", route=request.url.path)
+    record_of(request).fail(error)
+    body = anthropic_body(error) if family == "anthropic" else openai_body(error)
+    return Response(body, status_code=error.status, headers=error.headers)
+
+
+@get("/health", sync_to_thread=False)
+def health(request: Request) -> Response:
+    engine: Engine = request.app.state.engine
+    body: dict[str, Any] = {
+        "status": "ok" if engine.state == "ready" else engine.state,
+        "model": engine.model_id,
+        "state": engine.state,
+        "generating": engine.generating,
+        "queue_depth": engine.scheduler.queue_depth,
+        "max_queue": engine.scheduler.max_queue,
+    }
+    if engine.info:
+        body["model_info"] = engine.info
+    if engine.error:
+        body["error"] = engine.error
+    return Response(body, status_code=200 if engine.state == "ready" else 503)
+
+
+@get("/metrics", sync_to_thread=False, media_type="text/plain; version=0.0.4")
+def metrics(request: Request) -> str:
+    return request.app.state.metrics.render(request.app.state.engine)
+
+
+@route("/", http_method=["GET", "HEAD"], sync_to_thread=False)
+def root(request: Request) -> dict[str, Any]:
+    # Claude Code probes `HEAD /` before it starts; answer it (and GET) plainly.
+    return {"name": "llamad", "model": request.app.state.engine.model_id}
+
+
+def create_app(config: Config, engine: Engine, load_engine: bool = True, metrics_registry: Metrics | None = None) -> Litestar:
+    metrics_registry = metrics_registry or Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        if load_engine and engine.state == "loading":
+            try:
+                await engine.load()
+            except Exception as exc:  # keep serving /health with the reason
+                log.error("model_load_failed", error=str(exc))
+        try:
+            yield
+        finally:
+            engine.close()
+
+    route_handlers: list[Any] = [health, metrics, root, openai.router]
+    try:
+        from llamad import anthropic
+    except ImportError:
+        anthropic = None  # type: ignore[assignment]
+    if anthropic is not None and hasattr(anthropic, "router"):
+        route_handlers.append(anthropic.router)
+
+    return Litestar(
+        route_handlers=route_handlers,
+        lifespan=[lifespan],
+        state=State({"engine": engine, "config": config, "metrics": metrics_registry}),
+        exception_handlers={Exception: error_handler},
+        middleware=[
+            DefineMiddleware(ObserveMiddleware, write_timeout=config.server.write_timeout, metrics=metrics_registry)
+        ],
+        request_max_body_size=config.server.max_body_bytes,
+        openapi_config=None,
+        logging_config=None,
+        debug=False,
+    )

@@ -1,0 +1,185 @@
+"""`llamad serve | config | check | bench`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from typing import Any
+
+import structlog
+
+from llamad import log as logsetup
+from llamad.config import SECTIONS, ConfigError, LoadedConfig, load_config, resolve_model, to_toml_data
+
+log = structlog.get_logger("llamad")
+
+EXIT_CONFIG = 2
+EXIT_MODEL = 3
+
+
+def _load(args: argparse.Namespace) -> LoadedConfig:
+    return load_config(args.config)
+
+
+def _fail(message: str, code: int, **fields: Any) -> int:
+    log.error(message, **fields)
+    return code
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import tomli_w
+
+    loaded = _load(args)
+    data = to_toml_data(loaded.config)
+    lines = [f"# effective configuration (file: {loaded.file or 'none, built-in defaults'})"]
+    for section in SECTIONS:
+        lines.append("")
+        for line in tomli_w.dumps({section: data[section]}).rstrip("\n").splitlines():
+            key = line.split("=", 1)[0].strip()
+            if args.sources and "=" in line and not line.startswith("["):
+                line = f"{line}  # {loaded.source(f'{section}.{key}')}"
+            lines.append(line)
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from llamad.chat import Chat, ChatMessage
+    from llamad.llama import LlamaEngine
+
+    loaded = _load(args)
+    logsetup.configure(loaded.config.logging.level, loaded.config.logging.format)
+    choice = resolve_model(loaded)
+    engine = LlamaEngine(loaded.config, choice.path)
+
+    async def run() -> int:
+        started = time.monotonic()
+        try:
+            await engine.load()
+        except Exception as exc:
+            return _fail("check_failed", EXIT_MODEL, reason=str(exc))
+        prompt = await engine.prepare(Chat(messages=[ChatMessage(role="user", content="Hello")]))
+        log.info(
+            "check_ok",
+            model=str(choice.path),
+            chosen_by=choice.reason,
+            chat_template=engine.info.get("chat_template"),
+            prompt_tokens=len(prompt.tokens),
+            load_s=round(time.monotonic() - started, 3),
+        )
+        engine.close()
+        return 0
+
+    return asyncio.run(run())
+
+
+class Server:
+    """uvicorn.Server run by hand, so start-up, readiness and shutdown are ours to see."""
+
+    def __init__(self, loaded: LoadedConfig):
+        import uvicorn
+
+        from llamad.app import create_app
+        from llamad.llama import LlamaEngine
+
+        self.loaded = loaded
+        config = loaded.config
+        choice = resolve_model(loaded)
+        log.info("model_selected", path=str(choice.path), chosen_by=choice.reason, candidates=len(choice.candidates))
+        self.engine = LlamaEngine(config, choice.path)
+        self.app = create_app(config, self.engine)
+        self.uvicorn = uvicorn.Server(
+            uvicorn.Config(
+                self.app,
+                host=config.server.host,
+                port=config.server.port,
+                log_config=None,
+                access_log=False,
+                lifespan="on",
+                timeout_graceful_shutdown=config.server.shutdown_grace,
+                timeout_keep_alive=30,
+            )
+        )
+        original_handle_exit = self.uvicorn.handle_exit
+
+        def handle_exit(sig: int, frame: Any) -> None:
+            # Queued requests get a retryable error now; the running one may finish
+            # within the grace period (uvicorn's graceful shutdown).
+            loop = self._loop
+            if loop is not None:
+                loop.call_soon_threadsafe(self.engine.scheduler.close)
+            log.info("shutdown_requested", signal=signal.Signals(sig).name)
+            original_handle_exit(sig, frame)
+
+        self.uvicorn.handle_exit = handle_exit  # type: ignore[method-assign]
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.uvicorn.serve()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    logsetup.configure(loaded.config.logging.level, loaded.config.logging.format)
+    log.info("starting", config_file=str(loaded.file) if loaded.file else "none (built-in defaults)")
+    server = Server(loaded)
+    asyncio.run(server.serve())
+    if server.engine.state == "failed":
+        return EXIT_MODEL
+    log.info("stopped")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from llamad.bench import run_bench
+
+    loaded = _load(args)
+    logsetup.configure("warning", loaded.config.logging.format)
+    return run_bench(loaded, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamad", description="Local LLM inference daemon")
+    parser.add_argument("--config", help="config file (default: $LLAMAD_CONFIG or /etc/llamad.toml)")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="serve the configured model (the default command)")
+    cfg = sub.add_parser("config", help="print the effective configuration as TOML")
+    cfg.add_argument("--sources", action="store_true", help="say where each value came from")
+    sub.add_parser("check", help="validate the configuration and open the model")
+    bench = sub.add_parser("bench", help="engine vs. HTTP decode rate, concurrency and prompt-cache benchmark")
+    bench.add_argument("--url", help="benchmark this running server instead of starting one")
+    bench.add_argument("--tokens", type=int, default=128, help="tokens per answer (default 128)")
+    bench.add_argument("--runs", type=int, default=3, help="runs per measurement (default 3)")
+    bench.add_argument("--concurrency", type=int, default=4, help="parallel streams (default 4; 0 skips)")
+    bench.add_argument("--prefix-tokens", type=int, default=1500, help="shared prefix for the cache case (0 skips)")
+    bench.add_argument("--json", help="also write the results as JSON to this file")
+    for name in ("config", "check", "bench", "serve"):
+        sub.choices[name].add_argument("--config", dest="config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+COMMANDS = {"serve": cmd_serve, "config": cmd_config, "check": cmd_check, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = COMMANDS[args.command or "serve"]
+    if not hasattr(args, "sources"):
+        args.sources = False
+    try:
+        return command(args)
+    except ConfigError as exc:
+        # One clear line, no traceback: this is a user's mistake to fix.
+        logsetup.configure("info", "auto")
+        log.error("config_error", error=str(exc))
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Prometheus text-format metrics, kept in-process (one worker, so no multiprocess story)."""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from typing import Any
+
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+        self.n += 1
+
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        out = []
+        cumulative = 0
+        sep = "," if labels else ""
+        for bound, count in zip(self.buckets, self.counts):
+            cumulative += count
+            out.append(f'{name}_bucket{{{labels}{sep}le="{bound}"}} {cumulative}')
+        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.n}')
+        suffix = f"{{{labels}}}" if labels else ""
+        out.append(f"{name}_sum{suffix} {self.total}")
+        out.append(f"{name}_count{suffix} {self.n}")
+        return out
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.cached_tokens = 0
+        self.cache_hits = 0
+        self.cache_lookups = 0
+        self.requests_in_flight = 0
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.rate = Histogram(RATE_BUCKETS)
+        self.duration = Histogram(DURATION_BUCKETS)
+
+    def in_flight(self, delta: int) -> None:
+        self.requests_in_flight += delta
+
+    def observe_request(self, record: Any, status: int | None, duration: float) -> None:
+        self.requests[(record.method, record.route, int(status or 0))] += 1
+        self.duration.observe(duration)
+        if record.prompt_tokens or record.completion_tokens:
+            self.prompt_tokens += record.prompt_tokens
+            self.completion_tokens += record.completion_tokens
+            self.cached_tokens += record.cached_tokens
+            self.cache_lookups += 1
+            if record.cached_tokens > 0:
+                self.cache_hits += 1
+        if record.time_to_first_token_s is not None:
+            self.ttft.observe(record.time_to_first_token_s)
+        if record.decode_s > 0 and record.completion_tokens > 1:
+            self.rate.observe((record.completion_tokens - 1) / record.decode_s)
+
+    def render(self, engine: Any) -> str:
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_text: str, samples: list[str]) -> None:
+            lines.append(f"# HELP {name} {help_text}")
+            lines.append(f"# TYPE {name} {kind}")
+            lines.extend(samples)
+
+        metric(
+            "llamad_requests_total",
+            "counter",
+            "HTTP requests by method, route and status.",
+            [
+                f'llamad_requests_total{{method="{m}",route="{_escape(r)}",status="{s}"}} {n}'
+                for (m, r, s), n in sorted(self.requests.items())
+            ],
+        )
+        metric("llamad_prompt_tokens_total", "counter", "Prompt tokens of answered requests.", [f"llamad_prompt_tokens_total {self.prompt_tokens}"])
+        metric("llamad_completion_tokens_total", "counter", "Generated tokens.", [f"llamad_completion_tokens_total {self.completion_tokens}"])
+        metric("llamad_prompt_cache_tokens_total", "counter", "Prompt tokens reused from the KV cache.", [f"llamad_prompt_cache_tokens_total {self.cached_tokens}"])
+        metric("llamad_prompt_cache_hits_total", "counter", "Generations that reused a cached prompt prefix.", [f"llamad_prompt_cache_hits_total {self.cache_hits}"])
+        metric("llamad_prompt_cache_lookups_total", "counter", "Generations that looked for a cached prefix.", [f"llamad_prompt_cache_lookups_total {self.cache_lookups}"])
+        hit_rate = self.cache_hits / self.cache_lookups if self.cache_lookups else 0.0
+        metric("llamad_prompt_cache_hit_ratio", "gauge", "Share of generations that reused a cached prefix.", [f"llamad_prompt_cache_hit_ratio {hit_rate:.4f}"])
+        metric("llamad_queue_depth", "gauge", "Requests waiting for the engine.", [f"llamad_queue_depth {engine.scheduler.queue_depth}"])
+        metric("llamad_generation_active", "gauge", "1 while a generation holds the engine.", [f"llamad_generation_active {int(engine.generating)}"])
+        metric("llamad_requests_in_flight", "gauge", "HTTP requests being served.", [f"llamad_requests_in_flight {self.requests_in_flight}"])
+        metric("llamad_generations_cancelled_total", "counter", "Generations stopped because the client went away.", [f"llamad_generations_cancelled_total {engine.stats.cancelled}"])
+        states = ("loading", "ready", "failed")
+        metric(
+            "llamad_model_state",
+            "gauge",
+            "1 for the model's current load state.",
+            [f'llamad_model_state{{state="{s}"}} {int(engine.state == s)}' for s in states],
+        )
+        metric("llamad_time_to_first_token_seconds", "histogram", "Time from request to first token.", self.ttft.lines("llamad_time_to_first_token_seconds"))
+        metric("llamad_decode_tokens_per_second", "histogram", "Decode rate of each generation.", self.rate.lines("llamad_decode_tokens_per_second"))
+        metric("llamad_request_duration_seconds", "histogram", "Whole request duration.", self.duration.lines("llamad_request_duration_seconds"))
+        return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

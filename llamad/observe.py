@@ -1,0 +1,155 @@
+"""Per-request bookkeeping: request id, one log line per request, metrics, write timeout.
+
+An ASGI middleware wraps every request. It gives the request an id (echoed in the
+`request-id` header and bound into every log line), lets handlers fill a `RequestRecord`
+(tokens, time to first token), and logs and counts the request when its last body byte is
+sent, which for a stream is when the stream ends. It also bounds how long one `send` may
+block, so a client that stops reading cannot hold the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from litestar import Request
+
+log = structlog.get_logger("llamad.request")
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    method: str
+    route: str
+    started: float = field(default_factory=time.monotonic)
+    status: int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    finish_reason: str | None = None
+    first_token_at: float | None = None
+    time_to_first_token_s: float | None = None
+    decode_s: float = 0.0
+    error: str | None = None
+    error_status: int | None = None
+
+    def first_token(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+
+    def finish(self, finish: Any) -> None:
+        if finish is None:
+            return
+        self.finish_reason = finish.reason
+        self.prompt_tokens = finish.usage.prompt_tokens
+        self.completion_tokens = finish.usage.completion_tokens
+        self.cached_tokens = finish.usage.cached_tokens
+        self.time_to_first_token_s = finish.time_to_first_token_s
+        self.decode_s = finish.decode_s
+
+    def fail(self, error: Any) -> None:
+        self.error = str(error)
+        self.error_status = getattr(error, "status", None)
+
+
+_NULL = RequestRecord(request_id="-", method="-", route="-")
+
+
+def record_of(request: Request) -> RequestRecord:
+    return request.scope.get("state", {}).get("llamad_record", _NULL)
+
+
+class WriteTimeout(Exception):
+    pass
+
+
+class ObserveMiddleware:
+    def __init__(self, app: Any, write_timeout: float, metrics: Any = None, log_content: bool = False):
+        self.app = app
+        self.write_timeout = write_timeout
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else "req_" + secrets.token_hex(12)
+        record = RequestRecord(request_id=request_id, method=scope["method"], route=scope["path"])
+        scope.setdefault("state", {})["llamad_record"] = record
+        logged = False
+
+        def done() -> None:
+            nonlocal logged
+            if logged:
+                return
+            logged = True
+            self._log(record)
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+                message = dict(message)
+                message["headers"] = list(message.get("headers", [])) + [
+                    (b"request-id", request_id.encode()),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            try:
+                await asyncio.wait_for(send(message), timeout=self.write_timeout)
+            except asyncio.TimeoutError:
+                record.error = f"client stopped reading for {self.write_timeout:.0f} s"
+                raise WriteTimeout(record.error) from None
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                done()
+
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        if self.metrics is not None:
+            self.metrics.in_flight(+1)
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except WriteTimeout:
+            pass
+        except Exception as exc:
+            record.error = record.error or f"{exc.__class__.__name__}: {exc}"
+            raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.in_flight(-1)
+            if record.status is None:
+                record.status = 499  # nothing was sent: the client went away first
+            done()
+            structlog.contextvars.unbind_contextvars("request_id")
+
+    def _log(self, record: RequestRecord) -> None:
+        duration = time.monotonic() - record.started
+        fields: dict[str, Any] = {
+            "method": record.method,
+            "route": record.route,
+            "status": record.error_status if record.error_status and record.status == 200 else record.status,
+            "duration_s": round(duration, 4),
+        }
+        if record.prompt_tokens or record.completion_tokens:
+            fields.update(
+                prompt_tokens=record.prompt_tokens,
+                completion_tokens=record.completion_tokens,
+                cached_tokens=record.cached_tokens,
+                finish_reason=record.finish_reason,
+            )
+            if record.time_to_first_token_s is not None:
+                fields["ttft_s"] = round(record.time_to_first_token_s, 4)
+            if record.decode_s > 0 and record.completion_tokens > 1:
+                fields["tokens_per_s"] = round((record.completion_tokens - 1) / record.decode_s, 2)
+        if record.error:
+            fields["error"] = record.error
+        if self.metrics is not None:
+            self.metrics.observe_request(record, fields["status"], duration)
+        if record.route in ("/health", "/metrics"):
+            log.debug("request", **fields)
+        else:
+            log.info("request", **fields)

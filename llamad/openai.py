@@ -1,0 +1,487 @@
+"""OpenAI Chat Completions: request schema, translation to and from the shared pipeline,
+and the routes. Streamed and non-streamed answers come from the same answer events."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Union
+
+import msgspec
+from litestar import Request, Response, Router, get, post
+from litestar.response import Stream
+
+from llamad import sse
+from llamad.answer import (
+    Answer,
+    AnswerEvent,
+    Finish,
+    Keepalive,
+    PlainText,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallStart,
+    admitted,
+    answer_events,
+    fold,
+)
+from llamad.chat import Chat, ChatMessage, ToolCall, ToolSpec
+from llamad.engine import Engine, Generation, Sampling
+from llamad.errors import ApiError, bad_request, from_exception, openai_body
+from llamad.observe import record_of
+from llamad.requests import decode_body, until_disconnected
+
+# -- request schema (unknown fields are accepted: clients send extras) ---------------------
+
+
+class TextPart(msgspec.Struct, tag="text", tag_field="type"):
+    text: str
+
+
+class ImagePart(msgspec.Struct, tag="image_url", tag_field="type"):
+    image_url: Any = None
+
+
+class InputAudioPart(msgspec.Struct, tag="input_audio", tag_field="type"):
+    input_audio: Any = None
+
+
+class FilePart(msgspec.Struct, tag="file", tag_field="type"):
+    file: Any = None
+
+
+ContentPart = Union[TextPart, ImagePart, InputAudioPart, FilePart]
+
+
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str = ""
+
+
+class ToolCallIn(msgspec.Struct):
+    function: FunctionCall
+    id: str = ""
+    type: str = "function"
+
+
+class Message(msgspec.Struct, kw_only=True):
+    role: str
+    content: Union[str, list[ContentPart], None] = None
+    name: Union[str, None] = None
+    tool_calls: Union[list[ToolCallIn], None] = None
+    tool_call_id: Union[str, None] = None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class FunctionDef(msgspec.Struct):
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = msgspec.field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class ToolDef(msgspec.Struct):
+    function: FunctionDef
+    type: str = "function"
+
+
+class ChatRequest(msgspec.Struct, kw_only=True):
+    messages: list[Message]
+    model: str = ""
+    max_tokens: Union[int, None] = None
+    max_completion_tokens: Union[int, None] = None
+    temperature: Union[float, None] = None
+    top_p: Union[float, None] = None
+    top_k: Union[int, None] = None
+    min_p: Union[float, None] = None
+    stop: Union[str, list[str], None] = None
+    seed: Union[int, None] = None
+    presence_penalty: Union[float, None] = None
+    frequency_penalty: Union[float, None] = None
+    repeat_penalty: Union[float, None] = None
+    stream: bool = False
+    stream_options: Union[StreamOptions, None] = None
+    user: Union[str, None] = None
+    n: int = 1
+    tools: Union[list[ToolDef], None] = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: bool = True
+    response_format: Union[dict[str, Any], None] = None
+
+
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+# -- translation ---------------------------------------------------------------------------
+
+
+def _content_text(message: Message, index: int) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    texts = []
+    for part_index, part in enumerate(message.content):
+        if not isinstance(part, TextPart):
+            kind = part.__struct_config__.tag
+            raise bad_request(
+                f"content parts of type '{kind}' are not supported by this text-only model",
+                param=f"messages[{index}].content[{part_index}]",
+            )
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def to_chat(req: ChatRequest, max_messages: int) -> Chat:
+    if not req.messages:
+        raise bad_request("'messages' must hold at least one message", param="messages")
+    if len(req.messages) > max_messages:
+        raise bad_request(f"too many messages: {len(req.messages)} (the limit is {max_messages})", param="messages")
+    messages: list[ChatMessage] = []
+    for index, message in enumerate(req.messages):
+        if message.role not in ROLES:
+            raise bad_request(
+                f"unknown role '{message.role}'; expected one of: system, developer, user, assistant, tool",
+                param=f"messages[{index}].role",
+            )
+        role = "system" if message.role == "developer" else message.role
+        calls = [
+            ToolCall(id=c.id or f"call_{index}_{n}", name=c.function.name, arguments=c.function.arguments)
+            for n, c in enumerate(message.tool_calls or [])
+        ]
+        messages.append(
+            ChatMessage(
+                role=role,
+                content=_content_text(message, index),
+                tool_calls=calls if role == "assistant" else [],
+                tool_call_id=message.tool_call_id if role == "tool" else None,
+                name=message.name if role == "tool" else None,
+            )
+        )
+    tools = [
+        ToolSpec(name=t.function.name, description=t.function.description, parameters=t.function.parameters)
+        for t in (req.tools or [])
+    ]
+    return Chat(messages=messages, tools=tools)
+
+
+def _check_range(value: float | int | None, name: str, low: float, high: float) -> None:
+    if value is not None and not (low <= value <= high):
+        raise bad_request(f"'{name}' must be between {low} and {high}, got {value}", param=name)
+
+
+def sampling_of(req: ChatRequest) -> Sampling:
+    _check_range(req.temperature, "temperature", 0, 2)
+    _check_range(req.top_p, "top_p", 0, 1)
+    _check_range(req.min_p, "min_p", 0, 1)
+    _check_range(req.top_k, "top_k", 0, 1_000_000)
+    _check_range(req.presence_penalty, "presence_penalty", -2, 2)
+    _check_range(req.frequency_penalty, "frequency_penalty", -2, 2)
+    _check_range(req.repeat_penalty, "repeat_penalty", 0, 10)
+    _check_range(req.seed, "seed", -(2**63), 2**63 - 1)
+    defaults = Sampling()
+    return Sampling(
+        temperature=defaults.temperature if req.temperature is None else req.temperature,
+        top_p=defaults.top_p if req.top_p is None else req.top_p,
+        top_k=defaults.top_k if req.top_k is None else req.top_k,
+        min_p=defaults.min_p if req.min_p is None else req.min_p,
+        repeat_penalty=defaults.repeat_penalty if req.repeat_penalty is None else req.repeat_penalty,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        seed=None if req.seed is None else req.seed % (2**32),
+    )
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if len(stops) > 16:
+        raise bad_request("'stop' may hold at most 16 sequences", param="stop")
+    return [s for s in stops if s]
+
+
+def requested_max_tokens(req: ChatRequest, default: int, cap: int) -> int:
+    wanted = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    if wanted is None:
+        return min(default, cap)
+    if wanted < 1:
+        raise bad_request(f"'{name}' must be at least 1, got {wanted}", param=name)
+    return min(wanted, cap)
+
+
+def tool_choice_of(req: ChatRequest):
+    from llamad.tools import ToolChoice
+
+    choice = req.tool_choice
+    if choice is None:
+        return ToolChoice("auto")
+    if isinstance(choice, str):
+        if choice not in ("auto", "none", "required"):
+            raise bad_request("'tool_choice' must be 'none', 'auto', 'required' or a function object", param="tool_choice")
+        return ToolChoice(choice)
+    name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
+    if choice.get("type") != "function" or not isinstance(name, str):
+        raise bad_request(
+            "'tool_choice' object must be {\"type\": \"function\", \"function\": {\"name\": ...}}", param="tool_choice"
+        )
+    return ToolChoice("required", name=name)
+
+
+def response_format_of(req: ChatRequest) -> dict[str, Any] | None:
+    fmt = req.response_format
+    if fmt is None or fmt.get("type") in (None, "text"):
+        return None
+    if fmt.get("type") == "json_object":
+        return {"type": "json_object"}
+    if fmt.get("type") == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise bad_request("'response_format.json_schema' must be an object with a 'schema'", param="response_format")
+        return {"type": "json_schema", "schema": spec.get("schema") or {}}
+    raise bad_request(
+        f"unsupported response_format type '{fmt.get('type')}'; use text, json_object or json_schema",
+        param="response_format",
+    )
+
+
+# -- answers -------------------------------------------------------------------------------
+
+
+class Completion:
+    """Ids and framing constants for one answer."""
+
+    def __init__(self, model: str):
+        self.id = "chatcmpl-" + secrets.token_hex(12)
+        self.created = int(time.time())
+        self.model = model
+
+    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None, usage: bool = False) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
+        if usage:
+            payload["usage"] = None
+        return payload
+
+
+def usage_of(finish: Finish) -> dict[str, Any]:
+    u = finish.usage
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    }
+
+
+def delta_of(event: AnswerEvent) -> dict[str, Any] | None:
+    if isinstance(event, TextDelta):
+        return {"content": event.text}
+    if isinstance(event, ReasoningDelta):
+        return {"reasoning_content": event.text}
+    if isinstance(event, ToolCallStart):
+        return {
+            "tool_calls": [
+                {"index": event.index, "id": event.id, "type": "function", "function": {"name": event.name, "arguments": ""}}
+            ]
+        }
+    if isinstance(event, ToolCallDelta):
+        return {"tool_calls": [{"index": event.index, "function": {"arguments": event.arguments}}]}
+    return None
+
+
+async def stream_frames(
+    events: AsyncIterator[AnswerEvent], completion: Completion, include_usage: bool, request: Request
+) -> AsyncIterator[bytes]:
+    record = record_of(request)
+    async with aclosing(events) as stream:
+        try:
+            yield sse.data_frame(completion.chunk({"role": "assistant", "content": ""}, usage=include_usage))
+            async for event in stream:
+                if isinstance(event, Keepalive):
+                    yield sse.comment_frame()
+                    continue
+                if isinstance(event, Finish):
+                    record.finish(event)
+                    yield sse.data_frame(completion.chunk({}, event.reason, usage=include_usage))
+                    if include_usage:
+                        final = completion.chunk({}, usage=True)
+                        final["choices"] = []
+                        final["usage"] = usage_of(event)
+                        yield sse.data_frame(final)
+                    yield sse.done_frame()
+                    return
+                delta = delta_of(event)
+                if delta is not None:
+                    record.first_token()
+                    yield sse.data_frame(completion.chunk(delta, usage=include_usage))
+        except Exception as exc:  # after the headers: the error travels in the stream
+            error = from_exception(exc, "openai")
+            record.fail(error)
+            yield sse.data_frame(openai_body(error))
+
+
+def message_of(answer: Answer, keep_reasoning: bool) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": answer.text if (answer.text or not answer.tool_calls) else None}
+    if keep_reasoning and answer.reasoning:
+        message["reasoning_content"] = answer.reasoning
+    if answer.tool_calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in answer.tool_calls
+        ]
+    return message
+
+
+def completion_body(answer: Answer, completion: Completion, keep_reasoning: bool) -> dict[str, Any]:
+    assert answer.finish is not None
+    return {
+        "id": completion.id,
+        "object": "chat.completion",
+        "created": completion.created,
+        "model": completion.model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "message": message_of(answer, keep_reasoning),
+                "logprobs": None,
+                "finish_reason": answer.finish.reason,
+            }
+        ],
+        "usage": usage_of(answer.finish),
+    }
+
+
+# -- routes --------------------------------------------------------------------------------
+
+
+async def complete(request: Request, keep_reasoning: bool) -> Response:
+    engine: Engine = request.app.state.engine
+    limits = request.app.state.config.limits
+    req = decode_body(await request.body(), ChatRequest)
+    if req.n != 1:
+        raise bad_request("only n=1 is supported", param="n")
+    chat = to_chat(req, limits.max_messages)
+    sampling = sampling_of(req)
+    stops = stop_list(req.stop)
+    max_tokens = requested_max_tokens(req, limits.default_max_tokens, limits.max_tokens_hard_cap)
+    response_format = response_format_of(req)
+    grammar = None
+    parser = PlainText()
+    if chat.tools or response_format is not None:
+        from llamad import tools
+
+        choice = tool_choice_of(req)
+        offered = chat.tools if choice.mode != "none" else []
+        tools.check_history(chat, chat.tools)
+        try:
+            plan = tools.plan(
+                offered,
+                choice,
+                parallel=req.parallel_tool_calls,
+                template_supports_tools=getattr(engine, "template_supports_tools", False),
+                response_format=response_format,
+            )
+        except tools.ToolSchemaError as exc:
+            raise bad_request(str(exc), param="tools" if offered else "response_format") from None
+        chat.system_suffix = plan.system_suffix
+        grammar = plan.grammar
+        parser = plan.parser(id_prefix="call_")
+    record = record_of(request)
+    prompt = await engine.prepare(chat)
+    record.prompt_tokens = len(prompt.tokens)
+    generation = Generation(
+        prompt=prompt,
+        max_tokens=engine.clamp_max_tokens(max_tokens, prompt),
+        sampling=sampling,
+        stop=stops,
+        grammar=grammar,
+    )
+    completion = Completion(engine.model_id)
+    events = await admitted(answer_events(engine, generation, keep_reasoning, parser))
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return Stream(
+            stream_frames(events, completion, include_usage, request),
+            media_type="text/event-stream",
+            headers=sse.HEADERS,
+        )
+    answer = await fold_unless_disconnected(events, request)
+    record.finish(answer.finish)
+    return Response(completion_body(answer, completion, keep_reasoning))
+
+
+async def fold_unless_disconnected(events: AsyncIterator[AnswerEvent], request: Request) -> Answer:
+    """Folds the answer; if the client hangs up first, the generation is cancelled."""
+    folding = asyncio.ensure_future(fold(events))
+    watching = asyncio.ensure_future(until_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({folding, watching}, return_when=asyncio.FIRST_COMPLETED)
+        if folding in done:
+            return folding.result()
+        folding.cancel()
+        try:
+            await folding
+        except asyncio.CancelledError:
+            pass
+        raise ApiError(499, "client closed the request", "invalid_request")
+    finally:
+        watching.cancel()
+        if not folding.done():
+            folding.cancel()
+
+
+@post("/v1/chat/completions", status_code=200)
+async def chat_completions(request: Request) -> Response:
+    return await complete(request, keep_reasoning=False)
+
+
+@post("/v1/chat/completions/think", status_code=200)
+async def chat_completions_think(request: Request) -> Response:
+    return await complete(request, keep_reasoning=True)
+
+
+@get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    engine: Engine = request.app.state.engine
+    return {"object": "list", "data": [model_card(engine)]}
+
+
+@get("/v1/models/{model_id:str}")
+async def get_model(request: Request, model_id: str) -> dict[str, Any]:
+    # Clients ask for names of their own; there is one model, so every name resolves to it.
+    return model_card(request.app.state.engine)
+
+
+def model_card(engine: Engine) -> dict[str, Any]:
+    return {
+        "id": engine.model_id,
+        "object": "model",
+        "created": int(engine.info.get("created", 0) or 0),
+        "owned_by": "llamad",
+    }
+
+
+def error_response(request: Request, exc: Exception) -> Response:
+    error = from_exception(exc, "openai")
+    record_of(request).fail(error)
+    return Response(openai_body(error), status_code=error.status, headers=error.headers)
+
+
+router = Router(
+    path="/",
+    route_handlers=[chat_completions, chat_completions_think, list_models, get_model],
+)

@@ -1,0 +1,51 @@
+"""Request bodies in, with errors a client can act on; and noticing a client that hangs up."""
+
+from __future__ import annotations
+
+import re
+from typing import TypeVar
+
+import msgspec
+from litestar import Request
+
+from llamad.errors import ApiError, bad_request
+
+T = TypeVar("T")
+
+_decoders: dict[type, msgspec.json.Decoder] = {}
+_PATH = re.compile(r" - at `\$\.?(.*)`$")
+
+
+def decode_body(body: bytes, schema: type[T]) -> T:
+    """Decodes and validates a JSON body; a failure is a 400 that names the field."""
+    if not body.strip():
+        raise bad_request("the request body is empty; send a JSON object")
+    decoder = _decoders.get(schema)
+    if decoder is None:
+        decoder = _decoders[schema] = msgspec.json.Decoder(schema)
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _PATH.search(text)
+        param = match.group(1) if match else None
+        message = _PATH.sub("", text)
+        if param:
+            message = f"{message} at '{param}'"
+        raise bad_request(f"invalid request: {message}", param=param or None) from None
+    except msgspec.DecodeError as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply") from None
+
+
+async def until_disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def client_closed() -> ApiError:
+    return ApiError(499, "client closed the request", "invalid_request")

@@ -1,0 +1,173 @@
+"""Incremental JSON scanning: where a JSON value ends, and how to close a cut-off one.
+
+`JsonPrefix` reads a JSON value one character at a time. At any point it can say what
+suffix turns the text read so far into valid JSON (`closer`), or that none can yet (in
+the middle of a number, an escape or after a comma). The tool-call parser streams
+argument text only at points where a closer exists, so a call cut off by `max_tokens`
+still ends with arguments that parse.
+"""
+
+from __future__ import annotations
+
+import re
+
+_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+_LITERAL_CHARS = set("0123456789+-.eEtruefalsn")
+_WS = " \t\r\n"
+
+
+class JsonPrefix:
+    def __init__(self) -> None:
+        self.stack: list[str] = []
+        # value | first_item | first_key | key | in_key | colon | in_string | literal | after | done
+        self.mode = "value"
+        self.escape = 0  # characters of an escape sequence still to come (\ then u + 4 hex)
+        self.literal = ""
+        self.failed = False
+
+    @property
+    def done(self) -> bool:
+        return self.mode == "done"
+
+    def _closers(self) -> str:
+        return "".join("}" if c == "{" else "]" for c in reversed(self.stack))
+
+    def closer(self) -> str | None:
+        """The suffix that completes the text so far as valid JSON, or None if none can now."""
+        mode = self.mode
+        if self.failed:
+            return None
+        if mode == "done":
+            return ""
+        if mode == "value":
+            if not self.stack:
+                return None  # nothing read yet: the caller decides ("{}")
+            return "null" + self._closers() if self.stack[-1] == "{" else None
+        if mode in ("first_item", "first_key", "after"):
+            return self._closers()
+        if mode == "in_key":
+            return None if self.escape else '": null' + self._closers()
+        if mode == "colon":
+            return ": null" + self._closers()
+        if mode == "in_string":
+            return None if self.escape else '"' + self._closers()
+        if mode == "literal":
+            if self.literal in ("true", "false", "null") or _NUMBER.fullmatch(self.literal):
+                return self._closers()
+            return None
+        return None  # "key": after a comma in an object
+
+    def feed(self, c: str) -> bool:
+        """Reads one character; False when it cannot belong to the value (or after the end)."""
+        if self.failed or self.mode == "done":
+            return False
+        mode = self.mode
+        if mode in ("in_string", "in_key"):
+            if self.escape:
+                if self.escape == 5 and c == "u":
+                    self.escape = 4
+                elif self.escape == 5:
+                    if c not in '"\\/bfnrt':
+                        return self._fail()
+                    self.escape = 0
+                else:
+                    if c not in "0123456789abcdefABCDEF":
+                        return self._fail()
+                    self.escape -= 1
+            elif c == "\\":
+                self.escape = 5
+            elif c == '"':
+                self.mode = "colon" if mode == "in_key" else "after"
+                self._maybe_done()
+            return True
+        if mode == "literal":
+            if c in _LITERAL_CHARS:
+                self.literal += c
+                return True
+            if not (self.literal in ("true", "false", "null") or _NUMBER.fullmatch(self.literal)):
+                return self._fail()
+            self.mode = "after"
+            self._maybe_done()
+            if self.mode == "done":
+                return False  # the character after a top-level scalar is not part of it
+            return self.feed(c)
+        if c in _WS:
+            return True
+        if mode in ("value", "first_item"):
+            if mode == "first_item" and c == "]":
+                return self._close("[")
+            if c == "{":
+                self.stack.append("{")
+                self.mode = "first_key"
+            elif c == "[":
+                self.stack.append("[")
+                self.mode = "first_item"
+            elif c == '"':
+                self.mode = "in_string"
+            elif c in "-0123456789tfn":
+                self.mode = "literal"
+                self.literal = c
+            else:
+                return self._fail()
+            return True
+        if mode in ("first_key", "key"):
+            if mode == "first_key" and c == "}":
+                return self._close("{")
+            if c != '"':
+                return self._fail()
+            self.mode = "in_key"
+            return True
+        if mode == "colon":
+            if c != ":":
+                return self._fail()
+            self.mode = "value"
+            return True
+        if mode == "after":
+            if c == ",":
+                self.mode = "key" if self.stack[-1] == "{" else "value"
+                return True
+            if c in "}]":
+                return self._close("{" if c == "}" else "[")
+            return self._fail()
+        return self._fail()
+
+    def _close(self, opener: str) -> bool:
+        if not self.stack or self.stack[-1] != opener:
+            return self._fail()
+        self.stack.pop()
+        self.mode = "after"
+        self._maybe_done()
+        return True
+
+    def _maybe_done(self) -> None:
+        if self.mode == "after" and not self.stack:
+            self.mode = "done"
+
+    def _fail(self) -> bool:
+        self.failed = True
+        return False
+
+    def finish(self) -> None:
+        """End of input: a top-level number or literal is complete here."""
+        if self.mode == "literal" and not self.stack and self.closer() is not None:
+            self.mode = "done"
+
+
+def close_json(text: str) -> str | None:
+    """`text` completed into valid JSON (a cut-off value closed), or None if it cannot be."""
+    scanner = JsonPrefix()
+    for i, c in enumerate(text):
+        if not scanner.feed(c):
+            if scanner.done and not text[i:].strip():
+                return text
+            return None
+    scanner.finish()
+    if scanner.done:
+        return text
+    closer = scanner.closer()
+    if closer is None and scanner.mode == "key":
+        # cut off right after a comma: drop it
+        trimmed = text.rstrip()
+        if trimmed.endswith(","):
+            return close_json(trimmed[:-1])
+    return None if closer is None else text + closer
