@@ -133,8 +133,10 @@ class ToolCallParser:
     def _emit_text(self, out: list[AnswerEvent], text: str) -> None:
         if not text:
             return
-        if self.at_boundary and self.calls and not text.strip(" \t\r\n;"):
-            return  # separators between calls
+        if self.at_boundary and self.calls:
+            if not text.strip(" \t\r\n;"):
+                return  # separators between calls
+            text = text.lstrip(" \t\r\n")
         self.at_boundary = False
         out.append(TextDelta(text))
 
@@ -164,6 +166,11 @@ class ToolCallParser:
         for name in self.tools:
             head = call_prefix(name)
             if text.startswith(head):
+                after = text[len(head) :].lstrip()
+                if not after and not final:
+                    return
+                if not after.startswith("{"):
+                    break  # arguments as a string (or missing): not the grammar's shape
                 self.raw += self.pending[: len(self.pending) - len(text) + len(head)]
                 self.pending = text[len(head) :]
                 self._start_call(out, name)
@@ -171,8 +178,9 @@ class ToolCallParser:
                 self.emitted_closer = "{}"
                 self.mode = "live_args"
                 return
-        if not final and (not text or any(call_prefix(name).startswith(text) for name in self.tools)):
-            return  # could still become one of the calls
+        else:
+            if not final and (not text or any(call_prefix(name).startswith(text) for name in self.tools)):
+                return  # could still become one of the calls
         self.mode = "buffered"  # not the grammar's shape: read it whole and validate it
 
     def _live_args(self, out: list[AnswerEvent], final: bool) -> None:
