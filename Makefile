@@ -56,3 +56,33 @@ bench: $(STAMP) $(DEMO_MODEL)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# --- Debian package and system test tools (packaging/README-service.md) -------------------
+# `make deb`: the .deb for this machine's architecture into packaging/out/ (reuses pip's
+# cached llama-cpp-python wheel; PORTABLE=1 compiles llama.cpp with GGML_NATIVE=OFF for a
+# release that runs on any CPU of the architecture).
+# `make deb-jetson`: the same, run ON the Jetson (arm64), with CUDA: JETPACK=6 (Orin,
+# sm_87, the default) or JETPACK=5 (Xavier and Orin, sm_72;87).
+JETPACK ?= 6
+SYSTEM_TEST_TOOLS := systemd-analyze:systemd debootstrap:debootstrap systemd-nspawn:systemd-container \
+	dpkg-buildpackage:dpkg-dev dh:debhelper dh_virtualenv:dh-virtualenv lintian:lintian fakeroot:fakeroot
+
+.PHONY: deb deb-jetson test-deps
+
+deb:
+	packaging/build-deb.sh
+
+deb-jetson:
+	JETSON=$(JETPACK) packaging/build-deb.sh
+
+# Tools the systemd-unit and .deb tests use; installed with apt when missing (root only).
+test-deps:
+	@missing=""; for pair in $(SYSTEM_TEST_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	/usr/bin/python3 -c 'import ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "==> installing test tools:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing python3-venv >/dev/null; \
+	  else echo "==> missing test tools:$$missing (the tests that need them will skip)"; fi; \
+	fi
