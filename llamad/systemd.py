@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,6 @@ log = structlog.get_logger("llamad.systemd")
 
 # Sent while the model loads so a large model never trips TimeoutStartSec.
 EXTEND_TIMEOUT_S = 60.0
-STATUS_EVERY_S = 10.0
 
 
 class Notifier:
@@ -127,17 +127,69 @@ def status_line(engine: Any) -> str:
     return f"ready, {busy}; served {stats.requests} requests; {queue} queued; model {engine.model_id}"
 
 
-async def status_loop(notifier: Notifier, state: Any) -> None:
-    """Keeps STATUS= current with the engine the app holds now (it changes on reload)."""
-    if not notifier.enabled:
-        return
-    last = ""
-    while True:
-        line = status_line(getattr(state, "engine", None))
-        if line != last:
-            notifier.status(line)
-            last = line
-        await asyncio.sleep(STATUS_EVERY_S)
+async def supervise(
+    server: Any,
+    state: Any,
+    config_path: str | os.PathLike[str] | None,
+    *,
+    set_log_level: Callable[[str], None] | None = None,
+    notifier: Notifier | None = None,
+) -> None:
+    """Runs beside `uvicorn.Server.serve()` until cancelled: keeps the start alive while the
+    model loads, sends READY=1 once the model is loaded and the socket is bound, pings the
+    watchdog, keeps STATUS= current, reloads on SIGHUP and says STOPPING=1 on shutdown.
+
+    `state` is the app's state (`.engine`, `.config`, `.api_keys`), which a reload updates."""
+    notifier = notifier or Notifier()
+    loop = asyncio.get_running_loop()
+    reload_lock = asyncio.Lock()
+
+    async def reload() -> None:
+        async with reload_lock:  # a second SIGHUP waits for the first reload to finish
+            await reload_service(state, config_path, set_log_level=set_log_level, notifier=notifier)
+
+    def on_sighup() -> None:
+        log.info("reload_requested", signal="SIGHUP", config_file=str(config_path or "default"))
+        task = asyncio.ensure_future(reload())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    watchdog = asyncio.ensure_future(watchdog_loop(notifier))
+    try:
+        notifier.status("loading model")
+        extended_at = 0.0
+        while not server.started:
+            if server.should_exit:
+                break
+            if time.monotonic() - extended_at >= EXTEND_TIMEOUT_S:
+                notifier.extend_timeout(EXTEND_TIMEOUT_S * 2)
+                extended_at = time.monotonic()
+            await asyncio.sleep(0.1)
+        else:
+            engine = getattr(state, "engine", None)
+            if engine is not None and engine.state == "ready":
+                notifier.ready(status_line(engine))
+                log.info("service_ready", model=engine.model_id, systemd=notifier.enabled)
+            elif notifier.enabled:
+                # Under systemd a service without its model is a failure: exit non-zero and
+                # let Restart=on-failure try again (the reason is in the log and STATUS=).
+                reason = getattr(engine, "error", None) or "no model"
+                notifier.status(f"model failed to load: {reason}")
+                log.error("service_not_ready", reason=reason, hint="systemd will restart llamad")
+                server.should_exit = True
+        last = ""
+        while not server.should_exit:
+            line = status_line(getattr(state, "engine", None))
+            if line != last:
+                notifier.status(line)
+                last = line
+            await asyncio.sleep(1.0)
+        notifier.stopping()
+        await asyncio.Event().wait()  # the watchdog keeps pinging through graceful shutdown
+    finally:
+        watchdog.cancel()
+        loop.remove_signal_handler(signal.SIGHUP)
 
 
 # -- reload -------------------------------------------------------------------------------

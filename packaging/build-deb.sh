@@ -18,7 +18,7 @@ missing=()
 for tool in dpkg-buildpackage dh dh_virtualenv; do
     command -v "$tool" >/dev/null || missing+=("$tool")
 done
-python3 -c 'import ensurepip' 2>/dev/null || missing+=("python3-venv")
+/usr/bin/python3 -c 'import ensurepip' 2>/dev/null || missing+=("python3-venv")
 if ((${#missing[@]})); then
     echo "build-deb: missing ${missing[*]}; install with:" >&2
     echo "  apt-get install debhelper dh-virtualenv python3-venv" >&2

@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -315,4 +316,66 @@ def test_status_line_reports_requests_served():
     engine.stats.requests = 3
     assert status_line(engine).startswith("ready, idle; served 3 requests; 0 queued")
     assert "model.path" in status_line(None)
+    engine.close()
+
+
+# -- supervise: what the serve loop runs beside uvicorn ------------------------------------
+
+
+def _drain(sock) -> list[str]:
+    sock.setblocking(False)
+    messages = []
+    while True:
+        try:
+            messages.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            return messages
+
+
+async def test_ready_only_once_the_socket_is_bound_then_reload_on_sighup(tmp_path, notify_socket):
+    from llamad.systemd import supervise
+
+    address, sock = notify_socket
+    model = _gguf(tmp_path / "a.gguf")
+    path = _write_config(tmp_path / "llamad.toml", model)
+    state = await _state(path)
+    server = SimpleNamespace(started=False, should_exit=False)
+    task = asyncio.create_task(supervise(server, state, path, notifier=Notifier({"NOTIFY_SOCKET": address})))
+    await asyncio.sleep(0.3)
+    assert not any("READY=1" in m for m in _drain(sock))  # model loaded, socket not yet bound
+    server.started = True
+    await asyncio.sleep(0.3)
+    assert any(m.startswith("READY=1\nSTATUS=ready") for m in _drain(sock))
+
+    _write_config(path, model, "[limits]\nmax_tokens_hard_cap = 9\n")
+    os.kill(os.getpid(), signal.SIGHUP)
+    for _ in range(50):
+        if state.config.limits.max_tokens_hard_cap == 9:
+            break
+        await asyncio.sleep(0.05)
+    assert state.config.limits.max_tokens_hard_cap == 9
+
+    server.should_exit = True
+    await asyncio.sleep(1.2)
+    assert "STOPPING=1\nSTATUS=stopping" in _drain(sock)
+    task.cancel()
+    state.engine.close()
+
+
+async def test_a_model_that_failed_to_load_is_a_failed_start_under_systemd(notify_socket):
+    from llamad.systemd import supervise
+
+    address, sock = notify_socket
+    engine = FakeEngine()
+    engine.state, engine.error = "failed", "llama.cpp could not load /x.gguf"
+    server = SimpleNamespace(started=True, should_exit=False)
+    task = asyncio.create_task(
+        supervise(server, SimpleNamespace(engine=engine), None, notifier=Notifier({"NOTIFY_SOCKET": address}))
+    )
+    await asyncio.sleep(0.2)
+    assert server.should_exit  # the process exits non-zero; Restart=on-failure retries
+    messages = _drain(sock)
+    assert not any("READY=1" in m for m in messages)
+    assert "STATUS=model failed to load: llama.cpp could not load /x.gguf" in messages
+    task.cancel()
     engine.close()
