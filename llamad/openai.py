@@ -461,7 +461,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 
 @get("/v1/models/{model_id:str}")
-async def get_model(request: Request, model_id: str) -> dict[str, Any]:
+async def get_model(request: Request) -> dict[str, Any]:
     # Clients ask for names of their own; there is one model, so every name resolves to it.
     return model_card(request.app.state.engine)
 

@@ -35,6 +35,8 @@ def decode_body(body: bytes, schema: type[T]) -> T:
         raise bad_request(f"invalid request: {message}", param=param or None) from None
     except msgspec.DecodeError as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise bad_request("the request body is not valid UTF-8 JSON") from None
     except RecursionError:
         raise bad_request("the request body is nested too deeply") from None
 

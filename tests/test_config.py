@@ -1,0 +1,201 @@
+"""Configuration: precedence, the seed's environment names, and every validation error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llamad.config import ConfigError, load_config, resolve_model
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "llamad.toml"
+    path.write_text(text)
+    return path
+
+
+def gguf(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    path.write_bytes(b"GGUF" + b"\0" * 16)
+    return path
+
+
+def test_defaults_when_the_default_file_is_missing(tmp_path):
+    loaded = load_config(env={"LLAMAD_CONFIG": ""}) if not Path("/etc/llamad.toml").exists() else None
+    if loaded is None:
+        pytest.skip("/etc/llamad.toml exists on this machine")
+    c = loaded.config
+    assert (c.server.host, c.server.port, c.model.name, c.model.n_ctx, c.limits.max_tokens_hard_cap) == (
+        "127.0.0.1",
+        8000,
+        "llama-local",
+        4096,
+        1024,
+    )
+    assert loaded.file is None
+
+
+def test_precedence_defaults_then_toml_then_environment(tmp_path):
+    path = write(tmp_path, "[model]\nn_ctx = 2048\nname = 'from-toml'\n[server]\nport = 9000\n")
+    loaded = load_config(path, env={"N_CTX": "1024", "LLAMAD_SERVER_PORT": "9100"})
+    assert loaded.config.model.n_ctx == 1024
+    assert loaded.config.model.name == "from-toml"
+    assert loaded.config.server.port == 9100
+    assert loaded.source("model.n_ctx") == "env N_CTX"
+    assert loaded.source("model.name") == f"{path}:3"
+    assert loaded.source("server.max_queue") == "default"
+
+
+@pytest.mark.parametrize(
+    "variable,value,section,key,expected",
+    [
+        ("MODEL_PATH", "/m.gguf", "model", "path", "/m.gguf"),
+        ("MODEL_DIR", "/models", "model", "dir", "/models"),
+        ("MODEL_NAME", "mine", "model", "name", "mine"),
+        ("N_CTX", "8192", "model", "n_ctx", 8192),
+        ("N_THREADS", "6", "model", "n_threads", 6),
+        ("N_GPU_LAYERS", "40", "model", "n_gpu_layers", 40),
+        ("MAX_TOKENS_HARD_CAP", "256", "limits", "max_tokens_hard_cap", 256),
+        ("PORT", "8123", "server", "port", 8123),
+        ("HOST", "0.0.0.0", "server", "host", "0.0.0.0"),
+        ("LLAMAD_API_KEY", "k1,k2", "server", "api_keys", ["k1", "k2"]),
+        ("LLAMAD_LIMITS_MAX_MESSAGES", "12", "limits", "max_messages", 12),
+        ("LLAMAD_LOGGING_LOG_CONTENT", "true", "logging", "log_content", True),
+    ],
+)
+def test_environment_names(tmp_path, variable, value, section, key, expected):
+    loaded = load_config(write(tmp_path, ""), env={variable: value})
+    assert getattr(getattr(loaded.config, section), key) == expected
+
+
+def test_systematic_name_wins_over_the_seed_name(tmp_path):
+    loaded = load_config(write(tmp_path, ""), env={"PORT": "8001", "LLAMAD_SERVER_PORT": "8002"})
+    assert loaded.config.server.port == 8002
+
+
+def test_unknown_key_names_key_file_and_line(tmp_path):
+    path = write(tmp_path, "[server]\nhost = '127.0.0.1'\nprot = 80\n")
+    with pytest.raises(ConfigError, match=rf"unknown key 'server.prot' \({path}:3\).*known keys"):
+        load_config(path, env={})
+
+
+def test_unknown_section(tmp_path):
+    path = write(tmp_path, "[serverr]\nport = 1\n")
+    with pytest.raises(ConfigError, match=r"unknown section \[serverr\]"):
+        load_config(path, env={})
+
+
+def test_wrong_type_in_toml(tmp_path):
+    path = write(tmp_path, "[server]\nport = '8000'\n")
+    with pytest.raises(ConfigError, match=rf"'server.port' = '8000' \({path}:2\): expected an integer"):
+        load_config(path, env={})
+
+
+def test_wrong_type_in_environment_names_the_variable(tmp_path):
+    with pytest.raises(ConfigError, match=r"'model.n_ctx' = 'lots' \(env N_CTX\): expected an integer"):
+        load_config(write(tmp_path, ""), env={"N_CTX": "lots"})
+
+
+@pytest.mark.parametrize(
+    "toml,message",
+    [
+        ("[server]\nport = 70000\n", "'server.port' = 70000"),
+        ("[model]\nn_ctx = 8\n", "'model.n_ctx' = 8"),
+        ("[model]\nn_gpu_layers = -5\n", "'model.n_gpu_layers' = -5"),
+        ("[limits]\nmax_tokens_hard_cap = 0\n", "'limits.max_tokens_hard_cap' = 0"),
+        ("[logging]\nlevel = 'loud'\n", "'logging.level' = 'loud'"),
+        ("[server]\nqueue_timeout = 0\n", "'server.queue_timeout' = 0"),
+    ],
+)
+def test_out_of_range_values(tmp_path, toml, message):
+    path = write(tmp_path, toml)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert message in str(info.value)
+    assert str(path) in str(info.value)
+
+
+def test_invalid_toml(tmp_path):
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_config(write(tmp_path, "[server\n"), env={})
+
+
+def test_explicit_missing_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", env={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(env={"LLAMAD_CONFIG": str(tmp_path / "nope.toml")})
+
+
+def test_model_path_missing_and_not_gguf(tmp_path):
+    loaded = load_config(write(tmp_path, ""), env={"MODEL_PATH": str(tmp_path / "none.gguf")})
+    with pytest.raises(ConfigError, match=r"'model.path' .*\(env MODEL_PATH\): expected an existing .gguf file"):
+        resolve_model(loaded)
+    fake = tmp_path / "fake.gguf"
+    fake.write_text("not a model")
+    loaded = load_config(write(tmp_path, ""), env={"MODEL_PATH": str(fake)})
+    with pytest.raises(ConfigError, match="expected a GGUF file"):
+        resolve_model(loaded)
+
+
+def test_no_model_configured(tmp_path):
+    with pytest.raises(ConfigError, match="no model configured"):
+        resolve_model(load_config(write(tmp_path, ""), env={}))
+
+
+def test_model_dir_picks_named_file_or_first_sorted(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    gguf(models, "b.gguf")
+    gguf(models, "a.gguf")
+    gguf(models, "mine.gguf")
+    choice = resolve_model(load_config(write(tmp_path, ""), env={"MODEL_DIR": str(models)}))
+    assert choice.path.name == "a.gguf" and "sorted" in choice.reason
+    choice = resolve_model(load_config(write(tmp_path, ""), env={"MODEL_DIR": str(models), "MODEL_NAME": "mine"}))
+    assert choice.path.name == "mine.gguf" and "model.name" in choice.reason
+
+
+def test_model_dir_without_gguf(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="at least one .gguf"):
+        resolve_model(load_config(write(tmp_path, ""), env={"MODEL_DIR": str(tmp_path / "empty")}))
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llamad.cli", *args],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+        timeout=60,
+    )
+
+
+def test_cli_config_prints_toml_with_sources(tmp_path):
+    import tomllib
+
+    path = write(tmp_path, "[model]\nn_ctx = 2048\n")
+    result = run_cli("--config", str(path), "config", "--sources", env={"PORT": "8555"})
+    assert result.returncode == 0, result.stderr
+    assert "port = 8555  # env PORT" in result.stdout
+    assert f"n_ctx = 2048  # {path}:2" in result.stdout
+    parsed = tomllib.loads(result.stdout)  # comments do not break the TOML
+    assert parsed["server"]["port"] == 8555 and parsed["model"]["n_ctx"] == 2048
+
+
+def test_cli_user_mistake_is_one_line_and_nonzero(tmp_path):
+    path = write(tmp_path, "[server]\nport = 'x'\n")
+    result = run_cli("--config", str(path), "serve")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "server.port" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_cli_check_reports_missing_model(tmp_path):
+    result = run_cli("--config", str(write(tmp_path, "")), "check", env={"MODEL_PATH": str(tmp_path / "x.gguf")})
+    assert result.returncode == 2
+    assert "model.path" in result.stderr and "Traceback" not in result.stderr
