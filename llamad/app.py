@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -12,7 +13,8 @@ from litestar.exceptions import HTTPException
 from litestar.middleware import DefineMiddleware
 
 from llamad import openai
-from llamad.config import Config
+from llamad.auth import ApiKeys, AuthMiddleware
+from llamad.config import Config, api_keys
 from llamad.engine import Engine
 from llamad.errors import anthropic_body, from_exception, openai_body
 from llamad.metrics import Metrics
@@ -33,9 +35,13 @@ def error_handler(request: Request, exc: Exception) -> Response:
     error = from_exception(exc, family)
     if error.status >= 500 and not isinstance(exc, HTTPException) and error.kind == "server":
         log.exception("request_failed", route=request.url.path)
-    record_of(request).fail(error)
+    record = record_of(request)
+    record.fail(error)
+    headers = dict(error.headers)
+    if record.request_id == "-":  # no route matched (404/405), so the observer never ran
+        headers["request-id"] = "req_" + secrets.token_hex(12)
     body = anthropic_body(error) if family == "anthropic" else openai_body(error)
-    return Response(body, status_code=error.status, headers=error.headers)
+    return Response(body, status_code=error.status, headers=headers)
 
 
 @get("/health", sync_to_thread=False)
@@ -69,6 +75,7 @@ def root(request: Request) -> dict[str, Any]:
 
 def create_app(config: Config, engine: Engine, load_engine: bool = True, metrics_registry: Metrics | None = None) -> Litestar:
     metrics_registry = metrics_registry or Metrics()
+    keys = ApiKeys(api_keys(config), require_for_metrics=config.server.metrics_require_key)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -81,6 +88,8 @@ def create_app(config: Config, engine: Engine, load_engine: bool = True, metrics
             yield
         finally:
             engine.close()
+            if app.state.engine is not engine:  # swapped in by a reload
+                app.state.engine.close()
 
     route_handlers: list[Any] = [health, metrics, root, openai.router]
     try:
@@ -93,10 +102,12 @@ def create_app(config: Config, engine: Engine, load_engine: bool = True, metrics
     return Litestar(
         route_handlers=route_handlers,
         lifespan=[lifespan],
-        state=State({"engine": engine, "config": config, "metrics": metrics_registry}),
+        # api_keys: a holder, so `systemctl reload` can swap keys (llamad.systemd.reload_service).
+        state=State({"engine": engine, "config": config, "metrics": metrics_registry, "api_keys": keys}),
         exception_handlers={Exception: error_handler},
         middleware=[
-            DefineMiddleware(ObserveMiddleware, write_timeout=config.server.write_timeout, metrics=metrics_registry)
+            DefineMiddleware(ObserveMiddleware, write_timeout=config.server.write_timeout, metrics=metrics_registry),
+            DefineMiddleware(AuthMiddleware, keys=keys),
         ],
         request_max_body_size=config.server.max_body_bytes,
         openapi_config=None,
