@@ -29,6 +29,8 @@ from llamad.chat import (
 )
 from llamad.config import Config
 from llamad.engine import Cancelled, Engine, Generation, PromptError, Prompt
+from llamad.prompt_cache import PromptStateCache, common_prefix
+from llamad.tools_sampling import GrammarConstraint
 
 log = structlog.get_logger("llamad.engine")
 
@@ -47,6 +49,12 @@ class LlamaEngine(Engine):
         self.model_path = model_path
         self.llm = None
         self.template: ChatTemplate | None = None
+        capacity = config.model.prompt_cache_bytes
+        self.prompt_cache = PromptStateCache(capacity) if capacity > 0 else None
+
+    @property
+    def template_supports_tools(self) -> bool:
+        return bool(self.template and self.template.supports_tools)
 
     # -- loading ---------------------------------------------------------------------------
     def _load(self) -> None:
@@ -163,12 +171,20 @@ class LlamaEngine(Engine):
         """Brings the context to `tokens`, reusing the longest cached prefix; returns its length."""
         llm = self.llm
         assert llm is not None
-        cached = llm.input_ids[: llm.n_tokens].tolist()
-        prefix = 0
-        for a, b in zip(cached, tokens):
-            if a != b:
-                break
-            prefix += 1
+        live_tokens = llm.input_ids[: llm.n_tokens].tolist()
+        prefix = common_prefix(live_tokens, tokens)
+        cache = self.prompt_cache
+        if cache is not None:
+            # Before most of the live context is overwritten, keep it for a later turn.
+            if llm.n_tokens - prefix > max(prefix, 32):
+                cache.save(llm, live_tokens)
+            saved, saved_prefix = cache.best(tokens)
+            if saved is not None and saved_prefix > prefix + 16:
+                if cache.restore(llm, saved):
+                    prefix = saved_prefix
+                else:
+                    llm.reset()
+                    prefix = 0
         # At least the last prompt token is evaluated again: sampling needs fresh logits.
         prefix = min(prefix, len(tokens) - 1)
         if prefix < llm.n_tokens and not llm._ctx.kv_cache_seq_rm(-1, prefix, -1):  # noqa: SLF001
@@ -201,10 +217,9 @@ class LlamaEngine(Engine):
 
         s = generation.sampling
         llm.set_seed(s.seed if s.seed is not None else random.randrange(2**31))
-        grammar = None
-        if generation.grammar:
-            grammar = llama_cpp.LlamaGrammar.from_string(generation.grammar, verbose=False)
         vocab = llm._model.vocab  # noqa: SLF001
+        # Grammars go through a logits processor, not `grammar=`: see llamad.tools_sampling.
+        constraint = GrammarConstraint(vocab, generation.grammar) if generation.grammar else None
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         buffer = ctypes.create_string_buffer(256)
         steps = llm.generate(
@@ -216,15 +231,20 @@ class LlamaEngine(Engine):
             repeat_penalty=s.repeat_penalty,
             frequency_penalty=s.frequency_penalty,
             presence_penalty=s.presence_penalty,
-            grammar=grammar,
+            logits_processor=llama_cpp.LogitsProcessorList([constraint]) if constraint else None,
         )
         try:
             for token in steps:
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
                     return
                 n = llama_cpp.llama_token_to_piece(vocab, token, buffer, 256, 0, False)
-                yield decoder.decode(buffer.raw[: max(n, 0)])
+                piece = decoder.decode(buffer.raw[: max(n, 0)])
+                if constraint is not None:
+                    constraint.accept(token, piece)
+                yield piece
                 if cancel.is_set() or llm.n_tokens >= self.n_ctx - 1:
                     return
         finally:
             steps.close()
+            if constraint is not None:
+                constraint.close()

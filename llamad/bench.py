@@ -1,0 +1,355 @@
+"""`llamad bench`: the engine's own decode rate against the same model behind HTTP.
+
+All figures come from one run on one machine, so their ratios are meaningful even on a
+noisy, shared box. Phases:
+  1. engine: llama-cpp-python's low-level generate() loop in-process, no HTTP (the ceiling),
+     and its create_chat_completion(stream=True) for reference;
+  2. http: a running llamad (started here, or --url): streamed and non-streamed answers;
+  3. concurrency: N parallel streams: aggregate tokens/s and time-to-first-token spread;
+  4. prompt cache: a second chat turn sharing a ~1,500-token prefix with the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from llamad.config import LoadedConfig, resolve_model
+
+PROMPT = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Tell me a long story about a robot that learns to garden."},
+]
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+# -- phase 1: the engine alone ---------------------------------------------------------------
+
+
+def bench_engine(loaded: LoadedConfig, tokens: int, runs: int) -> dict[str, Any]:
+    import llama_cpp
+
+    from llamad.chat import Chat, ChatMessage
+    from llamad.llama import LlamaEngine
+
+    engine = LlamaEngine(loaded.config, resolve_model(loaded).path)
+    engine._load()  # noqa: SLF001 - in-process, no event loop needed
+    llm = engine.llm
+    assert llm is not None
+    prompt = engine._prepare(Chat(messages=[ChatMessage(m["role"], m["content"]) for m in PROMPT]))  # noqa: SLF001
+    vocab = llm._model.vocab  # noqa: SLF001
+
+    decode_rates, totals, counts = [], [], []
+    for _ in range(runs):
+        llm.reset()
+        started = time.perf_counter()
+        first = last = None
+        n = 0
+        for token in llm.generate(prompt.tokens, temp=0.0, top_k=1):
+            now = time.perf_counter()
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                break
+            first = first or now
+            last = now
+            n += 1
+            if n >= tokens:
+                break
+        counts.append(n)
+        totals.append(time.perf_counter() - started)
+        if n > 1 and first and last:
+            decode_rates.append((n - 1) / (last - first))
+
+    # llama-cpp-python's own streaming chat path, for reference.
+    reference_rates = []
+    for _ in range(runs):
+        llm.reset()
+        first = last = None
+        n = 0
+        for chunk in llm.create_chat_completion(
+            messages=PROMPT, max_tokens=tokens, temperature=0.0, top_k=1, stream=True
+        ):
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                n += 1
+        if n > 1 and first and last:
+            reference_rates.append((n - 1) / (last - first))
+    engine.llm = None
+    del llm
+    return {
+        "prompt_tokens": len(prompt.tokens),
+        "completion_tokens": int(_median(counts)),
+        "decode_tokens_per_s": _median(decode_rates),
+        "total_s": _median(totals),
+        "llama_cpp_python_stream_chunks_per_s": _median(reference_rates),
+    }
+
+
+# -- phase 2-4: through HTTP -------------------------------------------------------------------
+
+
+class Http:
+    def __init__(self, url: str):
+        parsed = urlparse(url)
+        self.host = parsed.hostname or "127.0.0.1"
+        self.port = parsed.port or 80
+
+    def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], float]:
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=600)
+        started = time.perf_counter()
+        connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        data = json.loads(response.read())
+        connection.close()
+        return response.status, data, time.perf_counter() - started
+
+    def stream(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Streams one OpenAI answer; returns timings of the content chunks and usage."""
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=600)
+        started = time.perf_counter()
+        connection.request(
+            "POST",
+            path,
+            json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}),
+            {"Content-Type": "application/json"},
+        )
+        response = connection.getresponse()
+        first = last = None
+        usage: dict[str, Any] = {}
+        status = response.status
+        while True:
+            line = response.readline()
+            if not line:
+                break
+            if not line.startswith(b"data: "):
+                continue
+            # Parse as little as possible per chunk: this client shares the machine
+            # with the server, and its own work would show up as a slower stream.
+            if b'"content":"' in line and b'"content":""' not in line:
+                now = time.perf_counter()
+                first = first or now
+                last = now
+            elif b'"usage":{' in line:
+                usage = json.loads(line[6:])["usage"]
+            elif line.startswith(b"data: [DONE]"):
+                break
+        connection.close()
+        end = time.perf_counter()
+        return {
+            "status": status,
+            "ttft_s": (first - started) if first else float("nan"),
+            "first": first,
+            "last": last,
+            "total_s": end - started,
+            "completion_tokens": usage.get("completion_tokens", 0),
+            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
+        }
+
+
+def bench_http(client: Http, tokens: int, runs: int) -> dict[str, Any]:
+    body = {"model": "bench", "messages": PROMPT, "max_tokens": tokens, "temperature": 0, "top_k": 1}
+    client.post("/v1/chat/completions", {**body, "max_tokens": 4})  # warm-up
+    streamed_rates, streamed_totals, ttfts, streamed_tokens = [], [], [], []
+    plain_totals, plain_tokens = [], []
+    for _ in range(runs):
+        result = client.stream("/v1/chat/completions", body)
+        n = result["completion_tokens"]
+        streamed_tokens.append(n)
+        streamed_totals.append(result["total_s"])
+        ttfts.append(result["ttft_s"])
+        if n > 1 and result["first"] and result["last"]:
+            streamed_rates.append((n - 1) / (result["last"] - result["first"]))
+        status, data, elapsed = client.post("/v1/chat/completions", body)
+        plain_totals.append(elapsed)
+        plain_tokens.append(data.get("usage", {}).get("completion_tokens", 0))
+    return {
+        "streamed_decode_tokens_per_s": _median(streamed_rates),
+        "streamed_tokens_per_s_end_to_end": _median(streamed_tokens) / _median(streamed_totals),
+        "streamed_ttft_s": _median(ttfts),
+        "streamed_total_s": _median(streamed_totals),
+        "non_streamed_tokens_per_s_end_to_end": _median(plain_tokens) / _median(plain_totals),
+        "non_streamed_total_s": _median(plain_totals),
+        "completion_tokens": int(_median(streamed_tokens)),
+    }
+
+
+def bench_concurrency(client: Http, streams: int, tokens: int) -> dict[str, Any]:
+    results: list[dict[str, Any]] = [{} for _ in range(streams)]
+
+    def one(i: int) -> None:
+        body = {
+            "model": "bench",
+            "messages": [{"role": "user", "content": f"Story number {i}: tell me about a lighthouse keeper."}],
+            "max_tokens": tokens,
+            "temperature": 0,
+        }
+        results[i] = client.stream("/v1/chat/completions", body)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    ttfts = [r["ttft_s"] for r in results if r]
+    total_tokens = sum(r.get("completion_tokens", 0) for r in results)
+    return {
+        "streams": streams,
+        "ok": sum(1 for r in results if r.get("status") == 200),
+        "aggregate_tokens_per_s": total_tokens / wall,
+        "ttft_p50_s": _percentile(ttfts, 0.5),
+        "ttft_p90_s": _percentile(ttfts, 0.9),
+        "ttft_max_s": max(ttfts) if ttfts else float("nan"),
+        "wall_s": wall,
+    }
+
+
+def bench_cache(client: Http, prefix_tokens: int) -> dict[str, Any]:
+    # About 1.3 tokens per word for this text with common tokenizers; a nonce keeps it cold.
+    words = max(1, int(prefix_tokens / 1.3))
+    manual = " ".join(f"rule{i % 97} applies to section {i % 13};" for i in range(words // 5))
+    system = f"Session {secrets.token_hex(4)}. You are an agent. Operating manual: {manual}"
+    turn1 = [{"role": "system", "content": system}, {"role": "user", "content": "What is rule 5?"}]
+    first = client.stream("/v1/chat/completions", {"model": "bench", "messages": turn1, "max_tokens": 8, "temperature": 0})
+    # Another client's request in between: the cache must survive it.
+    client.stream(
+        "/v1/chat/completions",
+        {"model": "bench", "messages": [{"role": "user", "content": "Unrelated question."}], "max_tokens": 4},
+    )
+    turn2 = turn1 + [
+        {"role": "assistant", "content": "Rule 5 applies to section 5."},
+        {"role": "user", "content": "And rule 6?"},
+    ]
+    second = client.stream("/v1/chat/completions", {"model": "bench", "messages": turn2, "max_tokens": 8, "temperature": 0})
+    return {
+        "turn1_ttft_s": first["ttft_s"],
+        "turn2_ttft_s": second["ttft_s"],
+        "turn2_over_turn1": second["ttft_s"] / first["ttft_s"] if first["ttft_s"] else float("nan"),
+        "turn2_cached_tokens": second["cached_tokens"],
+    }
+
+
+# -- orchestration -----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(loaded: LoadedConfig) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    env = {**os.environ, "LLAMAD_SERVER_PORT": str(port), "LLAMAD_SERVER_HOST": "127.0.0.1", "LLAMAD_LOGGING_LEVEL": "warning"}
+    if loaded.config.model.path:
+        env["LLAMAD_MODEL_PATH"] = loaded.config.model.path
+    args = [sys.executable, "-m", "llamad.cli"]
+    if loaded.file:
+        args += ["--config", str(loaded.file)]
+    process = subprocess.Popen(args + ["serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"llamad serve exited with {process.returncode}")
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            connection.request("GET", "/health")
+            if connection.getresponse().status == 200:
+                return process, url
+        except OSError:
+            pass
+        time.sleep(0.3)
+    process.kill()
+    raise RuntimeError("llamad serve did not become healthy")
+
+
+def run_bench(loaded: LoadedConfig, args: argparse.Namespace) -> int:
+    results: dict[str, Any] = {"model": str(resolve_model(loaded).path) if not args.url else args.url}
+    print(f"llamad bench: {results['model']}, {args.tokens} tokens, {args.runs} runs each", flush=True)
+    results["engine"] = bench_engine(loaded, args.tokens, args.runs) if not args.url else None
+    process = None
+    url = args.url
+    if not url:
+        process, url = _start_server(loaded)
+    try:
+        client = Http(url)
+        results["http"] = bench_http(client, args.tokens, args.runs)
+        if args.concurrency > 0:
+            results["concurrency"] = bench_concurrency(client, args.concurrency, max(16, args.tokens // 2))
+        if args.prefix_tokens > 0:
+            results["prompt_cache"] = bench_cache(client, args.prefix_tokens)
+    finally:
+        if process is not None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+    engine = results["engine"]
+    web = results["http"]
+    if engine:
+        results["streamed_over_engine"] = web["streamed_decode_tokens_per_s"] / engine["decode_tokens_per_s"]
+    results["streamed_over_non_streamed_end_to_end"] = (
+        web["streamed_tokens_per_s_end_to_end"] / web["non_streamed_tokens_per_s_end_to_end"]
+    )
+    print(render_table(results))
+    print(json.dumps(results, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def render_table(r: dict[str, Any]) -> str:
+    rows: list[tuple[str, str]] = []
+    e, h = r.get("engine"), r["http"]
+    if e:
+        rows += [
+            ("engine decode (llama.cpp generate loop, no HTTP)", f"{e['decode_tokens_per_s']:.1f} tok/s"),
+            ("llama-cpp-python create_chat_completion stream", f"{e['llama_cpp_python_stream_chunks_per_s']:.1f} chunks/s"),
+        ]
+    rows += [
+        ("HTTP streamed decode", f"{h['streamed_decode_tokens_per_s']:.1f} tok/s"),
+        ("HTTP streamed time to first token", f"{h['streamed_ttft_s'] * 1000:.0f} ms"),
+        ("HTTP streamed end to end", f"{h['streamed_tokens_per_s_end_to_end']:.1f} tok/s"),
+        ("HTTP non-streamed end to end", f"{h['non_streamed_tokens_per_s_end_to_end']:.1f} tok/s"),
+    ]
+    if e:
+        rows.append(("ratio streamed / engine decode", f"{r['streamed_over_engine']:.3f}"))
+    rows.append(("ratio streamed / non-streamed (end to end)", f"{r['streamed_over_non_streamed_end_to_end']:.3f}"))
+    if "concurrency" in r:
+        c = r["concurrency"]
+        rows += [
+            (f"{c['streams']} parallel streams: aggregate", f"{c['aggregate_tokens_per_s']:.1f} tok/s ({c['ok']} ok)"),
+            ("  time to first token p50 / p90 / max", f"{c['ttft_p50_s']:.2f} / {c['ttft_p90_s']:.2f} / {c['ttft_max_s']:.2f} s"),
+        ]
+    if "prompt_cache" in r:
+        p = r["prompt_cache"]
+        rows += [
+            ("prompt cache: turn 1 / turn 2 time to first token", f"{p['turn1_ttft_s'] * 1000:.0f} / {p['turn2_ttft_s'] * 1000:.0f} ms"),
+            ("  turn 2 / turn 1", f"{p['turn2_over_turn1']:.3f} ({p['turn2_cached_tokens']} tokens reused)"),
+        ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

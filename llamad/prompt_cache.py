@@ -1,0 +1,102 @@
+"""Saved KV states of earlier prompts, for reuse when a later prompt shares their prefix.
+
+The live context already serves the common case (the next turn of the chat that just ran).
+This cache covers interleaved clients: before a request overwrites most of the live
+context, that context's KV state is saved here, and a later prompt that shares a longer
+prefix with a saved state than with the live context restores it instead of re-evaluating.
+
+Only the sequence's KV data and its tokens are kept (llama-cpp-python's save_state also
+copies a logits buffer that is n_batch x n_vocab floats, half a gigabyte for Gemma 3).
+Memory is bounded by `model.prompt_cache_bytes`; the least recently used state goes first.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass
+class SavedState:
+    tokens: tuple[int, ...]
+    data: bytes
+
+
+def common_prefix(a: list[int] | tuple[int, ...], b: list[int] | tuple[int, ...]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class PromptStateCache:
+    # States shorter than this are cheaper to recompute than to keep.
+    MIN_TOKENS = 64
+
+    def __init__(self, capacity_bytes: int):
+        self.capacity_bytes = capacity_bytes
+        self._states: OrderedDict[tuple[int, ...], SavedState] = OrderedDict()
+        self.size_bytes = 0
+        self.saves = 0
+        self.restores = 0
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def best(self, tokens: list[int]) -> tuple[SavedState | None, int]:
+        """The saved state sharing the longest prefix with `tokens`, and that length."""
+        best_state, best_len = None, 0
+        for state in self._states.values():
+            length = common_prefix(state.tokens, tokens)
+            if length > best_len:
+                best_state, best_len = state, length
+        if best_state is not None:
+            self._states.move_to_end(best_state.tokens)
+        return best_state, best_len
+
+    def covers(self, tokens: list[int]) -> bool:
+        """True when a saved state already holds all of `tokens` as its prefix."""
+        return any(common_prefix(state.tokens, tokens) >= len(tokens) for state in self._states.values())
+
+    def save(self, llm, tokens: list[int]) -> None:
+        import llama_cpp
+
+        if self.capacity_bytes <= 0 or len(tokens) < self.MIN_TOKENS or self.covers(tokens):
+            return
+        ctx = llm._ctx.ctx  # noqa: SLF001
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        if size <= 0 or size > self.capacity_bytes:
+            return
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0)
+        if written <= 0:
+            return
+        key = tuple(tokens)
+        # A saved state that is a prefix of this one is superseded by it.
+        for old in [k for k in self._states if common_prefix(k, key) == len(k)]:
+            self.size_bytes -= len(self._states.pop(old).data)
+        state = SavedState(tokens=key, data=bytes(buffer[:written]))
+        self._states[key] = state
+        self.size_bytes += len(state.data)
+        self.saves += 1
+        while self.size_bytes > self.capacity_bytes and self._states:
+            _, evicted = self._states.popitem(last=False)
+            self.size_bytes -= len(evicted.data)
+
+    def restore(self, llm, state: SavedState) -> bool:
+        import llama_cpp
+
+        ctx = llm._ctx.ctx  # noqa: SLF001
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)  # noqa: SLF001
+        buffer = (ctypes.c_uint8 * len(state.data)).from_buffer_copy(state.data)
+        if llama_cpp.llama_state_seq_set_data(ctx, buffer, len(state.data), 0) == 0:
+            llm.n_tokens = 0
+            return False
+        n = len(state.tokens)
+        llm.input_ids[:n] = state.tokens
+        llm.n_tokens = n
+        self.restores += 1
+        return True
