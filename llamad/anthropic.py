@@ -242,6 +242,12 @@ def _user_turns(message: InputMessage, where: str, tool_names: dict[str, str]) -
         if isinstance(block, TextBlock):
             texts.append(block.text)
         elif isinstance(block, ToolResultBlock):
+            if block.tool_use_id not in tool_names:
+                raise bad_request(
+                    f"this tool_result answers tool_use_id '{block.tool_use_id}', but no earlier assistant "
+                    "turn has a tool_use block with that id",
+                    param=f"{where}[{index}].tool_use_id",
+                )
             flush()
             turns.append(
                 ChatMessage(
@@ -342,8 +348,6 @@ def plan_tools(req: MessagesRequest, chat: Chat, engine: Engine) -> Plan:
         return Plan()
     from llamad import tools
 
-    if isinstance(choice_in, ToolChoiceTool) and choice_in.name not in {t.name for t in chat.tools}:
-        raise bad_request(f"'tool_choice' names '{choice_in.name}', which is not among the tools", param="tool_choice.name")
     if isinstance(choice_in, ToolChoiceNone):
         choice = tools.ToolChoice("none")
     elif isinstance(choice_in, ToolChoiceAny):
@@ -364,7 +368,7 @@ def plan_tools(req: MessagesRequest, chat: Chat, engine: Engine) -> Plan:
             response_format=response_format,
         )
     except tools.ToolSchemaError as exc:
-        raise bad_request(str(exc), param="tools" if offered else "output_format") from None
+        raise tools.schema_error(exc) from None
     chat.system_suffix = plan.system_suffix
     return Plan(grammar=plan.grammar, parser=plan.parser(id_prefix="toolu_"))
 

@@ -19,7 +19,7 @@ from llamad.anthropic import MessagesRequest, to_chat
 from llamad.app import create_app
 from llamad.config import Config, LimitsConfig, ServerConfig
 from llamad.errors import ApiError
-from fake_engine import FakeEngine
+from fake_engine import FakeEngine, pieces
 
 STREAM_EVENT = pydantic.TypeAdapter(RawMessageStreamEvent)
 HELLO = {"model": "claude-whatever", "max_tokens": 32, "messages": [{"role": "user", "content": "Say hello."}]}
@@ -198,6 +198,55 @@ async def test_ping_is_sent_while_the_request_waits_for_the_engine(monkeypatch):
     assert kinds[0] == "message_start" and events[0][1]["message"]["usage"]["input_tokens"] > 0
     # Queued for ~0.5 s behind the first request, at a 0.05 s keep-alive interval.
     assert kinds[: kinds.index("content_block_start")].count("ping") >= 3
+
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "Current weather for a city",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+CALL_TEXT = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+async def test_tool_calls_come_back_as_tool_use_blocks_streamed_and_not():
+    engine = FakeEngine(script=lambda g: pieces(CALL_TEXT, 4))
+    payload = body(tools=[WEATHER], messages=[{"role": "user", "content": "Weather in Paris?"}])
+    async with serve(engine) as client:
+        plain = (await client.post("/v1/messages", json=payload)).json()
+        events = await sse_events(client, "/v1/messages", payload)
+    assert plain["stop_reason"] == "tool_use"
+    assert blocks(plain) == ["text", "tool_use"]
+    call = plain["content"][1]
+    assert call["id"].startswith("toolu_") and call["name"] == "get_weather" and call["input"] == {"city": "Paris"}
+    assert "get_weather" in engine.generations[0].prompt.text  # the tools were offered in the prompt
+    assert engine.generations[0].grammar is not None
+    assert_valid_stream(events)
+    start = next(p["content_block"] for k, p in events if k == "content_block_start" and p["index"] == 1)
+    assert start["type"] == "tool_use" and start["input"] == {}
+    arguments = "".join(p["delta"]["partial_json"] for k, p in events if k == "content_block_delta" and p["index"] == 1)
+    assert json.loads(arguments) == {"city": "Paris"}
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+
+async def test_tool_round_trip_reaches_the_prompt_and_unknown_results_are_refused():
+    engine = FakeEngine()
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_9", "name": "get_weather", "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_9", "content": "18C and sunny"}]},
+    ]
+    orphan = [history[0], {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_x", "content": "?"}]}]
+    async with serve(engine) as client:
+        reply = await client.post("/v1/messages", json=body(tools=[WEATHER], messages=history))
+        refused = await client.post("/v1/messages", json=body(tools=[WEATHER], messages=orphan))
+        named = await client.post("/v1/messages", json=body(tools=[WEATHER], tool_choice={"type": "tool", "name": "nope"}))
+    assert reply.status_code == 200
+    prompt = engine.generations[0].prompt.text
+    assert '"city": "Paris"' in prompt and "18C and sunny" in prompt
+    status, kind, message = await error_of(refused)
+    assert (status, kind) == (400, "invalid_request_error") and "toolu_x" in message
+    status, kind, message = await error_of(named)
+    assert (status, kind) == (400, "invalid_request_error") and "nope" in message
 
 
 # -- translation of requests ----------------------------------------------------------------
