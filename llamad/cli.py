@@ -110,16 +110,30 @@ class Server:
             # within the grace period (uvicorn's graceful shutdown).
             loop = self._loop
             if loop is not None:
-                loop.call_soon_threadsafe(self.engine.scheduler.close)
+                # The engine in app.state: a reload may have swapped it.
+                loop.call_soon_threadsafe(self.app.state.engine.scheduler.close)
             log.info("shutdown_requested", signal=signal.Signals(sig).name)
             original_handle_exit(sig, frame)
+            # uvicorn re-raises the signal after a graceful shutdown, which would make the
+            # exit status "killed by SIGTERM"; a clean stop exits 0 instead.
+            self.uvicorn._captured_signals.clear()  # noqa: SLF001
 
         self.uvicorn.handle_exit = handle_exit  # type: ignore[method-assign]
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self) -> None:
+        from llamad.systemd import supervise
+
         self._loop = asyncio.get_running_loop()
-        await self.uvicorn.serve()
+        # sd_notify READY/STATUS/WATCHDOG/STOPPING and SIGHUP reload (no-ops outside systemd
+        # apart from the reload).
+        hooks = asyncio.ensure_future(
+            supervise(self.uvicorn, self.app.state, self.loaded.file, set_log_level=logsetup.set_level)
+        )
+        try:
+            await self.uvicorn.serve()
+        finally:
+            hooks.cancel()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
