@@ -1,0 +1,61 @@
+"""The request observer: a stalled client cannot hold a stream (and so the engine) forever."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from llamad.observe import ObserveMiddleware
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_a_send_that_blocks_past_the_write_timeout_cancels_the_stream():
+    produced = 0
+    closed = asyncio.Event()
+
+    async def streaming_app(scope, receive, send):
+        nonlocal produced
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        try:
+            while True:
+                produced += 1
+                await send({"type": "http.response.body", "body": b"data: x\n\n", "more_body": True})
+        finally:
+            closed.set()
+
+    sent = 0
+
+    async def stalled_client_send(message):
+        nonlocal sent
+        sent += 1
+        if sent > 3:  # the client stops reading: the transport's buffer is full
+            await asyncio.sleep(3600)
+
+    async def receive():
+        await asyncio.sleep(3600)
+
+    app = ObserveMiddleware(streaming_app, write_timeout=0.2)
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+    await asyncio.wait_for(app(scope, receive, stalled_client_send), timeout=5)
+    assert closed.is_set()  # the producer's finally ran: its generation would be cancelled
+    assert produced == 3
+    assert "stopped reading" in scope["state"]["llamad_record"].error
+
+
+async def test_request_id_is_echoed_and_bound():
+    starts = []
+
+    async def app_(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            starts.append(dict(message["headers"]))
+
+    app = ObserveMiddleware(app_, write_timeout=1)
+    scope = {"type": "http", "method": "GET", "path": "/health", "headers": [(b"x-request-id", b"client-123")]}
+    await app(scope, None, send)
+    assert starts[0][b"request-id"] == b"client-123"
