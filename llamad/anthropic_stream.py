@@ -6,8 +6,9 @@ open at a time, closes a thinking block with one `signature_delta`, and ends wit
 `message_delta` (stop reason, cumulative usage) and `message_stop`. A streamed reply
 frames its events; a non-streamed reply is the same events folded by `fold_message`.
 
-`CleanText` is the filter behind `/v1/messages/clean`: it removes chat-template markers
-the model wrote as text and trims surrounding whitespace, incrementally.
+`cleaned` (with `CleanText`) is the filter behind `/v1/messages/clean`: no reasoning,
+and answer text without the chat-template markers the model wrote as text or surrounding
+whitespace, incrementally.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator
 
 import structlog
 
@@ -251,3 +253,23 @@ def _undecided_tail(text: str) -> int:
         if start != -1 and closer not in text[start:]:
             cut = min(cut, start)
     return cut
+
+
+async def cleaned(events: AsyncIterator[AnswerEvent]) -> AsyncIterator[AnswerEvent]:
+    """/clean: no reasoning, and text without template markers or surrounding whitespace."""
+    cleaner = CleanText()
+    async with aclosing(events) as stream:
+        async for event in stream:
+            if isinstance(event, ReasoningDelta):
+                continue
+            if isinstance(event, TextDelta):
+                text = cleaner.feed(event.text)
+                if text:
+                    yield TextDelta(text)
+                continue
+            if not isinstance(event, Keepalive):
+                tail = cleaner.finish()
+                cleaner = CleanText()
+                if tail:
+                    yield TextDelta(tail)
+            yield event

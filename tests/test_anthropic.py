@@ -15,7 +15,7 @@ from anthropic.types import Message, RawMessageStreamEvent
 from httpx_sse import aconnect_sse
 from litestar.testing import AsyncTestClient
 
-from llamad.anthropic import MessagesRequest, to_chat
+from llamad.anthropic_request import MessagesRequest, to_chat
 from llamad.app import create_app
 from llamad.config import Config, LimitsConfig, ServerConfig
 from llamad.errors import ApiError

@@ -1,0 +1,362 @@
+"""Anthropic Messages requests: the schema, and its translation into the shared Chat,
+sampling settings and tool plan. Pure functions of the request (and, for the tool plan,
+what the engine's template supports); the routes live in llamad.anthropic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+import msgspec
+
+from llamad.answer import ToolParser
+from llamad.chat import Chat, ChatMessage, ToolCall, ToolSpec
+from llamad.config import LimitsConfig
+from llamad.engine import Engine, Sampling
+from llamad.errors import ApiError, bad_request
+
+# -- request schema (unknown fields such as cache_control are accepted and ignored) --------
+
+
+class TextBlock(msgspec.Struct, tag="text", tag_field="type"):
+    text: str
+
+
+class ImageBlock(msgspec.Struct, tag="image", tag_field="type"):
+    source: Any = None
+
+
+class DocumentBlock(msgspec.Struct, tag="document", tag_field="type"):
+    source: Any = None
+
+
+class ToolUseBlock(msgspec.Struct, tag="tool_use", tag_field="type"):
+    id: str
+    name: str
+    input: Any = msgspec.field(default_factory=dict)
+
+
+class ToolResultBlock(msgspec.Struct, tag="tool_result", tag_field="type"):
+    tool_use_id: str
+    content: Union[str, list[Union[TextBlock, ImageBlock, DocumentBlock]], None] = None
+    is_error: bool = False
+
+
+class ThinkingBlock(msgspec.Struct, tag="thinking", tag_field="type"):
+    thinking: str = ""
+    signature: str = ""
+
+
+class RedactedThinkingBlock(msgspec.Struct, tag="redacted_thinking", tag_field="type"):
+    data: str = ""
+
+
+Block = Union[TextBlock, ImageBlock, DocumentBlock, ToolUseBlock, ToolResultBlock, ThinkingBlock, RedactedThinkingBlock]
+
+
+class InputMessage(msgspec.Struct):
+    role: str
+    content: Union[str, list[Block]]
+
+
+class Tool(msgspec.Struct, kw_only=True):
+    name: str
+    description: str = ""
+    input_schema: Union[dict[str, Any], None] = None
+    # Absent or "custom" for client tools; server tools carry a versioned type.
+    type: Union[str, None] = None
+
+
+class ToolChoiceAuto(msgspec.Struct, tag="auto", tag_field="type"):
+    disable_parallel_tool_use: bool = False
+
+
+class ToolChoiceAny(msgspec.Struct, tag="any", tag_field="type"):
+    disable_parallel_tool_use: bool = False
+
+
+class ToolChoiceTool(msgspec.Struct, tag="tool", tag_field="type"):
+    name: str
+    disable_parallel_tool_use: bool = False
+
+
+class ToolChoiceNone(msgspec.Struct, tag="none", tag_field="type"):
+    pass
+
+
+AnyToolChoice = Union[ToolChoiceAuto, ToolChoiceAny, ToolChoiceTool, ToolChoiceNone]
+
+
+class ThinkingEnabled(msgspec.Struct, tag="enabled", tag_field="type"):
+    budget_tokens: Union[int, None] = None
+
+
+class ThinkingAdaptive(msgspec.Struct, tag="adaptive", tag_field="type"):
+    pass
+
+
+class ThinkingDisabled(msgspec.Struct, tag="disabled", tag_field="type"):
+    pass
+
+
+class OutputFormat(msgspec.Struct, kw_only=True):
+    type: str
+    schema: Union[dict[str, Any], None] = None
+
+
+class MessagesRequest(msgspec.Struct, kw_only=True):
+    messages: list[InputMessage]
+    model: str = ""
+    # Required by /v1/messages, not by count_tokens: checked by the route, so the 400 says so.
+    max_tokens: Union[int, None] = None
+    system: Union[str, list[TextBlock], None] = None
+    stop_sequences: Union[list[str], None] = None
+    temperature: Union[float, None] = None
+    top_p: Union[float, None] = None
+    top_k: Union[int, None] = None
+    stream: bool = False
+    tools: Union[list[Tool], None] = None
+    tool_choice: Union[AnyToolChoice, None] = None
+    thinking: Union[ThinkingEnabled, ThinkingAdaptive, ThinkingDisabled, None] = None
+    output_format: Union[OutputFormat, None] = None
+    metadata: Union[dict[str, Any], None] = None
+
+
+# -- translation ----------------------------------------------------------------------------
+
+UNSUPPORTED_BLOCKS = (ImageBlock, DocumentBlock)
+
+
+def _unsupported(block: Any, where: str) -> ApiError:
+    kind = block.__struct_config__.tag
+    return bad_request(
+        f"{kind} blocks are not supported: this server runs a text-only model; send the content as text",
+        param=where,
+    )
+
+
+def _texts(content: Union[str, list[Any], None], where: str) -> str:
+    """Text of a string or a list of text blocks (system prompts, tool results)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for index, block in enumerate(content):
+        if isinstance(block, UNSUPPORTED_BLOCKS):
+            raise _unsupported(block, f"{where}[{index}]")
+        if not isinstance(block, TextBlock):
+            raise bad_request(
+                f"a {block.__struct_config__.tag} block is not allowed here; only text blocks", param=f"{where}[{index}]"
+            )
+        parts.append(block.text)
+    return "\n".join(parts)
+
+
+def _arguments(value: Any) -> str:
+    return msgspec.json.encode(value if value is not None else {}).decode()
+
+
+def to_chat(req: MessagesRequest, max_messages: int) -> Chat:
+    """The request as the shared Chat; the system prompt and `role: system` turns folded."""
+    if not req.messages:
+        raise bad_request("'messages' must hold at least one message", param="messages")
+    if len(req.messages) > max_messages:
+        raise bad_request(f"too many messages: {len(req.messages)} (the limit is {max_messages})", param="messages")
+    system = [_texts(req.system, "system")] if req.system else []
+    turns: list[ChatMessage] = []
+    tool_names: dict[str, str] = {}
+    for index, message in enumerate(req.messages):
+        where = f"messages[{index}].content"
+        if message.role == "system":
+            system.append(_texts(message.content, where))
+        elif message.role == "assistant":
+            turns.append(_assistant_turn(message, where, tool_names))
+        elif message.role == "user":
+            turns.extend(_user_turns(message, where, tool_names))
+        else:
+            raise bad_request(
+                f"unknown role '{message.role}'; expected user or assistant", param=f"messages[{index}].role"
+            )
+    system_text = "\n\n".join(s for s in system if s)
+    messages = ([ChatMessage(role="system", content=system_text)] if system_text else []) + turns
+    if not turns:
+        raise bad_request("'messages' must hold at least one user or assistant message", param="messages")
+    return Chat(messages=messages, tools=tool_specs(req.tools))
+
+
+def _assistant_turn(message: InputMessage, where: str, tool_names: dict[str, str]) -> ChatMessage:
+    if isinstance(message.content, str):
+        return ChatMessage(role="assistant", content=message.content)
+    texts: list[str] = []
+    calls: list[ToolCall] = []
+    for index, block in enumerate(message.content):
+        if isinstance(block, TextBlock):
+            texts.append(block.text)
+        elif isinstance(block, ToolUseBlock):
+            calls.append(ToolCall(id=block.id, name=block.name, arguments=_arguments(block.input)))
+            tool_names[block.id] = block.name
+        elif isinstance(block, (ThinkingBlock, RedactedThinkingBlock)):
+            continue  # replayed reasoning is not part of the answer the model sees
+        elif isinstance(block, UNSUPPORTED_BLOCKS):
+            raise _unsupported(block, f"{where}[{index}]")
+        else:
+            raise bad_request("tool_result blocks belong in user turns", param=f"{where}[{index}]")
+    return ChatMessage(role="assistant", content="\n".join(texts), tool_calls=calls)
+
+
+def _user_turns(message: InputMessage, where: str, tool_names: dict[str, str]) -> list[ChatMessage]:
+    if isinstance(message.content, str):
+        return [ChatMessage(role="user", content=message.content)]
+    turns: list[ChatMessage] = []
+    texts: list[str] = []
+
+    def flush() -> None:
+        if texts:
+            turns.append(ChatMessage(role="user", content="\n".join(texts)))
+            texts.clear()
+
+    for index, block in enumerate(message.content):
+        if isinstance(block, TextBlock):
+            texts.append(block.text)
+        elif isinstance(block, ToolResultBlock):
+            if block.tool_use_id not in tool_names:
+                raise bad_request(
+                    f"this tool_result answers tool_use_id '{block.tool_use_id}', but no earlier assistant "
+                    "turn has a tool_use block with that id",
+                    param=f"{where}[{index}].tool_use_id",
+                )
+            flush()
+            turns.append(
+                ChatMessage(
+                    role="tool",
+                    content=_texts(block.content, f"{where}[{index}].content"),
+                    tool_call_id=block.tool_use_id,
+                    name=tool_names.get(block.tool_use_id),
+                    is_error=block.is_error,
+                )
+            )
+        elif isinstance(block, UNSUPPORTED_BLOCKS):
+            raise _unsupported(block, f"{where}[{index}]")
+        elif isinstance(block, (ThinkingBlock, RedactedThinkingBlock)):
+            continue
+        else:
+            raise bad_request("tool_use blocks belong in assistant turns", param=f"{where}[{index}]")
+    flush()
+    if not turns:
+        # An empty user turn still holds the alternation the templates need.
+        turns.append(ChatMessage(role="user", content=""))
+    return turns
+
+
+def tool_specs(tools: list[Tool] | None) -> list[ToolSpec]:
+    specs = []
+    for index, tool in enumerate(tools or []):
+        if tool.type not in (None, "custom"):
+            raise bad_request(
+                f"tool '{tool.name}' is a server tool of type '{tool.type}', which this server does not run; "
+                "offer it as a custom tool with an input_schema",
+                param=f"tools[{index}].type",
+            )
+        if tool.input_schema is None:
+            raise bad_request(f"tool '{tool.name}' has no input_schema", param=f"tools[{index}].input_schema")
+        specs.append(ToolSpec(name=tool.name, description=tool.description, parameters=tool.input_schema))
+    return specs
+
+
+def _check_range(value: float | int | None, name: str, low: float, high: float) -> None:
+    if value is not None and not (low <= value <= high):
+        raise bad_request(f"'{name}' must be between {low} and {high}, got {value}", param=name)
+
+
+def sampling_of(req: MessagesRequest) -> Sampling:
+    _check_range(req.temperature, "temperature", 0, 2)
+    _check_range(req.top_p, "top_p", 0, 1)
+    _check_range(req.top_k, "top_k", 0, 1_000_000)
+    defaults = Sampling()
+    return Sampling(
+        temperature=defaults.temperature if req.temperature is None else req.temperature,
+        top_p=defaults.top_p if req.top_p is None else req.top_p,
+        top_k=defaults.top_k if req.top_k is None else req.top_k,
+    )
+
+
+def max_tokens_of(req: MessagesRequest, cap: int) -> int:
+    if req.max_tokens is None:
+        raise bad_request("'max_tokens' is required: the most tokens the reply may have", param="max_tokens")
+    if req.max_tokens < 1:
+        raise bad_request(f"'max_tokens' must be at least 1, got {req.max_tokens}", param="max_tokens")
+    return min(req.max_tokens, cap)
+
+
+def stop_sequences_of(req: MessagesRequest) -> list[str]:
+    return [s for s in (req.stop_sequences or []) if s]
+
+
+def wants_thinking(req: MessagesRequest) -> bool:
+    return isinstance(req.thinking, (ThinkingEnabled, ThinkingAdaptive))
+
+
+def response_format_of(req: MessagesRequest) -> dict[str, Any] | None:
+    fmt = req.output_format
+    if fmt is None:
+        return None
+    if fmt.type != "json_schema" or not isinstance(fmt.schema, dict):
+        raise bad_request(
+            "'output_format' must be {\"type\": \"json_schema\", \"schema\": {...}}", param="output_format"
+        )
+    return {"type": "json_schema", "schema": fmt.schema}
+
+
+@dataclass
+class Plan:
+    """What a request adds to plain generation: tool prompt, grammar and parser."""
+
+    grammar: str | None = None
+    parser: ToolParser | None = None
+
+
+def plan_tools(req: MessagesRequest, chat: Chat, engine: Engine) -> Plan:
+    """Applies tools / output_format to `chat` (its system suffix) and returns the plan."""
+    response_format = response_format_of(req)
+    choice_in = req.tool_choice
+    if not chat.tools and response_format is None:
+        if isinstance(choice_in, (ToolChoiceAny, ToolChoiceTool)):
+            raise bad_request("'tool_choice' asks for a tool, but no tools are offered", param="tool_choice")
+        return Plan()
+    from llamad import tools
+
+    if isinstance(choice_in, ToolChoiceNone):
+        choice = tools.ToolChoice("none")
+    elif isinstance(choice_in, ToolChoiceAny):
+        choice = tools.ToolChoice("required")
+    elif isinstance(choice_in, ToolChoiceTool):
+        choice = tools.ToolChoice("required", name=choice_in.name)
+    else:
+        choice = tools.ToolChoice("auto")
+    parallel = not getattr(choice_in, "disable_parallel_tool_use", False)
+    offered = chat.tools if choice.mode != "none" else []
+    tools.check_history(chat, chat.tools)
+    try:
+        plan = tools.plan(
+            offered,
+            choice,
+            parallel=parallel,
+            template_supports_tools=getattr(engine, "template_supports_tools", False),
+            response_format=response_format,
+        )
+    except tools.ToolSchemaError as exc:
+        raise tools.schema_error(exc) from None
+    chat.system_suffix = plan.system_suffix
+    return Plan(grammar=plan.grammar, parser=plan.parser(id_prefix="toolu_"))
+
+
+@dataclass
+class Prepared:
+    chat: Chat
+    plan: Plan
+
+
+def prepare(req: MessagesRequest, engine: Engine, limits: LimitsConfig) -> Prepared:
+    chat = to_chat(req, limits.max_messages)
+    return Prepared(chat=chat, plan=plan_tools(req, chat, engine))
