@@ -13,6 +13,7 @@ import json
 from typing import Any, Iterable
 
 from llamad.chat import ToolSpec
+from llamad.tools_sampling import lazy
 
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
@@ -41,10 +42,6 @@ def _literal(text: str) -> str:
     """A GBNF string literal."""
     escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
     return f'"{escaped}"'
-
-
-def _char(c: str) -> str:
-    return f"\\x{ord(c):02X}" if ord(c) < 0x100 else f"\\u{ord(c):04X}" if ord(c) < 0x10000 else f"\\U{ord(c):08X}"
 
 
 def call_prefix(name: str) -> str:
@@ -128,28 +125,6 @@ def _calls_rules(builder: GrammarBuilder, tools: list[ToolSpec], parallel: bool)
     return "tc-body"
 
 
-def _avoid_marker_rules(builder: GrammarBuilder, marker: str, then: str) -> str:
-    """Rules for free text that may end at any point, and that turns into `then` as soon
-    as `marker` has been written (a KMP automaton over the marker)."""
-
-    def advance(state: int, c: str) -> int:
-        seen = marker[:state] + c
-        for size in range(min(len(seen), len(marker)), 0, -1):
-            if seen.endswith(marker[:size]):
-                return size
-        return 0
-
-    chars = sorted(set(marker))
-    others = "[^" + "".join(_char(c) for c in chars) + "]"
-    for state in range(len(marker)):
-        alternatives = ['""', f"{others} ft0"]
-        for c in chars:
-            target = advance(state, c)
-            alternatives.append(f"{_literal(c)} {then if target == len(marker) else f'ft{target}'}")
-        builder.add(f"ft{state}", " | ".join(alternatives))
-    return "ft0"
-
-
 def build_grammar(
     tools: list[ToolSpec],
     mode: str,
@@ -159,8 +134,9 @@ def build_grammar(
 ) -> str | None:
     """The GBNF for a request, or None when the output is free text.
 
-    mode "required": only tool calls. mode "auto": free text (or the JSON answer when
-    `answer_schema` is set) in which `<tool_call>` switches to a constrained call. With no
+    mode "required": only tool calls. mode "auto": a lazy grammar (llamad.tools_sampling):
+    free text until `<tool_call>`, from there only calls; or, when `answer_schema` is set,
+    the JSON answer or calls. With no
     tools (or mode "none") and an `answer_schema`: only the JSON answer.
     """
     builder = GrammarBuilder()
@@ -174,9 +150,9 @@ def build_grammar(
         if answer_schema is not None:
             answer = builder.schema_rule(answer_schema, "answer", "response_format schema", answer_strict)
             builder.add("root", f"{answer} | {_literal(CALL_OPEN)} {body}")
-        else:
-            builder.add("root", _avoid_marker_rules(builder, CALL_OPEN, body))
-        return builder.text()
+            return builder.text()
+        builder.add("root", f"{_literal(CALL_OPEN)} {body}")
+        return lazy(builder.text(), CALL_OPEN)
     if answer_schema is not None:
         answer = builder.schema_rule(answer_schema, "answer", "response_format schema", answer_strict)
         builder.add("root", answer)

@@ -14,12 +14,14 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from llamad.answer import PlainText
 from llamad.chat import ToolSpec
 from llamad.tools import ToolChoice, ToolSchemaError, plan
 from llamad.tools_parse import ToolCallParser
+from llamad.tools_sampling import GrammarConstraint
 
 DEMO = Path.home() / ".cache/llamad/models/gemma-3-270m-q4_k_m.gguf"
 MODEL = Path(os.environ.get("LLAMAD_TEST_MODEL") or DEMO)
@@ -137,15 +139,57 @@ def test_named_tool_allows_only_that_tool(checker):
     assert not checker.accepts(grammar, PARIS)
 
 
+def decode_through(checker: GrammarChecker, grammar: str, text: str) -> bool:
+    """Runs `text` token by token through GrammarConstraint, as the real engine's decode
+    loop does: True if every token stays allowed (and the end, if the grammar is active)."""
+    ll = checker.ll
+    constraint = GrammarConstraint(checker.vocab, grammar)
+    n_vocab = ll.llama_vocab_n_tokens(checker.vocab)
+    buffer = ctypes.create_string_buffer(256)
+    try:
+        for token in checker._tokens(text) + [ll.llama_vocab_eos(checker.vocab)]:
+            scores = np.random.default_rng(token).normal(size=n_vocab).astype(np.float32)
+            scores[token] = 10.0  # the model's favourite
+            if not np.isfinite(constraint(None, scores)[token]):
+                return False
+            if token == ll.llama_vocab_eos(checker.vocab):
+                return True
+            n = ll.llama_token_to_piece(checker.vocab, token, buffer, 256, 0, False)
+            constraint.accept(token, buffer.raw[:n].decode("utf-8", "replace"))
+        return True
+    finally:
+        constraint.close()
+
+
 def test_auto_allows_text_or_calls_and_constrains_a_started_call(checker):
     grammar = grammar_for([WEATHER, SEARCH, NOARGS], "auto")
-    assert checker.compiles(grammar)
+    assert grammar.startswith("# lazy: <tool_call>\n") and checker.compiles(grammar)
     for good in ("", "The weather is fine.", "a <b> tag, tool_call and <tool_ are text", "Let me look.\n" + PARIS,
-                 PARIS + "\n" + QUERY, call("now", {})):
-        assert checker.accepts(grammar, good), good
-    for bad in ("<tool_call>\nanything", "Hm. " + call("delete_all", {}), call("get_weather", {"unit": "c"}),
-                PARIS + "\ntrailing text"):
-        assert not checker.accepts(grammar, bad), bad
+                 PARIS + "\n" + QUERY, call("now", {}), "x<tool_call>\n" + PARIS[len("<tool_call>\n"):]):
+        assert decode_through(checker, grammar, good), good
+    for bad in ("Hm. " + call("delete_all", {}), call("get_weather", {"unit": "c"}), PARIS + "\ntrailing text",
+                "Look:<tool_call>\n{\"name\": \"get_weather\", \"arguments\": 5}"):
+        assert not decode_through(checker, grammar, bad), bad
+
+
+def test_constraint_matches_the_grammar(checker):
+    grammar = grammar_for([WEATHER], "required")
+    assert decode_through(checker, grammar, PARIS)
+    assert not decode_through(checker, grammar, "Sure! " + PARIS)
+    assert not decode_through(checker, grammar, call("get_weather", {"city": "Paris", "unit": "kelvin"}))
+
+
+def test_constraint_searches_the_whole_vocabulary_when_no_favourite_fits(checker):
+    constraint = GrammarConstraint(checker.vocab, grammar_for([WEATHER], "required"))
+    n_vocab = checker.ll.llama_vocab_n_tokens(checker.vocab)
+    favourites = [t for t in range(1000, 1200) if not constraint.allows(t)][:64]
+    scores = np.zeros(n_vocab, dtype=np.float32)
+    scores[favourites] = 10.0
+    out = constraint(None, scores)
+    first = checker._tokens(PARIS)[0]
+    assert np.isfinite(out[first]) and not np.isfinite(out[favourites]).any()
+    assert 0 < np.isfinite(out).sum() < n_vocab / 100
+    constraint.close()
 
 
 def test_response_format_json_schema(checker):
