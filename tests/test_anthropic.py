@@ -13,7 +13,9 @@ import pydantic
 import pytest
 from anthropic.types import Message, RawMessageStreamEvent
 from httpx_sse import aconnect_sse
-from litestar.testing import AsyncTestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from litestar.testing import AsyncTestClient, TestClient
 
 from llamad.anthropic_request import MessagesRequest, to_chat
 from llamad.app import create_app
@@ -446,3 +448,84 @@ async def test_official_sdk_create_and_stream():
         assert counted.input_tokens == final.usage.input_tokens
         with pytest.raises(anthropic.BadRequestError):
             await sdk.messages.create(model="m", max_tokens=0, messages=[{"role": "user", "content": "hi"}])
+
+
+# -- no user input is a server error -----------------------------------------------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+BLOCK = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "tool_use", "tool_result", "thinking", "redacted_thinking", "image", "document", "other"])},
+    optional={
+        "text": st.text(max_size=8) | JSON,
+        "id": st.sampled_from(["toolu_1", "toolu_2"]) | JSON,
+        "name": st.sampled_from(["get_weather", ""]) | JSON,
+        "input": JSON,
+        "tool_use_id": st.sampled_from(["toolu_1", "toolu_2"]) | JSON,
+        "content": st.text(max_size=8) | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=5)})) | JSON,
+        "is_error": JSON,
+        "thinking": JSON,
+        "cache_control": JSON,
+    },
+)
+SCHEMA = st.sampled_from([WEATHER["input_schema"], {}, {"type": "array"}, {"type": "object", "properties": {"n": {"type": "integer", "minimum": 3}}}]) | JSON
+BODY = st.fixed_dictionaries(
+    {
+        "max_tokens": st.integers(-3, 20) | JSON,
+        "messages": st.lists(
+            st.fixed_dictionaries(
+                {"role": st.sampled_from(["user", "assistant", "system", "tool"]), "content": st.text(max_size=12) | st.lists(BLOCK, max_size=3)}
+            ),
+            max_size=4,
+        )
+        | JSON,
+    },
+    optional={
+        "system": st.text(max_size=8) | JSON,
+        "tools": st.lists(st.fixed_dictionaries({"name": st.sampled_from(["get_weather", "t2", ""]), "input_schema": SCHEMA}, optional={"type": JSON}), max_size=2) | JSON,
+        "tool_choice": st.fixed_dictionaries({"type": st.sampled_from(["auto", "any", "tool", "none", "x"])}, optional={"name": st.sampled_from(["get_weather", "zz"]), "disable_parallel_tool_use": JSON}) | JSON,
+        "thinking": st.fixed_dictionaries({"type": st.sampled_from(["enabled", "disabled", "adaptive", "x"])}, optional={"budget_tokens": JSON}) | JSON,
+        "stop_sequences": st.lists(st.text(max_size=4), max_size=3) | JSON,
+        "temperature": JSON,
+        "top_k": JSON,
+        "output_format": st.fixed_dictionaries({"type": st.just("json_schema"), "schema": SCHEMA}) | JSON,
+        "stream": st.booleans(),
+    },
+)
+
+
+def test_no_request_body_causes_a_server_error():
+    with TestClient(create_app(Config(), FakeEngine(script=lambda g: pieces(CALL_TEXT, 5)))) as client:
+
+        @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(payload=BODY, route=st.sampled_from(["/v1/messages", "/v1/messages/clean", "/v1/messages/count_tokens"]))
+        def check(payload, route):
+            response = client.post(route, json=payload)
+            assert response.status_code in (200, 400), response.text
+            assert "api_error" not in response.text
+
+        check()
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [(401, "authentication_error"), (403, "permission_error"), (404, "not_found_error"), (413, "request_too_large"), (429, "rate_limit_error")],
+)
+def test_http_errors_map_to_anthropic_type_names(status, kind):
+    from litestar.exceptions import HTTPException
+
+    from llamad.errors import anthropic_body, from_exception
+
+    error = from_exception(HTTPException(status_code=status), "anthropic")
+    assert error.status == status and anthropic_body(error)["error"]["type"] == kind
+
+
+async def test_unloaded_model_is_a_retryable_503_not_a_500():
+    engine = FakeEngine()
+    async with AsyncTestClient(create_app(Config(), engine, load_engine=False)) as client:
+        response = await client.post("/v1/messages", json=HELLO)
+    status, _, message = await error_of(response)
+    assert status == 503 and "not loaded" in message and response.headers["retry-after"]
