@@ -143,3 +143,28 @@ def test_prefix_of_a_key_is_not_accepted():
     keys = ApiKeys([KEY])
     assert keys.accepts(KEY)
     assert not keys.accepts(KEY[:-1]) and not keys.accepts(KEY + "x") and not keys.accepts("")
+
+
+# -- through the real app (create_app with the fake engine) -------------------------------
+
+CHAT = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def test_real_app_refuses_and_accepts_per_family(make_client):
+    async with make_client(LLAMAD_SERVER_API_KEYS="sk-a,sk-b") as client:
+        assert (await client.get("/health")).status_code in (200, 503)
+        refused = await client.post("/v1/chat/completions", json=CHAT)
+        assert_refused(refused, "openai")
+        refused = await client.post("/v1/messages", json=CHAT, headers={"x-api-key": "sk-c"})
+        assert_refused(refused, "anthropic")
+        ok = await client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer sk-b"})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+        ok = await client.post("/v1/messages", json=CHAT, headers={"x-api-key": "sk-a", "anthropic-version": "2023-06-01"})
+        assert ok.status_code == 200 and ok.json()["type"] == "message"
+
+
+async def test_real_app_swaps_keys_through_its_state(make_client):
+    async with make_client(LLAMAD_SERVER_API_KEYS="sk-old") as client:
+        client.app.state.api_keys.replace(["sk-new"])
+        assert (await client.post("/v1/chat/completions", json=CHAT, headers={"x-api-key": "sk-old"})).status_code == 401
+        assert (await client.post("/v1/chat/completions", json=CHAT, headers={"x-api-key": "sk-new"})).status_code == 200

@@ -19,7 +19,7 @@ from llamad.auth import ApiKeys
 from llamad.config import load_config
 from llamad.engine import Done, Generation, Prompt
 from llamad.systemd import Notifier, keep_start_alive, reload_service, status_line, watchdog_loop
-from tests.fake_engine import FakeEngine
+from fake_engine import FakeEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "etc" / "llamad.service"
