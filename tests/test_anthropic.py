@@ -251,6 +251,88 @@ async def test_tool_round_trip_reaches_the_prompt_and_unknown_results_are_refuse
     assert (status, kind) == (400, "invalid_request_error") and "nope" in message
 
 
+CLAUDE_CODE_SCHEMA = "http://json-schema.org/draft-07/schema#"
+CLAUDE_CODE_TOOLS = [
+    {
+        "name": "Bash",
+        "description": "Run a shell command",
+        "input_schema": {
+            "type": "object",
+            "properties": {"command": {"type": "string"}, "timeout": {"type": "number"}, "run_in_background": {"type": "boolean"}},
+            "required": ["command"],
+            "additionalProperties": False,
+            "$schema": CLAUDE_CODE_SCHEMA,
+        },
+    },
+    {
+        "name": "TodoWrite",
+        "description": "Update the todo list",
+        "input_schema": {
+            "type": "object",
+            "properties": {
+                "todos": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "content": {"type": "string", "minLength": 1},
+                            "status": {"type": "string", "enum": ["pending", "in_progress", "completed"]},
+                        },
+                        "required": ["content", "status"],
+                        "additionalProperties": False,
+                    },
+                }
+            },
+            "required": ["todos"],
+            "additionalProperties": False,
+            "$schema": CLAUDE_CODE_SCHEMA,
+        },
+        "cache_control": {"type": "ephemeral"},
+    },
+]
+
+
+async def test_a_claude_code_turn_is_accepted_and_counted_exactly():
+    """The shape Claude Code sends: system blocks with cache_control, reminders, replayed
+    thinking with a signature, tool results, extra top-level fields, ?beta=true."""
+    engine = FakeEngine(script=lambda g: pieces('<tool_call>\n{"name": "Bash", "arguments": {"command": "ls"}}\n</tool_call>', 6))
+    payload = {
+        "model": "claude-sonnet-4-5-20250929",
+        "max_tokens": 32000,
+        "system": [
+            {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}},
+            {"type": "text", "text": "Be concise."},
+        ],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "<system-reminder>ctx</system-reminder>"}, {"type": "text", "text": "list files"}]},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": "run ls", "signature": "llamad-unsigned"},
+                    {"type": "tool_use", "id": "toolu_01", "name": "Bash", "input": {"command": "pwd"}},
+                ],
+            },
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01", "content": "/work", "cache_control": {"type": "ephemeral"}}]},
+        ],
+        "tools": CLAUDE_CODE_TOOLS,
+        "metadata": {"user_id": "user_x_session_y"},
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "context_management": {"edits": []},
+        "stream": True,
+    }
+    headers = {"anthropic-version": "2023-06-01", "anthropic-beta": "claude-code-20250219", "x-app": "cli"}
+    async with serve(engine) as client:
+        events = await sse_events(client, "/v1/messages?beta=true", payload)
+        counted = await client.post("/v1/messages/count_tokens?beta=true", json=payload, headers=headers)
+    assert_valid_stream(events)
+    assert events[0][1]["message"]["usage"]["input_tokens"] == counted.json()["input_tokens"]
+    call = next(p["content_block"] for k, p in events if k == "content_block_start")
+    assert call["type"] == "tool_use" and call["name"] == "Bash"
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+    prompt = engine.generations[0].prompt.text
+    assert "You are Claude Code." in prompt and "/work" in prompt and "run ls" not in prompt
+
+
 # -- translation of requests ----------------------------------------------------------------
 
 
