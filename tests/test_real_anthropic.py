@@ -7,6 +7,7 @@ protocol (shapes, order, usage, stop reasons, errors), never the quality of the 
 from __future__ import annotations
 
 import json
+import time
 
 import anthropic
 import httpx
@@ -110,3 +111,16 @@ def test_malformed_body_and_missing_max_tokens_are_400s(real_server):
         assert response.status_code == status
         assert response.json()["type"] == "error" and response.json()["error"]["type"] == kind
         assert response.headers["request-id"]
+
+
+def test_hanging_up_a_stream_frees_the_model(real_server):
+    payload = {"model": "m", "max_tokens": 1000, "stream": True, "messages": ASK}
+    with httpx.Client(base_url=real_server, timeout=120) as http:
+        with connect_sse(http, "POST", "/v1/messages", json=payload) as source:
+            for event in source.iter_sse():
+                if event.event == "content_block_delta":
+                    break  # hang up mid-answer
+        deadline = time.monotonic() + 10
+        while http.get("/health").json()["generating"]:
+            assert time.monotonic() < deadline, "the generation kept running after the client left"
+            time.sleep(0.1)
