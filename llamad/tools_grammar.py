@@ -10,7 +10,7 @@ turned into GBNF by llama-cpp-python's `SchemaConverter`; what it cannot express
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from typing import Any
 
 from llamad.chat import ToolSpec
 from llamad.tools_sampling import lazy
@@ -159,6 +159,3 @@ def build_grammar(
         return builder.text()
     return None
 
-
-def rule_names(grammar: str) -> Iterable[str]:
-    return (line.split(" ::= ", 1)[0] for line in grammar.splitlines() if " ::= " in line)

@@ -8,8 +8,9 @@ name an offered tool with object arguments stays text):
 - Llama 3:         `<|python_tag|>{"name": ..., "parameters": {...}}`, or the bare object
 - Mistral:         `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` and
                    `[TOOL_CALLS]name[ARGS]{...}`
-- a plain JSON object `{"name": <offered tool>, "arguments"|"parameters": {...}}` that
-  is the whole start of the answer (or follows another call).
+- a plain JSON object `{"name": <offered tool>, "arguments"|"parameters": {...}}`, or an
+  array of them, at the start of the answer or right after another call (this is also
+  what Llama 3 and Mistral calls look like when the engine hides their special tokens).
 
 Streaming: a call whose shape the grammar guarantees (`live=True`, Hermes format) is
 reported as soon as its name is known, and its argument text streams at points where a
@@ -117,7 +118,10 @@ class ToolCallParser:
                     self._emit_text(out, text)
                     self.pending = ""
                 return
-            if stripped[0] == "{":
+            like_marker = any(m.startswith(stripped[: len(m)]) for m in MARKERS)
+            if like_marker and not final and not any(stripped.startswith(m) for m in MARKERS):
+                return  # "[TOOL_CALLS]" or a JSON array? wait and see
+            if stripped[0] in "{[" and not like_marker:
                 self._open("", len(text) - len(stripped))
                 return
         found = [(text.find(m), m) for m in MARKERS if m in text]

@@ -66,6 +66,8 @@ CASES = [
      [("search", {"q": "a"}), ("search", {"q": "b"})]),
     ('[TOOL_CALLS][{"name": "search", "arguments": {"q": "x"}, "id": "abc123def"}]', "", [("search", {"q": "x"})]),
     ('[TOOL_CALLS]search[ARGS]{"q": "x"}', "", [("search", {"q": "x"})]),
+    ('[{"name": "search", "arguments": {"q": "x"}}]', "", [("search", {"q": "x"})]),
+    ("[1] is a footnote, [2] too", "[1] is a footnote, [2] too", []),
     # look-alikes that are not calls to offered tools stay text
     ('<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>', '<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>', []),
     ('{"name": "Ada", "age": 36}', '{"name": "Ada", "age": 36}', []),
