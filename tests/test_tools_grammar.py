@@ -296,3 +296,4 @@ def test_response_format_adds_a_prompt_line():
     assert "JSON" in suffix and json.dumps(schema) in suffix
     with pytest.raises(ToolSchemaError, match="response_format type"):
         plan([], ToolChoice("none"), response_format={"type": "yaml"})
+
