@@ -190,6 +190,7 @@ class ToolCallParser:
     def _live_args(self, out: list[AnswerEvent], final: bool) -> None:
         index = self.calls
         consumed = 0
+        safe = 0  # how much of `held` can be emitted: a closer exists right after it
         for c in self.pending:
             if not self.scanner.feed(c):
                 break
@@ -197,11 +198,13 @@ class ToolCallParser:
             self.held += c
             closer = self.scanner.closer()
             if closer is not None:
-                out.append(ToolCallDelta(index, self.held))
-                self.held = ""
+                safe = len(self.held)
                 self.emitted_closer = closer
             if self.scanner.done:
                 break
+        if safe:
+            out.append(ToolCallDelta(index, self.held[:safe]))
+            self.held = self.held[safe:]
         self.raw += self.pending[:consumed]
         self.pending = self.pending[consumed:]
         if self.scanner.done:
@@ -304,7 +307,8 @@ class ToolCallParser:
         self.mode = "text"
         raw, self.raw = self.raw, ""
         self.at_boundary = False
-        out.append(TextDelta(raw)) if raw else None
+        if raw:
+            out.append(TextDelta(raw))
 
 
 def _partial_marker(text: str) -> int:
