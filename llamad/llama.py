@@ -219,7 +219,11 @@ class LlamaEngine(Engine):
         llm.set_seed(s.seed if s.seed is not None else random.randrange(2**31))
         vocab = llm._model.vocab  # noqa: SLF001
         # Grammars go through a logits processor, not `grammar=`: see llamad.tools_sampling.
-        constraint = GrammarConstraint(vocab, generation.grammar) if generation.grammar else None
+        constraint = None
+        if generation.grammar:
+            # A prompt that leaves the model inside <think> gets the grammar after </think>.
+            after = "</think>" if generation.prompt.opens_reasoning else None
+            constraint = GrammarConstraint(vocab, generation.grammar, after=after)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         buffer = ctypes.create_string_buffer(256)
         steps = llm.generate(

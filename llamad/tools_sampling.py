@@ -45,18 +45,22 @@ class GrammarError(RuntimeError):
 
 
 class GrammarConstraint:
-    def __init__(self, vocab: Any, grammar: str):
+    def __init__(self, vocab: Any, grammar: str, after: str | None = None):
+        """`after`: the grammar (lazy or not) only starts once this text has been written;
+        the engine passes "</think>" when the prompt leaves the model inside reasoning."""
         import llama_cpp
 
         self.ll = llama_cpp
         self.vocab = vocab
-        self.grammar = grammar
         self.marker = lazy_marker(grammar)
+        self.body = grammar.split("\n", 1)[1] if self.marker is not None else grammar
+        self.after = after
         self.sampler = None
-        self.text = ""  # output so far (lazy grammars look for the marker in it)
+        self.disabled = False
+        self.text = ""  # output so far, while the grammar waits
         self.tokens: list[tuple[int, int]] = []  # (token, where its text starts), while waiting
-        self.searched = 0
-        if self.marker is None:
+        self.searched = 0  # where to look for the next marker
+        if self.marker is None and after is None:
             self.sampler = self._new_sampler(grammar)
 
     def _new_sampler(self, grammar: str):
@@ -112,30 +116,46 @@ class GrammarConstraint:
                 raise GrammarError(f"token {token} ({text!r}) does not fit the grammar")
             self.ll.llama_sampler_accept(self.sampler, token)
             return
-        assert self.marker is not None
+        if self.disabled:
+            return
         self.tokens.append((token, len(self.text)))
         self.text += text
-        start = self.text.find(self.marker, self.searched)
-        if start < 0:
-            self.searched = max(self.searched, len(self.text) - len(self.marker) + 1)
-            return
-        self._trigger(start)
+        if self.after is not None:
+            end = self._find(self.after)
+            if end < 0:
+                return
+            end += len(self.after)
+            self.after = None
+            self.searched = end
+            if self.marker is None:
+                if not self._activate(end, leading_space=True):
+                    self.disabled = True  # cannot line the grammar up with the tokens: stay free
+                return
+        start = self._find(self.marker)
+        if start >= 0 and not self._activate(start, leading_space=False):
+            self.searched = start + 1  # what follows the marker cannot match: look for the next one
 
-    def _trigger(self, start: int) -> None:
-        """The marker begins at text[start]: constrain from the token that holds it."""
+    def _find(self, marker: str) -> int:
+        start = self.text.find(marker, self.searched)
+        if start < 0:
+            self.searched = max(self.searched, len(self.text) - len(marker) + 1)
+        return start
+
+    def _activate(self, start: int, leading_space: bool) -> bool:
+        """Constrains from text[start] on: the grammar is re-rooted to first match the text
+        of the token that holds text[start] up to it, and the tokens since are replayed."""
         first = max(i for i, (_, at) in enumerate(self.tokens) if at <= start)
         before = self.text[self.tokens[first][1] : start]
-        body = self.grammar.split("\n", 1)[1]
         escaped = before.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
-        grammar = re.sub(r"(?m)^root ::= ", "lazy-root ::= ", body, count=1) + f'\nroot ::= "{escaped}" lazy-root\n'
-        sampler = self._new_sampler(grammar)
+        space = " [ \\t\\r\\n]*" if leading_space else ""
+        grammar = re.sub(r"(?m)^root ::= ", "lazy-root ::= ", self.body, count=1)
+        sampler = self._new_sampler(f'{grammar}\nroot ::= "{escaped}"{space} lazy-root\n')
         self.sampler = sampler
         for token, _ in self.tokens[first:]:
             if not self.allows(token):
-                # what follows the marker cannot be a call: stay free, look for the next one
                 self.ll.llama_sampler_free(sampler)
                 self.sampler = None
-                self.searched = start + 1
-                return
+                return False
             self.ll.llama_sampler_accept(sampler, token)
         self.tokens = []
+        return True

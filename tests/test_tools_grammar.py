@@ -139,11 +139,11 @@ def test_named_tool_allows_only_that_tool(checker):
     assert not checker.accepts(grammar, PARIS)
 
 
-def decode_through(checker: GrammarChecker, grammar: str, text: str) -> bool:
+def decode_through(checker: GrammarChecker, grammar: str, text: str, after: str | None = None) -> bool:
     """Runs `text` token by token through GrammarConstraint, as the real engine's decode
     loop does: True if every token stays allowed (and the end, if the grammar is active)."""
     ll = checker.ll
-    constraint = GrammarConstraint(checker.vocab, grammar)
+    constraint = GrammarConstraint(checker.vocab, grammar, after=after)
     n_vocab = ll.llama_vocab_n_tokens(checker.vocab)
     buffer = ctypes.create_string_buffer(256)
     try:
@@ -177,6 +177,18 @@ def test_constraint_matches_the_grammar(checker):
     assert decode_through(checker, grammar, PARIS)
     assert not decode_through(checker, grammar, "Sure! " + PARIS)
     assert not decode_through(checker, grammar, call("get_weather", {"city": "Paris", "unit": "kelvin"}))
+
+
+def test_reasoning_is_free_and_the_grammar_starts_after_it(checker):
+    required = grammar_for([WEATHER], "required")
+    auto = grammar_for([WEATHER], "auto")
+    thought = "The user wants weather, so I call get_weather.</think>\n\n"
+    assert decode_through(checker, required, thought + PARIS, after="</think>")
+    assert decode_through(checker, required, "still thinking, no call yet", after="</think>")
+    assert not decode_through(checker, required, thought + "Sure! " + PARIS, after="</think>")
+    # in auto mode a <tool_call> written while thinking is just reasoning text
+    assert decode_through(checker, auto, "maybe <tool_call> oops</think>\nIt is sunny.", after="</think>")
+    assert not decode_through(checker, auto, thought + call("get_weather", {"unit": "c"}), after="</think>")
 
 
 def test_constraint_searches_the_whole_vocabulary_when_no_favourite_fits(checker):
