@@ -120,7 +120,8 @@ def _calls_rules(builder: GrammarBuilder, tools: list[ToolSpec], parallel: bool)
         args = builder.schema_rule(tool.parameters, f"tc{i}-args", f"tool '{tool.name}' parameters")
         alternatives.append(f"{_literal(call_prefix(tool.name))} {args} \"}}\"")
     builder.add("tc-call", " | ".join(alternatives))
-    builder.add("tc-body", f'"\\n" tc-call {_literal(chr(10) + CALL_CLOSE)} tc-more')
+    # Newlines optional: a model's token may glue "<tool_call>" to the "{" that follows.
+    builder.add("tc-body", f'"\\n"? tc-call "\\n"? {_literal(CALL_CLOSE)} tc-more')
     builder.add("tc-more", f'("\\n" {_literal(CALL_OPEN)} tc-body)?' if parallel else '""')
     return "tc-body"
 
