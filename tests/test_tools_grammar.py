@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llamad.answer import PlainText
 from llamad.chat import ToolSpec
@@ -310,3 +312,39 @@ def test_response_format_adds_a_prompt_line():
     with pytest.raises(ToolSchemaError, match="response_format type"):
         plan([], ToolChoice("none"), response_format={"type": "yaml"})
 
+
+
+PROPERTY_KINDS = {
+    "string": ({"type": "string"}, st.text(alphabet="abc xyz!?\"\\é", max_size=6)),
+    "integer": ({"type": "integer"}, st.integers(-999, 999)),
+    "number": ({"type": "number"}, st.floats(-100, 100, allow_nan=False).map(lambda f: round(f, 3))),
+    "boolean": ({"type": "boolean"}, st.booleans()),
+    "enum": ({"enum": ["red", "green"]}, st.sampled_from(["red", "green"])),
+    "list": ({"type": "array", "items": {"type": "integer"}}, st.lists(st.integers(0, 9), max_size=3)),
+    "nullable": ({"type": ["string", "null"]}, st.none() | st.just("x")),
+}
+
+
+@st.composite
+def schema_and_arguments(draw):
+    names = draw(st.lists(st.sampled_from(["a", "b_c", "d1", "e-f", "g"]), min_size=1, max_size=4, unique=True))
+    kinds = [draw(st.sampled_from(sorted(PROPERTY_KINDS))) for _ in names]
+    required = [n for n in names if draw(st.booleans())]
+    schema = {"type": "object", "properties": {n: PROPERTY_KINDS[k][0] for n, k in zip(names, kinds)},
+              "required": required}
+    present = [n for n in names if n in required or draw(st.booleans())]
+    values = {n: draw(PROPERTY_KINDS[k][1]) for n, k in zip(names, kinds) if n in present}
+    # the grammar writes required properties first, then the optional ones, in schema order
+    order = [n for n in names if n in required] + [n for n in names if n not in required]
+    return schema, {n: values[n] for n in order if n in values}
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=schema_and_arguments())
+def test_generated_schemas_accept_their_valid_arguments_and_refuse_missing_required(checker, case):
+    schema, arguments = case
+    grammar = grammar_for([ToolSpec("tool", "", schema)], "required")
+    assert checker.accepts(grammar, call("tool", arguments)), (schema, arguments)
+    for name in schema["required"]:
+        missing = {k: v for k, v in arguments.items() if k != name}
+        assert not checker.accepts(grammar, call("tool", missing)), (schema, missing)
