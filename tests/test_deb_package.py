@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "packaging" / "out"
 CHROOT_CACHE = Path(os.environ.get("LLAMAD_CHROOT_CACHE", Path.home() / ".cache/llamad/chroot"))
 # Everything the package depends on is in the base image, so `dpkg -i` needs no network.
-BASE_PACKAGES = "systemd,systemd-sysv,dbus,python3,libgomp1,libssl3,zlib1g,adduser,ca-certificates,curl"
+BASE_PACKAGES = "systemd,systemd-sysv,dbus,python3,libgomp1,libssl3,zlib1g,adduser,procps,ca-certificates,curl"
 # Bump the suffix when BASE_PACKAGES changes, so a stale cached chroot is not reused.
-BASE_NAME = "bookworm-base-v1"
+BASE_NAME = "bookworm-base-v2"
 MIRROR = os.environ.get("LLAMAD_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 MODEL_IN_CONTAINER = "/srv/models/demo.gguf"
 
@@ -65,7 +65,7 @@ def deb() -> Path:
 
 def test_deb_contents(deb):
     info = _run(["dpkg-deb", "-I", str(deb)]).stdout
-    assert "python3 (>= 3." in info and "adduser" in info
+    assert "python3 (>= 3." in info and "adduser" in info and "procps" in info
     listing = _run(["dpkg-deb", "-c", str(deb)]).stdout
     for path in (
         "./usr/bin/llamad -> /opt/venvs/llamad/bin/llamad",
