@@ -234,6 +234,14 @@ def test_installed_service_in_a_booted_debian(deb):
         assert box.sh("stat -c '%a %U %G' /etc/llamad.toml").stdout.split() == ["640", "root", "llamad"]
         assert box.sh("stat -c '%U' /var/lib/llamad/models").stdout.strip() == "llamad"
         assert box.sh("command -v llamad").stdout.strip() == "/usr/bin/llamad"
+        # Started anyway without a model: a clear failure, and no restart loop.
+        assert box.sh("systemctl start llamad", check=False, timeout=120).returncode != 0
+        journal = box.sh("journalctl -u llamad -o cat --no-pager").stdout
+        assert "config_error" in journal and "at least one .gguf file" in journal, journal[-2000:]
+        time.sleep(6)  # longer than RestartSec
+        show = box.sh("systemctl show -p NRestarts -p ActiveState llamad").stdout
+        assert "NRestarts=0" in show and "ActiveState=failed" in show, show
+        box.sh("systemctl reset-failed llamad")
 
         # Configure and start: `systemctl start` returns once READY=1 arrived.
         port = _free_port()
@@ -282,6 +290,28 @@ def test_installed_service_in_a_booted_debian(deb):
         assert box.sh("systemctl is-active llamad").stdout.strip() == "active"
         assert _chat(port, {"x-api-key": "sk-test-key"})[0] == 200
         assert _http("GET", f"http://127.0.0.1:{port}/health")[1]["model"] == "demo-three"
+
+        # The watchdog: a healthy service keeps pinging; a blocked one is killed and restarted.
+        box.write("/etc/llamad.toml", _config(port, "demo-three", 'api_keys = ["sk-test-key"]\n'))
+        box.sh(
+            "mkdir -p /etc/systemd/system/llamad.service.d && printf '[Service]\\nWatchdogSec=3s\\nTimeoutAbortSec=2s\\n'"
+            " > /etc/systemd/system/llamad.service.d/watchdog.conf && systemctl daemon-reload"
+            " && systemctl restart llamad",
+            timeout=600,
+        )
+        time.sleep(7)  # more than two watchdog periods of normal serving
+        first_pid = box.sh("systemctl show -p MainPID --value llamad").stdout.strip()
+        assert box.sh("systemctl is-active llamad").stdout.strip() == "active"
+        box.sh(f"kill -STOP {first_pid}")  # the event loop stops: no more WATCHDOG=1
+        assert _wait_for(
+            lambda: box.sh("systemctl show -p NRestarts --value llamad").stdout.strip() == "1"
+            and box.sh("systemctl is-active llamad", check=False).stdout.strip() == "active",
+            timeout=90,
+        ), box.sh("systemctl status llamad --no-pager", check=False).stdout
+        assert box.sh("systemctl show -p MainPID --value llamad").stdout.strip() != first_pid
+        assert "watchdog timeout" in box.sh("journalctl -u llamad -o cat --no-pager").stdout.lower()
+        assert _chat(port, {"x-api-key": "sk-test-key"})[0] == 200
+        box.sh("rm /etc/systemd/system/llamad.service.d/watchdog.conf && systemctl daemon-reload")
 
         # Stop exits cleanly (no SIGKILL, no failure result).
         box.sh("systemctl stop llamad", timeout=120)

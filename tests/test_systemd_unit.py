@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -379,3 +378,11 @@ async def test_a_model_that_failed_to_load_is_a_failed_start_under_systemd(notif
     assert "STATUS=model failed to load: llama.cpp could not load /x.gguf" in messages
     task.cancel()
     engine.close()
+
+
+def test_packaged_config_loads_and_stays_local():
+    """/etc/llamad.toml as shipped: valid, loopback only, models from the state directory."""
+    loaded = load_config(ROOT / "packaging" / "llamad.toml", env={})
+    assert loaded.config.server.host == "127.0.0.1"
+    assert loaded.config.model.dir == "/var/lib/llamad/models"
+    assert loaded.config.model.n_gpu_layers == -1
