@@ -47,7 +47,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from llamad.answer import answer_events, fold
     from llamad.chat import Chat, ChatMessage
+    from llamad.engine import Generation
     from llamad.llama import LlamaEngine
 
     loaded = _load(args)
@@ -61,14 +63,24 @@ def cmd_check(args: argparse.Namespace) -> int:
             await engine.load()
         except Exception as exc:
             return _fail("check_failed", EXIT_MODEL, reason=str(exc))
-        prompt = await engine.prepare(Chat(messages=[ChatMessage(role="user", content="Hello")]))
+        loaded_s = time.monotonic() - started
+        try:
+            prompt = await engine.prepare(Chat(messages=[ChatMessage(role="user", content="Hello")]))
+            # A few tokens prove the decode path (and, on a GPU build, the offloaded layers).
+            answer = await fold(answer_events(engine, Generation(prompt=prompt, max_tokens=4), keep_reasoning=True))
+        except Exception as exc:
+            engine.close()
+            return _fail("check_failed", EXIT_MODEL, reason=str(exc))
+        finish = answer.finish
         log.info(
             "check_ok",
             model=str(choice.path),
             chosen_by=choice.reason,
             chat_template=engine.info.get("chat_template"),
+            gpu_layers_offloaded=engine.info.get("gpu_layers_offloaded"),
             prompt_tokens=len(prompt.tokens),
-            load_s=round(time.monotonic() - started, 3),
+            generated_tokens=finish.usage.completion_tokens if finish else 0,
+            load_s=round(loaded_s, 3),
         )
         engine.close()
         return 0

@@ -13,6 +13,7 @@ import codecs
 import ctypes
 import os
 import random
+import re
 import threading
 import time
 from pathlib import Path
@@ -33,6 +34,66 @@ from llamad.prompt_cache import PromptStateCache, common_prefix
 from llamad.tools_sampling import GrammarConstraint
 
 log = structlog.get_logger("llamad.engine")
+native_log = structlog.get_logger("llama.cpp")
+
+# llama.cpp's own log lines (levels: 1 info, 2 warn, 3 error, 4 debug, 5 continuation).
+_NATIVE_LEVELS = {1: "debug", 2: "warning", 3: "error", 4: "debug"}
+
+
+class NativeLog:
+    """Routes llama.cpp's log through structlog (so journald gets JSON, not raw stderr).
+
+    While a model loads, llama-cpp-python silences stderr, so lines are kept and logged
+    after the load; the load summary also reads the GPU offload count from them.
+    """
+
+    def __init__(self) -> None:
+        self.partial = ""
+        self.level = 1
+        self.captured: list[str] | None = None
+        self._callback = None
+
+    def install(self) -> None:
+        import ctypes
+
+        import llama_cpp
+
+        @llama_cpp.llama_log_callback
+        def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            if level != 5:
+                self.level = level
+            self.partial += text.decode("utf-8", errors="replace")
+            while "\n" in self.partial:
+                line, self.partial = self.partial.split("\n", 1)
+                if not line.strip():
+                    continue
+                if self.captured is not None:
+                    self.captured.append(line)
+                else:
+                    getattr(native_log, _NATIVE_LEVELS.get(self.level, "debug"))(line.strip())
+
+        self._callback = callback  # keep a reference: ctypes does not
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+    def capture(self) -> None:
+        self.captured = []
+
+    def release(self) -> list[str]:
+        lines, self.captured = self.captured or [], None
+        for line in lines:
+            native_log.debug(line.strip())
+        return lines
+
+
+native = NativeLog()
+
+
+def offloaded_layers(lines: list[str]) -> str | None:
+    for line in lines:
+        match = re.search(r"offloaded (\d+)/(\d+) layers to GPU", line)
+        if match:
+            return f"{match.group(1)}/{match.group(2)}"
+    return None
 
 FALLBACK_FORMAT = "chatml"
 
@@ -72,6 +133,9 @@ class LlamaEngine(Engine):
             n_gpu_layers=m.n_gpu_layers,
             gpu_offload_supported=bool(llama_cpp.llama_supports_gpu_offload()),
         )
+        if native._callback is None:
+            native.install()
+        native.capture()
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(self.model_path),
@@ -84,6 +148,8 @@ class LlamaEngine(Engine):
             )
         except (ValueError, RuntimeError) as exc:
             raise RuntimeError(f"llama.cpp could not load {self.model_path}: {exc}") from None
+        finally:
+            load_lines = native.release()
         self.template = self._choose_template()
         metadata = self.llm.metadata
         self.info = {
@@ -94,6 +160,7 @@ class LlamaEngine(Engine):
             "n_ctx_train": self.llm._model.n_ctx_train(),  # noqa: SLF001
             "n_threads": threads,
             "n_gpu_layers": m.n_gpu_layers,
+            "gpu_layers_offloaded": offloaded_layers(load_lines) or "0 (CPU build or none requested)",
         }
         log.info(
             "model_loaded",
@@ -103,6 +170,7 @@ class LlamaEngine(Engine):
             n_ctx=m.n_ctx,
             n_threads=threads,
             n_gpu_layers=m.n_gpu_layers,
+            gpu_layers_offloaded=self.info["gpu_layers_offloaded"],
             chat_template=self.template.source,
             load_s=round(time.monotonic() - started, 3),
         )

@@ -1,0 +1,3 @@
+"""llamad: a local LLM inference daemon (OpenAI- and Anthropic-compatible)."""
+
+__version__ = "0.1.0"
