@@ -1,0 +1,87 @@
+"""Chat template choice with the real llama.cpp engine: the GGUF's own template, the
+`chat_format` override, and the choice by architecture for a GGUF without one.
+
+The tiny model (tests/tiny_gguf.py) carries a Jinja template that opens `<think>` and
+renders tools, so the same test also shows both follow the template.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import TEST_MODEL
+from llamad.answer import answer_events, fold
+from llamad.chat import Chat, ChatMessage, ToolSpec
+from llamad.config import Config, ModelConfig
+from llamad.engine import Generation, Sampling
+from llamad.llama import LlamaEngine
+
+pytestmark = pytest.mark.real
+
+pytest.importorskip("gguf")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_gguf import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf")
+
+
+async def _engine(path: Path, chat_format: str = "") -> LlamaEngine:
+    config = Config(model=ModelConfig(path=str(path), n_ctx=512, chat_format=chat_format, prompt_cache_bytes=0))
+    engine = LlamaEngine(config, path)
+    await engine.load()
+    return engine
+
+
+HELLO = Chat(messages=[ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hello")])
+
+
+async def test_the_gguf_template_is_used_when_the_file_has_one(tiny_model: Path) -> None:
+    engine = await _engine(tiny_model)
+    try:
+        assert engine.info["chat_template"] == "gguf"
+        prompt = await engine.prepare(HELLO)
+        assert prompt.text == "<s><|system|>Be brief.<|end|><|user|>Hello<|end|><|assistant|><think>"
+        # The template opened a reasoning block: the answer starts inside it.
+        assert prompt.opens_reasoning
+        assert prompt.tokens[0] == 1 and prompt.tokens.count(1) == 1  # one BOS, not two
+        assert engine.template_supports_tools
+        with_tools = await engine.prepare(
+            Chat(messages=HELLO.messages, tools=[ToolSpec(name="get_weather"), ToolSpec(name="get_time")])
+        )
+        assert "<|tools|>get_weather get_time <|end|>" in with_tools.text
+        # Decoding runs through this template: a few noise tokens, all in the reasoning part.
+        answer = await fold(answer_events(engine, Generation(prompt=prompt, max_tokens=4, sampling=Sampling(seed=1)), keep_reasoning=True))
+        assert answer.finish is not None and answer.finish.usage.completion_tokens >= 1
+        assert answer.text == ""
+    finally:
+        engine.close()
+
+
+async def test_chat_format_overrides_the_gguf_template(tiny_model: Path) -> None:
+    engine = await _engine(tiny_model, chat_format="chatml")
+    try:
+        assert engine.info["chat_template"] == "format:chatml"
+        prompt = await engine.prepare(HELLO)
+        assert "<|im_start|>user\nHello<|im_end|>" in prompt.text
+        assert not prompt.opens_reasoning
+        assert not engine.template_supports_tools
+    finally:
+        engine.close()
+
+
+async def test_a_gguf_without_template_gets_one_by_architecture() -> None:
+    engine = await _engine(Path(TEST_MODEL))
+    try:
+        assert engine.llm is not None and "tokenizer.chat_template" not in engine.llm.metadata
+        assert engine.info["chat_template"] == "format:gemma"
+        prompt = await engine.prepare(HELLO)
+        # Gemma has no system role: the system text is folded into the first user turn.
+        assert "<start_of_turn>user\nBe brief." in prompt.text and "Hello<end_of_turn>" in prompt.text
+        assert prompt.text.endswith("<start_of_turn>model\n")
+    finally:
+        engine.close()
