@@ -41,7 +41,7 @@ run: $(STAMP) $(DEMO_MODEL)
 	@echo "==> serving $(DEMO_MODEL) on http://127.0.0.1:8000 (Ctrl-C stops)"
 	MODEL_PATH=$(DEMO_MODEL) $(BIN)/llamad serve --config etc/llamad.toml
 
-test: $(STAMP) $(DEMO_MODEL)
+test: test-deps $(STAMP) $(DEMO_MODEL)
 	@echo "==> running the fast tier and the real tier (real llama.cpp, demo model)"
 	LLAMAD_TEST_MODEL=$(DEMO_MODEL) $(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
