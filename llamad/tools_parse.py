@@ -118,6 +118,9 @@ class ToolCallParser:
                     self._emit_text(out, text)
                     self.pending = ""
                 return
+            if final and self.live and self.calls and CALL_OPEN.startswith(stripped):
+                self.pending = ""  # the next call's tag, cut off by max_tokens
+                return
             like_marker = any(m.startswith(stripped[: len(m)]) for m in MARKERS)
             if like_marker and not final and not any(stripped.startswith(m) for m in MARKERS):
                 return  # "[TOOL_CALLS]" or a JSON array? wait and see
@@ -183,8 +186,14 @@ class ToolCallParser:
                 self.mode = "live_args"
                 return
         else:
-            if not final and (not text or any(call_prefix(name).startswith(text) for name in self.tools)):
-                return  # could still become one of the calls
+            if not text or any(call_prefix(name).startswith(text) for name in self.tools):
+                if not final:
+                    return  # could still become one of the calls
+                # Cut off (max_tokens) before the grammar had written a tool name: there is
+                # no call to report, and the markup is not answer text.
+                self.raw = self.pending = ""
+                self.mode = "text"
+                return
         self.mode = "buffered"  # not the grammar's shape: read it whole and validate it
 
     def _live_args(self, out: list[AnswerEvent], final: bool) -> None:

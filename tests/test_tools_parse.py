@@ -125,6 +125,15 @@ def test_live_call_cut_off_anywhere_still_has_json_arguments(cut):
         assert text == ""
 
 
+@pytest.mark.parametrize("cut", range(len('<tool_call>\n{"name": "get_wea')))
+def test_live_call_cut_off_before_its_name_is_dropped(cut):
+    """At max_tokens under the grammar, a half-written call head is neither a call nor text."""
+    head = '<tool_call>\n{"name": "get_wea'[:cut]
+    assert summary(parse([HERMES + "\n" + head], live=True)) == ("", [("get_weather", WEATHER)])
+    if head.startswith("<tool_call>"):
+        assert summary(parse(["Let me check.\n" + head], live=True)) == ("Let me check.\n", [])
+
+
 def test_named_tool_prefix_is_not_reported_early():
     """`search` must not start while the name could still become a longer offered name."""
     parser = ToolCallParser(["search", "search_web"], live=True)
