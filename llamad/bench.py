@@ -2,11 +2,15 @@
 
 All figures come from one run on one machine, so their ratios are meaningful even on a
 noisy, shared box. Phases:
-  1. engine: llama-cpp-python's low-level generate() loop in-process, no HTTP (the ceiling),
-     and its create_chat_completion(stream=True) for reference;
-  2. http: a running llamad (started here, or --url): streamed and non-streamed answers;
+  1-2. engine and http, interleaved run by run: llama-cpp-python's low-level generate()
+     loop in-process, no HTTP (the ceiling), and its create_chat_completion(stream=True) for
+     reference; then a running llamad (started here, or --url): a streamed and a
+     non-streamed answer;
   3. concurrency: N parallel streams: aggregate tokens/s and time-to-first-token spread;
-  4. prompt cache: a second chat turn sharing a ~1,500-token prefix with the first.
+  4. prompt cache: a second chat turn sharing a ~1,500-token prefix with the first;
+  5. hang-up: a client disconnects while its answer is decoding, and while its long prompt
+     is still being evaluated; the time from the disconnect to the first token of the
+     request queued behind it.
 """
 
 from __future__ import annotations
@@ -46,50 +50,58 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-# -- phase 1: the engine alone ---------------------------------------------------------------
+# -- the engine alone, in this process ---------------------------------------------------------------
 
 
-def bench_engine(loaded: LoadedConfig, tokens: int, runs: int) -> dict[str, Any]:
-    import llama_cpp
+class EngineBench:
+    """The model loaded in this process, driven by llama-cpp-python's low-level generate()
+    loop: the ceiling a server can reach. Its runs are interleaved with the HTTP runs, so a
+    machine that gets busier or quieter during the benchmark moves both alike."""
 
-    from llamad.chat import Chat, ChatMessage
-    from llamad.llama import LlamaEngine
+    def __init__(self, loaded: LoadedConfig, tokens: int):
+        import llama_cpp
 
-    engine = LlamaEngine(loaded.config, resolve_model(loaded).path)
-    engine._load()  # noqa: SLF001 - in-process, no event loop needed
-    llm = engine.llm
-    assert llm is not None
-    prompt = engine._prepare(Chat(messages=[ChatMessage(m["role"], m["content"]) for m in PROMPT]))  # noqa: SLF001
-    vocab = llm._model.vocab  # noqa: SLF001
+        from llamad.chat import Chat, ChatMessage
+        from llamad.llama import LlamaEngine
 
-    decode_rates, totals, counts = [], [], []
-    for _ in range(runs):
-        llm.reset()
+        self.tokens = tokens
+        self.engine = LlamaEngine(loaded.config, resolve_model(loaded).path)
+        self.engine._load()  # noqa: SLF001 - in-process, no event loop needed
+        self.llm = self.engine.llm
+        assert self.llm is not None
+        self.prompt = self.engine._prepare(Chat(messages=[ChatMessage(m["role"], m["content"]) for m in PROMPT]))  # noqa: SLF001
+        self.is_eog = lambda token: llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token)  # noqa: SLF001
+        self.decode_rates: list[float] = []
+        self.totals: list[float] = []
+        self.counts: list[int] = []
+        self.reference_rates: list[float] = []
+
+    def decode_run(self) -> None:
+        self.llm.reset()
         started = time.perf_counter()
         first = last = None
         n = 0
-        for token in llm.generate(prompt.tokens, temp=0.0, top_k=1):
+        for token in self.llm.generate(self.prompt.tokens, temp=0.0, top_k=1):
             now = time.perf_counter()
-            if llama_cpp.llama_vocab_is_eog(vocab, token):
+            if self.is_eog(token):
                 break
             first = first or now
             last = now
             n += 1
-            if n >= tokens:
+            if n >= self.tokens:
                 break
-        counts.append(n)
-        totals.append(time.perf_counter() - started)
+        self.counts.append(n)
+        self.totals.append(time.perf_counter() - started)
         if n > 1 and first and last:
-            decode_rates.append((n - 1) / (last - first))
+            self.decode_rates.append((n - 1) / (last - first))
 
-    # llama-cpp-python's own streaming chat path, for reference.
-    reference_rates = []
-    for _ in range(runs):
-        llm.reset()
+    def reference_run(self) -> None:
+        """llama-cpp-python's own streaming chat path, for comparison."""
+        self.llm.reset()
         first = last = None
         n = 0
-        for chunk in llm.create_chat_completion(
-            messages=PROMPT, max_tokens=tokens, temperature=0.0, top_k=1, stream=True
+        for chunk in self.llm.create_chat_completion(
+            messages=PROMPT, max_tokens=self.tokens, temperature=0.0, top_k=1, stream=True
         ):
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 now = time.perf_counter()
@@ -97,19 +109,20 @@ def bench_engine(loaded: LoadedConfig, tokens: int, runs: int) -> dict[str, Any]
                 last = now
                 n += 1
         if n > 1 and first and last:
-            reference_rates.append((n - 1) / (last - first))
-    engine.llm = None
-    del llm
-    return {
-        "prompt_tokens": len(prompt.tokens),
-        "completion_tokens": int(_median(counts)),
-        "decode_tokens_per_s": _median(decode_rates),
-        "total_s": _median(totals),
-        "llama_cpp_python_stream_chunks_per_s": _median(reference_rates),
-    }
+            self.reference_rates.append((n - 1) / (last - first))
+
+    def close(self) -> dict[str, Any]:
+        self.engine.llm = self.llm = None
+        return {
+            "prompt_tokens": len(self.prompt.tokens),
+            "completion_tokens": int(_median(self.counts)),
+            "decode_tokens_per_s": _median(self.decode_rates),
+            "total_s": _median(self.totals),
+            "llama_cpp_python_stream_chunks_per_s": _median(self.reference_rates),
+        }
 
 
-# -- phase 2-4: through HTTP -------------------------------------------------------------------
+# -- through HTTP -------------------------------------------------------------------
 
 
 class Http:
@@ -170,12 +183,15 @@ class Http:
         }
 
 
-def bench_http(client: Http, tokens: int, runs: int) -> dict[str, Any]:
+def bench_http(client: Http, tokens: int, runs: int, engine: EngineBench | None = None) -> dict[str, Any]:
     body = {"model": "bench", "messages": PROMPT, "max_tokens": tokens, "temperature": 0, "top_k": 1}
     client.post("/v1/chat/completions", {**body, "max_tokens": 4})  # warm-up
     streamed_rates, streamed_totals, ttfts, streamed_tokens = [], [], [], []
     plain_totals, plain_tokens = [], []
     for _ in range(runs):
+        if engine is not None:
+            engine.decode_run()
+            engine.reference_run()
         result = client.stream("/v1/chat/completions", body)
         n = result["completion_tokens"]
         streamed_tokens.append(n)
@@ -229,11 +245,16 @@ def bench_concurrency(client: Http, streams: int, tokens: int) -> dict[str, Any]
     }
 
 
-def bench_cache(client: Http, prefix_tokens: int) -> dict[str, Any]:
-    # About 1.3 tokens per word for this text with common tokenizers; a nonce keeps it cold.
+def _manual(prefix_tokens: int) -> str:
+    """A system prompt of about `prefix_tokens` tokens (about 1.3 per word for this text
+    with common tokenizers); a nonce keeps it out of the prompt cache."""
     words = max(1, int(prefix_tokens / 1.3))
     manual = " ".join(f"rule{i % 97} applies to section {i % 13};" for i in range(words // 5))
-    system = f"Session {secrets.token_hex(4)}. You are an agent. Operating manual: {manual}"
+    return f"Session {secrets.token_hex(4)}. You are an agent. Operating manual: {manual}"
+
+
+def bench_cache(client: Http, prefix_tokens: int) -> dict[str, Any]:
+    system = _manual(prefix_tokens)
     turn1 = [{"role": "system", "content": system}, {"role": "user", "content": "What is rule 5?"}]
     first = client.stream("/v1/chat/completions", {"model": "bench", "messages": turn1, "max_tokens": 8, "temperature": 0})
     # Another client's request in between: the cache must survive it.
@@ -252,6 +273,46 @@ def bench_cache(client: Http, prefix_tokens: int) -> dict[str, Any]:
         "turn2_over_turn1": second["ttft_s"] / first["ttft_s"] if first["ttft_s"] else float("nan"),
         "turn2_cached_tokens": second["cached_tokens"],
     }
+
+
+def bench_hangup(client: Http, prefix_tokens: int) -> dict[str, Any]:
+    """Disconnect to the next request's first token, while decoding and during the prompt."""
+    results: dict[str, Any] = {}
+    for phase in ("decode", "prompt"):
+        system = _manual(max(prefix_tokens, 1000)) if phase == "prompt" else "You are a storyteller."
+        body = {
+            "model": "bench",
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": "Tell a very long story."}],
+            "max_tokens": 1000,
+            "stream": True,
+            "temperature": 0,
+        }
+        leaving = http.client.HTTPConnection(client.host, client.port, timeout=600)
+        leaving.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = leaving.getresponse()  # the headers come once the engine has taken it
+        if phase == "decode":
+            seen = 0
+            while seen < 10:  # well into the answer
+                line = response.readline()
+                seen += b'"content":"' in line and b'"content":""' not in line
+        next_result: dict[str, Any] = {}
+        follower = threading.Thread(
+            target=lambda: next_result.update(
+                client.stream(
+                    "/v1/chat/completions",
+                    {"model": "bench", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4},
+                )
+            )
+        )
+        follower.start()
+        time.sleep(0.5)  # the follower is queued behind the running request
+        hung_up = time.perf_counter()
+        leaving.sock.shutdown(socket.SHUT_RDWR)
+        leaving.close()
+        follower.join()
+        first = next_result.get("first")
+        results[f"{phase}_to_next_first_token_s"] = (first - hung_up) if first else float("nan")
+    return results
 
 
 # -- orchestration -----------------------------------------------------------------------------
@@ -292,18 +353,20 @@ def _start_server(loaded: LoadedConfig) -> tuple[subprocess.Popen, str]:
 def run_bench(loaded: LoadedConfig, args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"model": str(resolve_model(loaded).path) if not args.url else args.url}
     print(f"llamad bench: {results['model']}, {args.tokens} tokens, {args.runs} runs each", flush=True)
-    results["engine"] = bench_engine(loaded, args.tokens, args.runs) if not args.url else None
+    engine = EngineBench(loaded, args.tokens) if not args.url else None
     process = None
     url = args.url
     if not url:
         process, url = _start_server(loaded)
     try:
         client = Http(url)
-        results["http"] = bench_http(client, args.tokens, args.runs)
+        results["http"] = bench_http(client, args.tokens, args.runs, engine)
+        results["engine"] = engine.close() if engine else None
         if args.concurrency > 0:
             results["concurrency"] = bench_concurrency(client, args.concurrency, max(16, args.tokens // 2))
         if args.prefix_tokens > 0:
             results["prompt_cache"] = bench_cache(client, args.prefix_tokens)
+        results["hangup"] = bench_hangup(client, args.prefix_tokens)
     finally:
         if process is not None:
             process.send_signal(signal.SIGTERM)
@@ -350,6 +413,12 @@ def render_table(r: dict[str, Any]) -> str:
         rows += [
             ("prompt cache: turn 1 / turn 2 time to first token", f"{p['turn1_ttft_s'] * 1000:.0f} / {p['turn2_ttft_s'] * 1000:.0f} ms"),
             ("  turn 2 / turn 1", f"{p['turn2_over_turn1']:.3f} ({p['turn2_cached_tokens']} tokens reused)"),
+        ]
+    if "hangup" in r:
+        g = r["hangup"]
+        rows += [
+            ("hang-up to next request's first token: decoding", f"{g['decode_to_next_first_token_s'] * 1000:.0f} ms"),
+            ("  during prompt evaluation", f"{g['prompt_to_next_first_token_s'] * 1000:.0f} ms"),
         ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
