@@ -2,7 +2,7 @@
 
 `JsonPrefix` reads a JSON value one character at a time. At any point it can say what
 suffix turns the text read so far into valid JSON (`closer`), or that none can yet (in
-the middle of a number, an escape or after a comma). The tool-call parser streams
+the middle of a number, an escape, an object key, or before a member's value). The tool-call parser streams
 argument text only at points where a closer exists, so a call cut off by `max_tokens`
 still ends with arguments that parse.
 """
@@ -39,16 +39,10 @@ class JsonPrefix:
             return None
         if mode == "done":
             return ""
-        if mode == "value":
-            if not self.stack:
-                return None  # nothing read yet: the caller decides ("{}")
-            return "null" + self._closers() if self.stack[-1] == "{" else None
         if mode in ("first_item", "first_key", "after"):
             return self._closers()
-        if mode == "in_key":
-            return None if self.escape else '": null' + self._closers()
-        if mode == "colon":
-            return ": null" + self._closers()
+        # No closer inside a key or before its value: inventing `"partial_key": null` would
+        # hand the client a member nobody wrote. Text stops at the last complete member.
         if mode == "in_string":
             return None if self.escape else '"' + self._closers()
         if mode == "literal":
@@ -154,20 +148,22 @@ class JsonPrefix:
 
 
 def close_json(text: str) -> str | None:
-    """`text` completed into valid JSON (a cut-off value closed), or None if it cannot be."""
+    """`text` completed into valid JSON (a cut-off value closed, a member cut off before
+    its value dropped), or None if it cannot be."""
     scanner = JsonPrefix()
+    safe_at, safe_closer = 0, None  # the last point a closer existed, and that closer
     for i, c in enumerate(text):
         if not scanner.feed(c):
             if scanner.done and not text[i:].strip():
                 return text
             return None
+        closer = scanner.closer()
+        if closer is not None:
+            safe_at, safe_closer = i + 1, closer
     scanner.finish()
     if scanner.done:
         return text
     closer = scanner.closer()
-    if closer is None and scanner.mode == "key":
-        # cut off right after a comma: drop it
-        trimmed = text.rstrip()
-        if trimmed.endswith(","):
-            return close_json(trimmed[:-1])
-    return None if closer is None else text + closer
+    if closer is not None:
+        return text + closer
+    return None if safe_closer is None else text[:safe_at] + safe_closer

@@ -99,7 +99,7 @@ def test_malformed_arguments_are_text_unless_the_call_was_already_streamed():
     assert summary(parse([text], live=False)) == (text, [])
     # live calls only happen under the grammar; if one still breaks, it is closed as JSON
     got_text, calls = summary(parse([text], live=True))
-    assert calls == [("search", {"q": None})]
+    assert calls == [("search", {})]  # the member whose value broke is left out, not null
 
 
 def test_live_call_starts_before_its_arguments_are_complete():
@@ -197,6 +197,14 @@ def test_json_prefix_scanner_agrees_with_json_module(value):
         if closer is not None:
             json.loads(text[: i + 1] + closer)
     assert scanner.done
+
+
+@pytest.mark.parametrize("cut", ['{"city": "Paris", "u', '{"city": "Paris", "unit"', '{"city": "Paris", "unit": ',
+                                 '{"city": "Paris", "unit": tr', '{"city": "Paris",'])
+def test_a_member_cut_off_before_its_value_is_dropped(cut):
+    assert json.loads(close_json(cut)) == {"city": "Paris"}
+    head = '<tool_call>\n{"name": "get_weather", "arguments": '
+    assert summary(parse([head + cut], live=True)) == ("", [("get_weather", {"city": "Paris"})])
 
 
 def test_scanner_rejects_invalid_json():
