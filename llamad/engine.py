@@ -15,7 +15,7 @@ import concurrent.futures
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator, Union
+from typing import Any, AsyncIterator, Iterator, Union
 
 import anyio
 
@@ -134,6 +134,33 @@ EngineEvent = Union[Waiting, Started, Token, Done]
 KEEPALIVE_S = 5.0
 
 
+KEEPALIVE = object()  # queued by KeepaliveTimer: nothing came from the worker for a while
+
+
+class KeepaliveTimer:
+    """Puts KEEPALIVE into `events` whenever KEEPALIVE_S pass without an event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
+        self.loop = loop
+        self.events = events
+        self.last = loop.time()
+        self.handle = loop.call_later(KEEPALIVE_S, self._check)
+
+    def saw_event(self) -> None:
+        self.last = self.loop.time()  # cheap: the timer reads it when it fires
+
+    def _check(self) -> None:
+        idle = self.loop.time() - self.last
+        if idle >= KEEPALIVE_S:
+            self.events.put_nowait(KEEPALIVE)
+            self.last = self.loop.time()
+            idle = 0.0
+        self.handle = self.loop.call_later(KEEPALIVE_S - idle, self._check)
+
+    def stop(self) -> None:
+        self.handle.cancel()
+
+
 @dataclass
 class EngineStats:
     requests: int = 0
@@ -250,7 +277,7 @@ class Engine:
 
     async def _run(self, generation: Generation, queued_s: float) -> AsyncIterator[EngineEvent]:
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[EngineEvent | BaseException | None] = asyncio.Queue()
+        events: asyncio.Queue[Any] = asyncio.Queue()  # EngineEvent, BaseException, None or KEEPALIVE
         cancel = threading.Event()
         self._running = cancel
 
@@ -268,12 +295,15 @@ class Engine:
                 emit(None)
 
         future = loop.run_in_executor(self._worker, work)
+        # Keep-alives while the worker is quiet (a long prompt evaluation): one timer per
+        # generation that re-arms itself, rather than a timeout around every token's wait.
+        quiet = KeepaliveTimer(loop, events)
         finished = False
         try:
             while True:
-                try:
-                    item = await asyncio.wait_for(events.get(), timeout=KEEPALIVE_S)
-                except asyncio.TimeoutError:
+                item = await events.get()
+                quiet.saw_event()
+                if item is KEEPALIVE:
                     yield Waiting(position=0)  # long prompt evaluation: keep the client alive
                     continue
                 if item is None:
@@ -283,6 +313,7 @@ class Engine:
                     raise item
                 yield item
         finally:
+            quiet.stop()
             if not finished:
                 cancel.set()
                 self.stats.cancelled += 1

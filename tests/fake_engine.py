@@ -26,12 +26,14 @@ class FakeEngine(Engine):
         model_id: str = "llama-local",
         n_ctx: int = 4096,
         token_delay: float = 0.0,
+        prompt_delay: float = 0.0,
         max_queue: int = 16,
         queue_timeout: float = 60.0,
     ):
         super().__init__(model_id=model_id, n_ctx=n_ctx, max_queue=max_queue, queue_timeout=queue_timeout)
         self.script = script or (lambda g: ["Hello", " from", " the", " fake", " model."])
         self.token_delay = token_delay
+        self.prompt_delay = prompt_delay  # seconds of "prompt evaluation" before the first token
         self.generations: list[Generation] = []
         self.decoded_tokens = 0
         self.info = {"path": "/fake/model.gguf", "architecture": "fake", "chat_template": "fake"}
@@ -52,6 +54,8 @@ class FakeEngine(Engine):
 
     def _decode(self, generation: Generation, cancel: threading.Event) -> Iterator[str | int]:
         self.generations.append(generation)
+        if self.prompt_delay:
+            time.sleep(self.prompt_delay)
         yield 0
         for piece in self.script(generation):
             if cancel.is_set():

@@ -133,3 +133,18 @@ async def test_prompt_longer_than_context_is_refused_before_queueing():
     with pytest.raises(ContextOverflow) as info:
         await generation(engine, "one two three four five six seven eight nine ten")
     assert info.value.n_ctx == 8
+
+
+async def test_keepalives_while_the_prompt_is_evaluated_and_none_between_tokens(monkeypatch):
+    monkeypatch.setattr("llamad.engine.KEEPALIVE_S", 0.05)
+    engine = await ready(FakeEngine(script=lambda g: ["x"] * 20, token_delay=0.01, prompt_delay=0.4))
+    kinds = []
+    async with aclosing(engine.stream(await generation(engine))) as events:
+        async for event in events:
+            kinds.append(type(event).__name__)
+    first_token = kinds.index("Token")
+    # One Waiting on admission, then several while the "prompt" is evaluated...
+    assert kinds[:first_token].count("Waiting") >= 4
+    # ...and none once tokens flow faster than the keep-alive interval.
+    assert "Waiting" not in kinds[first_token:]
+    assert kinds.count("Token") == 20 and kinds[-1] == "Done"
