@@ -96,6 +96,7 @@ def offloaded_layers(lines: list[str]) -> str | None:
     return None
 
 FALLBACK_FORMAT = "chatml"
+CPU_PROMPT_STEP = 128
 
 
 class LlamaEngine(Engine):
@@ -110,6 +111,7 @@ class LlamaEngine(Engine):
         self.model_path = model_path
         self.llm = None
         self.template: ChatTemplate | None = None
+        self.prompt_step = config.model.n_batch  # set at load: tokens per prompt step
         capacity = config.model.prompt_cache_bytes
         self.prompt_cache = PromptStateCache(capacity) if capacity > 0 else None
 
@@ -151,6 +153,12 @@ class LlamaEngine(Engine):
         finally:
             load_lines = native.release()
         self.template = self._choose_template()
+        # A hang-up is noticed between prompt steps. On the CPU, 128-token steps evaluate as
+        # fast as 512-token ones (measured: ~470 tok/s either way on the demo model) and
+        # free the engine four times sooner; a GPU wants its full batches.
+        offloaded = offloaded_layers(load_lines)
+        on_gpu = offloaded is not None and not offloaded.startswith("0/")
+        self.prompt_step = m.n_batch if on_gpu else min(m.n_batch, CPU_PROMPT_STEP)
         metadata = self.llm.metadata
         self.info = {
             "path": str(self.model_path),
@@ -160,7 +168,8 @@ class LlamaEngine(Engine):
             "n_ctx_train": self.llm._model.n_ctx_train(),  # noqa: SLF001
             "n_threads": threads,
             "n_gpu_layers": m.n_gpu_layers,
-            "gpu_layers_offloaded": offloaded_layers(load_lines) or "0 (CPU build or none requested)",
+            "gpu_layers_offloaded": offloaded or "0 (CPU build or none requested)",
+            "prompt_step": self.prompt_step,
         }
         log.info(
             "model_loaded",
@@ -261,11 +270,12 @@ class LlamaEngine(Engine):
             prefix = 0
         llm.n_tokens = prefix
         rest = tokens[prefix:]
-        for start in range(0, len(rest), llm.n_batch):
+        step = self.prompt_step
+        for start in range(0, len(rest), step):
             if cancel.is_set():
                 # Leave the context consistent with what was evaluated so far.
                 raise Cancelled()
-            llm.eval(rest[start : start + llm.n_batch])
+            llm.eval(rest[start : start + step])
         return prefix
 
     def _decode(self, generation: Generation, cancel: threading.Event) -> Iterator[str | int]:
