@@ -2,9 +2,10 @@
 
 `JsonPrefix` reads a JSON value one character at a time. At any point it can say what
 suffix turns the text read so far into valid JSON (`closer`), or that none can yet (in
-the middle of a number, an escape, an object key, or before a member's value). The tool-call parser streams
-argument text only at points where a closer exists, so a call cut off by `max_tokens`
-still ends with arguments that parse.
+the middle of a number, an escape, an object key, or before a member's value). The
+tool-call parser streams argument text only at points where a closer exists, so a call
+cut off by `max_tokens` still ends with arguments that parse, holding only the members
+the model finished writing (a string value may be cut short).
 """
 
 from __future__ import annotations
