@@ -46,6 +46,9 @@ def make_app(keys: ApiKeys) -> Litestar:
     return Litestar(
         route_handlers=[health, metrics, models, chat, messages, root_head],
         middleware=[DefineMiddleware(AuthMiddleware, keys=keys)],
+        # Litestar's default logging config would attach a handler to this test's captured
+        # stderr, which later tests' loggers then write to after pytest closed it.
+        logging_config=None,
     )
 
 
