@@ -64,17 +64,19 @@ def family_of(path: str) -> str:
     return "openai"
 
 
-def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    bearer = x_api_key = None
+def presented_keys(headers: Iterable[tuple[bytes, bytes]]) -> list[str]:
+    """Every key the request presents: a client may send both headers (the Anthropic SDK
+    does when given both `api_key` and `auth_token`), and either may be the right one."""
+    keys = []
     for name, value in headers:
         lowered = name.lower()
         if lowered == b"authorization":
             scheme, _, token = value.decode("latin-1").strip().partition(" ")
             if scheme.lower() == "bearer" and token.strip():
-                bearer = token.strip()
-        elif lowered == b"x-api-key":
-            x_api_key = value.decode("latin-1").strip()
-    return bearer or x_api_key
+                keys.append(token.strip())
+        elif lowered == b"x-api-key" and value.strip():
+            keys.append(value.decode("latin-1").strip())
+    return keys
 
 
 def needs_key(path: str, keys: ApiKeys) -> bool:
@@ -101,12 +103,13 @@ class AuthMiddleware:
         if not needs_key(path, self.keys):
             await self.app(scope, receive, send)
             return
-        presented = presented_key(scope.get("headers", ()))
-        if self.keys.accepts(presented):
+        presented = presented_keys(scope.get("headers", ()))
+        # Every presented key is checked, so the time taken does not depend on which matched.
+        if sum(self.keys.accepts(key) for key in presented):
             await self.app(scope, receive, send)
             return
         family = family_of(path)
-        reason = "missing" if presented is None else "wrong"
+        reason = "wrong" if presented else "missing"
         log.warning("auth_failed", path=path, family=family, reason=reason, method=scope.get("method"))
         await _refuse(send, family, reason)
 

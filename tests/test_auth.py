@@ -96,6 +96,19 @@ async def test_right_key_in_either_header_is_accepted(method, path, family, head
     assert response.status_code == 200
 
 
+@pytest.mark.parametrize("bearer, x_api_key, accepted", [
+    ("nope", KEY, True), (KEY, "nope", True), ("nope", "nope2", False),
+])
+async def test_both_headers_sent_either_right_key_is_enough(bearer, x_api_key, accepted):
+    async with AsyncTestClient(make_app(ApiKeys([KEY]))) as client:
+        response = await client.post("/v1/messages", json={},
+                                     headers={"authorization": f"Bearer {bearer}", "x-api-key": x_api_key})
+    if accepted:
+        assert response.status_code == 200
+    else:
+        assert_refused(response, "anthropic")
+
+
 async def test_head_root_is_anthropic_and_protected():
     async with AsyncTestClient(make_app(ApiKeys([KEY]))) as client:
         refused = await client.head("/")
