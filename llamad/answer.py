@@ -77,11 +77,17 @@ class ToolParser(Protocol):
     @property
     def calls(self) -> int: ...
 
+    @property
+    def ended_on_call(self) -> bool:
+        """The answer ends with a finished call: nothing after it, and not cut off."""
+        ...
+
 
 class PlainText:
     """The parser used when no tools are offered: everything is text."""
 
     calls = 0
+    ended_on_call = False
 
     def feed(self, text: str) -> list[AnswerEvent]:
         return [TextDelta(text)] if text else []
@@ -124,7 +130,9 @@ async def answer_events(
                 for item in parser.finish():
                     yield item
                 reason = event.finish_reason
-                if parser.calls and reason == "stop":
+                # A limit that only cut off the start of one more call (dropped: it had no
+                # name yet) leaves finished calls: the client should run them.
+                if parser.calls and (reason == "stop" or (reason == "length" and parser.ended_on_call)):
                     reason = "tool_calls"
                 yield Finish(
                     reason=reason,

@@ -71,6 +71,8 @@ class ToolCallParser:
         self.pending = ""  # text received but not yet handled
         self.mode = "text"  # text | live_head | live_args | buffered | mistral_name | tail
         self.at_boundary = True  # only whitespace since the start or since the last call
+        # The answer so far ends with a finished call (no text after it, not cut off).
+        self.ended_on_call = False
         self.marker = ""  # the marker that opened the call in progress ("" for a bare object)
         self.raw = ""  # the call's text so far, emitted as text if it turns out not to be one
         self.body = ""  # the JSON read so far (buffered calls)
@@ -145,6 +147,7 @@ class ToolCallParser:
                 return  # separators between calls
             text = text.lstrip(" \t\r\n")
         self.at_boundary = False
+        self.ended_on_call = False
         out.append(TextDelta(text))
 
     def _open(self, marker: str, index: int) -> None:
@@ -160,8 +163,9 @@ class ToolCallParser:
     def _start_call(self, out: list[AnswerEvent], name: str) -> None:
         out.append(ToolCallStart(self.calls, new_call_id(self.id_prefix), name))
 
-    def _end_call(self, out: list[AnswerEvent]) -> None:
+    def _end_call(self, out: list[AnswerEvent], complete: bool = True) -> None:
         out.append(ToolCallEnd(self.calls))
+        self.ended_on_call = complete
         self.calls += 1
         self.mode = "tail" if self.marker == CALL_OPEN else "text"
         self.at_boundary = True
@@ -229,7 +233,7 @@ class ToolCallParser:
             if self.emitted_closer:
                 out.append(ToolCallDelta(index, self.emitted_closer))
             self.expect_brace = not self.scanner.failed
-            self._end_call(out)
+            self._end_call(out, complete=False)
 
     def _tail(self, out: list[AnswerEvent], final: bool) -> None:
         """After a Hermes call: the object's closing brace (live calls) and `</tool_call>`."""
@@ -317,6 +321,7 @@ class ToolCallParser:
         raw, self.raw = self.raw, ""
         self.at_boundary = False
         if raw:
+            self.ended_on_call = False
             out.append(TextDelta(raw))
 
 

@@ -213,3 +213,42 @@ async def test_anthropic_output_format_json_schema(make_client):
     assert response.status_code == 200, response.text
     assert json.loads(response.json()["content"][0]["text"]) == {"answer": "yes"}
     assert 'answer-answer-kv' in engine.generations[0].grammar
+
+
+# -- the token limit and calls ------------------------------------------------------------
+# max_tokens cuts the model's second call: before its tool name (dropped, so the answer
+# ends on a finished call and the client should run it), or inside its arguments.
+CUT_BEFORE_NAME = CALL_TEXT + '\n<tool_call>\n{"na'
+CUT_IN_ARGUMENTS = CALL_TEXT + '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Os'
+
+
+@pytest.mark.parametrize("cut, openai_reason, anthropic_reason, calls", [
+    (CUT_BEFORE_NAME, "tool_calls", "tool_use", 1),
+    (CUT_IN_ARGUMENTS, "length", "max_tokens", 2),
+])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_limit_that_cuts_only_the_next_call_head_still_reports_the_calls(
+    make_client, cut, openai_reason, anthropic_reason, calls, stream
+):
+    limit = len(pieces(cut))
+    engine = FakeEngine(script=lambda generation: pieces(TWO_CALLS))
+    async with make_client(engine) as client:
+        openai = await client.post(CHAT, json=openai_body(tool_choice="required", max_tokens=limit, stream=stream))
+        anthropic = await client.post(MESSAGES, json=anthropic_body(
+            tool_choice={"type": "any"}, max_tokens=limit, stream=stream))
+    assert openai.status_code == 200 and anthropic.status_code == 200
+    if stream:
+        chunks = sse_data(openai.text)
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]] == [openai_reason]
+        assert len({d["index"] for c in chunks if c["choices"] for d in c["choices"][0]["delta"].get("tool_calls", [])}) == calls
+        events = sse_data(anthropic.text)
+        [delta] = [e for e in events if e["type"] == "message_delta"]
+        assert delta["delta"]["stop_reason"] == anthropic_reason
+        assert sum(1 for e in events if e["type"] == "content_block_start" and e["content_block"]["type"] == "tool_use") == calls
+    else:
+        choice = openai.json()["choices"][0]
+        assert choice["finish_reason"] == openai_reason and len(choice["message"]["tool_calls"]) == calls
+        assert choice["message"]["content"] is None
+        message = anthropic.json()
+        assert message["stop_reason"] == anthropic_reason
+        assert [b["type"] for b in message["content"]] == ["tool_use"] * calls
