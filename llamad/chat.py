@@ -183,6 +183,12 @@ class ChatTemplate:
     def render(self, chat: Chat) -> tuple[str, list[str], bool]:
         """-> (prompt text, template stop strings, prompt already holds BOS text)."""
         messages = messages_as_text(chat, self.supports_tools)
+        # A final assistant message is a prefill: the answer continues it (Anthropic's
+        # documented behaviour; llama.cpp's server does the same for OpenAI requests).
+        prefill = ""
+        last = chat.messages[-1] if chat.messages else None
+        if last is not None and last.role == "assistant" and not last.tool_calls and messages[-1]["role"] == "assistant":
+            prefill = messages.pop()["content"]
         if self.fold_system_prompt:
             messages = fold_system(messages)
         kwargs: dict[str, Any] = {"messages": messages}
@@ -196,4 +202,4 @@ class ChatTemplate:
             ]
         result = self.render_fn(**kwargs)
         stops = result.stop if isinstance(result.stop, list) else ([result.stop] if result.stop else [])
-        return result.prompt, [s for s in stops if s], bool(getattr(result, "added_special", False))
+        return result.prompt + prefill, [s for s in stops if s], bool(getattr(result, "added_special", False))

@@ -83,5 +83,10 @@ async def test_a_gguf_without_template_gets_one_by_architecture() -> None:
         # Gemma has no system role: the system text is folded into the first user turn.
         assert "<start_of_turn>user\nBe brief." in prompt.text and "Hello<end_of_turn>" in prompt.text
         assert prompt.text.endswith("<start_of_turn>model\n")
+        # A final assistant message is continued, not closed and answered anew.
+        prefilled = await engine.prepare(
+            Chat(messages=HELLO.messages + [ChatMessage(role="assistant", content='{"colors": ["red",')])
+        )
+        assert prefilled.text == prompt.text + '{"colors": ["red",'
     finally:
         engine.close()
