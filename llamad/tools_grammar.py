@@ -57,8 +57,19 @@ def _check_schema(schema: Any, where: str, strict: bool) -> None:
         raise ToolSchemaError(f"{where}: a schema must be a JSON object, got {type(schema).__name__}")
     kind = schema.get("type")
     for t in kind if isinstance(kind, list) else [kind]:
-        if t is not None and t not in KNOWN_TYPES:
+        if t is not None and (not isinstance(t, str) or t not in KNOWN_TYPES):
             raise ToolSchemaError(f"{where}.type: unknown type {t!r}")
+    # Shapes the converter would crash on, or turn into a grammar that matches nothing.
+    for key in ("properties", "$defs", "definitions"):
+        if key in schema and not isinstance(schema[key], dict):
+            raise ToolSchemaError(f"{where}.{key}: must be an object")
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems", "enum"):
+        if key in schema and not (isinstance(schema[key], list) and schema[key]):
+            raise ToolSchemaError(f"{where}.{key}: must be a non-empty array")
+    if "required" in schema and not (
+        isinstance(schema["required"], list) and all(isinstance(r, str) for r in schema["required"])
+    ):
+        raise ToolSchemaError(f"{where}.required: must be an array of property names")
     ref = schema.get("$ref")
     if ref is not None and not (isinstance(ref, str) and ref.startswith("#/")):
         raise ToolSchemaError(f"{where}.$ref: only local references ('#/...') are supported, got {ref!r}")

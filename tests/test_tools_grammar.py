@@ -253,6 +253,15 @@ def test_refs_unions_arrays_and_nested_objects_compile(checker):
         ({"type": "object", "properties": {"a": {"$ref": "https://example.com/s.json"}}}, "properties.a.$ref"),
         ({"type": "object", "properties": {"a": True}}, "properties.a"),
         ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "tool 'bad' parameters"),
+        # shapes the converter crashed on (500s before) or turned into an empty grammar
+        ({"type": "object", "properties": [1, 2]}, "parameters.properties: must be an object"),
+        ({"type": "object", "properties": "abc"}, "parameters.properties: must be an object"),
+        ({"anyOf": 5}, "parameters.anyOf: must be a non-empty array"),
+        ({"anyOf": []}, "parameters.anyOf: must be a non-empty array"),
+        ({"type": {"a": 1}}, "parameters.type: unknown type"),
+        ({"type": "object", "properties": {"a": {"enum": []}}}, "properties.a.enum: must be a non-empty array"),
+        ({"type": "array", "items": {"enum": {}}}, "items.enum: must be a non-empty array"),
+        ({"type": "object", "required": "a"}, "parameters.required: must be an array"),
     ],
 )
 def test_schemas_that_cannot_be_grammars_name_the_part(parameters, where):
