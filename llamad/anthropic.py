@@ -101,7 +101,7 @@ async def create_message(request: Request, route: str) -> Response:
     prepared = prepare(req, engine, limits)
     keep_reasoning = route == "think" or (route == "messages" and wants_thinking(req))
 
-    prompt = await engine.prepare(prepared.chat)
+    prompt = await engine.prepare(prepared.chat, prepared.plan.grammar)
     record_of(request).prompt_tokens = len(prompt.tokens)
     generation = Generation(
         prompt=prompt,

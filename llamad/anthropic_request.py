@@ -318,14 +318,15 @@ class Plan:
 
 def plan_tools(req: MessagesRequest, chat: Chat, engine: Engine) -> Plan:
     """Applies tools / output_format to `chat` (its system suffix) and returns the plan."""
+    from llamad import tools
+
     response_format = response_format_of(req)
     choice_in = req.tool_choice
+    tools.check_history(chat, chat.tools)  # history holds tool parts even when no tools are offered now
     if not chat.tools and response_format is None:
         if isinstance(choice_in, (ToolChoiceAny, ToolChoiceTool)):
             raise bad_request("'tool_choice' asks for a tool, but no tools are offered", param="tool_choice")
         return Plan()
-    from llamad import tools
-
     if isinstance(choice_in, ToolChoiceNone):
         choice = tools.ToolChoice("none")
     elif isinstance(choice_in, ToolChoiceAny):
@@ -336,7 +337,6 @@ def plan_tools(req: MessagesRequest, chat: Chat, engine: Engine) -> Plan:
         choice = tools.ToolChoice("auto")
     parallel = not getattr(choice_in, "disable_parallel_tool_use", False)
     offered = chat.tools if choice.mode != "none" else []
-    tools.check_history(chat, chat.tools)
     try:
         plan = tools.plan(
             offered,

@@ -60,6 +60,10 @@ class PromptError(ValueError):
     """The chat cannot be rendered into a prompt (the template refused it)."""
 
 
+class GrammarRejected(ValueError):
+    """llama.cpp cannot compile the grammar built from the request's schemas (-> 400)."""
+
+
 class Cancelled(Exception):
     pass
 
@@ -192,6 +196,9 @@ class Engine:
     def _prepare(self, chat: Chat) -> Prompt:
         raise NotImplementedError
 
+    def _check_grammar(self, grammar: str) -> None:
+        """Raises GrammarRejected if the engine cannot compile `grammar`."""
+
     def _decode(self, generation: Generation, cancel: threading.Event) -> Iterator[str | int]:
         """Yields, once the prompt is evaluated, the number of prompt tokens reused from
         the cache (an int), then one text piece per generated token (a str, possibly
@@ -228,10 +235,17 @@ class Engine:
         if self.state != "ready":
             raise EngineNotReady(self.state)
 
-    async def prepare(self, chat: Chat) -> Prompt:
-        """Renders and tokenizes a chat (no lock needed: it only reads the vocabulary)."""
+    async def prepare(self, chat: Chat, grammar: str | None = None) -> Prompt:
+        """Renders and tokenizes a chat, and checks that the engine can compile `grammar`
+        (no lock needed: both only read the vocabulary)."""
         self._require_ready()
-        prompt = await asyncio.to_thread(self._prepare, chat)
+
+        def work() -> Prompt:
+            if grammar is not None:
+                self._check_grammar(grammar)
+            return self._prepare(chat)
+
+        prompt = await asyncio.to_thread(work)
         if len(prompt.tokens) >= self.n_ctx:
             raise ContextOverflow(len(prompt.tokens), self.n_ctx)
         return prompt

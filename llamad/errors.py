@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from litestar.exceptions import HTTPException
 
-from llamad.engine import ContextOverflow, EngineNotReady, Overloaded, PromptError, ShuttingDown
+from llamad.engine import ContextOverflow, EngineNotReady, GrammarRejected, Overloaded, PromptError, ShuttingDown
 
 
 @dataclass
@@ -69,6 +69,9 @@ def from_exception(exc: BaseException, family: str) -> ApiError:
         return exc
     if isinstance(exc, ContextOverflow):
         return ApiError(400, str(exc), "invalid_request", param="messages", code="context_length_exceeded")
+    if isinstance(exc, GrammarRejected):
+        message = f"{exc}: simplify the tool parameters or response schema"
+        return ApiError(400, message, "invalid_request")
     if isinstance(exc, PromptError):
         return ApiError(400, str(exc), "invalid_request", param="messages")
     if isinstance(exc, Overloaded):

@@ -29,9 +29,9 @@ from llamad.chat import (
     named_formatter,
 )
 from llamad.config import Config
-from llamad.engine import Cancelled, Engine, Generation, PromptError, Prompt
+from llamad.engine import Cancelled, Engine, Generation, GrammarRejected, Prompt, PromptError
 from llamad.prompt_cache import PromptStateCache, common_prefix
-from llamad.tools_sampling import GrammarConstraint
+from llamad.tools_sampling import GrammarConstraint, GrammarError, check_grammar
 
 log = structlog.get_logger("llamad.engine")
 native_log = structlog.get_logger("llama.cpp")
@@ -238,6 +238,13 @@ class LlamaEngine(Engine):
             template_stops=stops,
             opens_reasoning=text.rstrip().endswith("<think>"),
         )
+
+    def _check_grammar(self, grammar: str) -> None:
+        assert self.llm is not None
+        try:
+            check_grammar(self.llm._model.vocab, grammar)  # noqa: SLF001
+        except GrammarError as exc:
+            raise GrammarRejected(str(exc)) from None
 
     def count_tokens(self, text: str) -> int:
         assert self.llm is not None

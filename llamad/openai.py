@@ -381,12 +381,12 @@ async def complete(request: Request, keep_reasoning: bool) -> Response:
     response_format = response_format_of(req)
     grammar = None
     parser = PlainText()
-    if chat.tools or response_format is not None:
-        from llamad import tools
+    from llamad import tools
 
-        choice = tool_choice_of(req)
+    tools.check_history(chat, chat.tools)  # history holds tool parts even when no tools are offered now
+    choice = tool_choice_of(req)
+    if chat.tools or response_format is not None or choice.mode == "required":
         offered = chat.tools if choice.mode != "none" else []
-        tools.check_history(chat, chat.tools)
         try:
             plan = tools.plan(
                 offered,
@@ -396,12 +396,13 @@ async def complete(request: Request, keep_reasoning: bool) -> Response:
                 response_format=response_format,
             )
         except tools.ToolSchemaError as exc:
-            raise bad_request(str(exc), param="tools" if offered else "response_format") from None
+            param = exc.param or ("tools" if offered else "response_format")
+            raise bad_request(str(exc), param=param) from None
         chat.system_suffix = plan.system_suffix
         grammar = plan.grammar
         parser = plan.parser(id_prefix="call_")
     record = record_of(request)
-    prompt = await engine.prepare(chat)
+    prompt = await engine.prepare(chat, grammar)
     record.prompt_tokens = len(prompt.tokens)
     generation = Generation(
         prompt=prompt,

@@ -44,6 +44,18 @@ class GrammarError(RuntimeError):
     pass
 
 
+def check_grammar(vocab: Any, grammar: str) -> None:
+    """Raises GrammarError if llama.cpp cannot compile `grammar` (a converter escaping it
+    cannot express, say), so a request learns it before generation, not mid-stream."""
+    import llama_cpp
+
+    body = grammar.split("\n", 1)[1] if lazy_marker(grammar) is not None else grammar
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, body.encode("utf-8"), b"root")
+    if not sampler:
+        raise GrammarError("llama.cpp could not compile the grammar built from this schema")
+    llama_cpp.llama_sampler_free(sampler)
+
+
 class GrammarConstraint:
     def __init__(self, vocab: Any, grammar: str, after: str | None = None):
         """`after`: the grammar (lazy or not) only starts once this text has been written;

@@ -252,3 +252,42 @@ async def test_a_limit_that_cuts_only_the_next_call_head_still_reports_the_calls
         message = anthropic.json()
         assert message["stop_reason"] == anthropic_reason
         assert [b["type"] for b in message["content"]] == ["tool_use"] * calls
+
+
+# -- validation that does not depend on tools being offered ------------------------------
+async def test_tool_parts_of_the_history_are_checked_without_tools_offered(make_client):
+    orphan = [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42", "tool_call_id": "nope"}]
+    nameless = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None,
+                 "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "", "arguments": "{}"}}]}]
+    async with make_client(FakeEngine()) as client:
+        for messages in (orphan, nameless):
+            response = await client.post(CHAT, json={"model": "m", "max_tokens": 4, "messages": messages})
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["param"] == "messages"
+        response = await client.post(MESSAGES, json={"model": "m", "max_tokens": 4, "messages": [
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_nope", "content": "42"}]}]})
+        assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+async def test_openai_tool_choice_that_needs_a_tool_without_tools_is_a_400(make_client, choice):
+    async with make_client(FakeEngine()) as client:
+        for tools in (None, []):
+            body = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}], "tool_choice": choice}
+            if tools is not None:
+                body["tools"] = tools
+            response = await client.post(CHAT, json=body)
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["param"] == "tool_choice"
+
+
+@pytest.mark.parametrize("parameters", [{"type": "object", "properties": [1, 2]}, {"anyOf": 5}, {"type": {"a": 1}}])
+async def test_malformed_schema_shapes_are_400s_on_both_families(make_client, parameters):
+    async with make_client(FakeEngine()) as client:
+        openai = await client.post(CHAT, json=openai_body(
+            tools=[{"type": "function", "function": {"name": "f", "parameters": parameters}}], tool_choice="required"))
+        anthropic = await client.post(MESSAGES, json=anthropic_body(
+            tools=[{"name": "f", "input_schema": parameters}], tool_choice={"type": "any"}))
+    assert openai.status_code == 400 and openai.json()["error"]["param"] == "tools", openai.text
+    assert anthropic.status_code == 400 and anthropic.json()["error"]["type"] == "invalid_request_error"
