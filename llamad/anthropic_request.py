@@ -104,6 +104,10 @@ class OutputFormat(msgspec.Struct, kw_only=True):
     schema: Union[dict[str, Any], None] = None
 
 
+class OutputConfig(msgspec.Struct, kw_only=True):
+    format: Union[OutputFormat, None] = None
+
+
 class MessagesRequest(msgspec.Struct, kw_only=True):
     messages: list[InputMessage]
     model: str = ""
@@ -119,6 +123,8 @@ class MessagesRequest(msgspec.Struct, kw_only=True):
     tool_choice: Union[AnyToolChoice, None] = None
     thinking: Union[ThinkingEnabled, ThinkingAdaptive, ThinkingDisabled, None] = None
     output_format: Union[OutputFormat, None] = None
+    # Newer SDKs send the output schema as output_config.format (effort etc. ignored).
+    output_config: Union[OutputConfig, None] = None
     metadata: Union[dict[str, Any], None] = None
 
 
@@ -298,13 +304,13 @@ def wants_thinking(req: MessagesRequest) -> bool:
 
 
 def response_format_of(req: MessagesRequest) -> dict[str, Any] | None:
-    fmt = req.output_format
+    fmt, param = req.output_format, "output_format"
+    if fmt is None and req.output_config is not None:
+        fmt, param = req.output_config.format, "output_config.format"
     if fmt is None:
         return None
     if fmt.type != "json_schema" or not isinstance(fmt.schema, dict):
-        raise bad_request(
-            "'output_format' must be {\"type\": \"json_schema\", \"schema\": {...}}", param="output_format"
-        )
+        raise bad_request(f"'{param}' must be {{\"type\": \"json_schema\", \"schema\": {{...}}}}", param=param)
     return {"type": "json_schema", "schema": fmt.schema}
 
 

@@ -204,11 +204,13 @@ async def test_anthropic_disable_parallel_tool_use_allows_one_call(make_client):
     assert grammar and 'tc-more ::= ""' in grammar
 
 
-async def test_anthropic_output_format_json_schema(make_client):
+@pytest.mark.parametrize("field", ["output_format", "output_config"])
+async def test_anthropic_output_format_json_schema(make_client, field):
     engine = scripted('{"answer": "yes"}')
     fmt = {"type": "json_schema", "schema": {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}}
+    value = fmt if field == "output_format" else {"format": fmt, "effort": "low"}  # newer SDKs: output_config.format
     async with make_client(engine) as client:
-        response = await client.post(MESSAGES, json={"model": "m", "max_tokens": 32, "output_format": fmt,
+        response = await client.post(MESSAGES, json={"model": "m", "max_tokens": 32, field: value,
                                                      "messages": [{"role": "user", "content": "?"}]})
     assert response.status_code == 200, response.text
     assert json.loads(response.json()["content"][0]["text"]) == {"answer": "yes"}
