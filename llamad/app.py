@@ -16,22 +16,15 @@ from llamad import openai
 from llamad.auth import ApiKeys, AuthMiddleware
 from llamad.config import Config, api_keys
 from llamad.engine import Engine
-from llamad.errors import anthropic_body, from_exception, openai_body
+from llamad.errors import anthropic_body, family_of, from_exception, openai_body
 from llamad.metrics import Metrics
 from llamad.observe import ObserveMiddleware, record_of
 
 log = structlog.get_logger("llamad.app")
 
-ANTHROPIC_PREFIXES = ("/v1/messages",)
-
-
-def family_of(path: str) -> str:
-    return "anthropic" if path.startswith(ANTHROPIC_PREFIXES) else "openai"
-
-
 def error_handler(request: Request, exc: Exception) -> Response:
     """Every error, in the shape of the API family the path belongs to."""
-    family = family_of(request.url.path)
+    family = family_of(request.url.path, "anthropic-version" in request.headers)
     error = from_exception(exc, family)
     if error.status >= 500 and not isinstance(exc, HTTPException) and error.kind == "server":
         log.exception("request_failed", route=request.url.path)

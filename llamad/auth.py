@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import structlog
 
-from llamad.errors import ApiError, anthropic_body, openai_body
+from llamad.errors import ApiError, anthropic_body, family_of, openai_body
 
 log = structlog.get_logger("llamad.auth")
 
@@ -55,13 +55,6 @@ class ApiKeys:
 
     def __repr__(self) -> str:  # never show the keys themselves
         return f"ApiKeys({len(self._state[0])} keys, metrics_require_key={self._state[1]})"
-
-
-def family_of(path: str) -> str:
-    """Anthropic clients call /v1/messages… and `HEAD /`; everything else is OpenAI's."""
-    if path == "/" or path == "/v1/messages" or path.startswith("/v1/messages/"):
-        return "anthropic"
-    return "openai"
 
 
 def presented_keys(headers: Iterable[tuple[bytes, bytes]]) -> list[str]:
@@ -108,7 +101,8 @@ class AuthMiddleware:
         if sum(self.keys.accepts(key) for key in presented):
             await self.app(scope, receive, send)
             return
-        family = family_of(path)
+        headers = scope.get("headers", ())
+        family = family_of(path, any(name.lower() == b"anthropic-version" for name, _ in headers))
         reason = "wrong" if presented else "missing"
         log.warning("auth_failed", path=path, family=family, reason=reason, method=scope.get("method"))
         await _refuse(send, family, reason)

@@ -63,6 +63,17 @@ ANTHROPIC_TYPES = {
 }
 
 
+def family_of(path: str, anthropic_version: bool) -> str:
+    """Which API family's error shape a request gets: Anthropic clients call /v1/messages…
+    and `HEAD /`, OpenAI's /v1/chat/…; on any other path (/v1/models, or a route llamad
+    does not have, such as Claude Code's telemetry) the `anthropic-version` header tells."""
+    if path == "/" or path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return "anthropic"
+    if path.startswith("/v1/chat/"):
+        return "openai"
+    return "anthropic" if anthropic_version else "openai"
+
+
 def from_exception(exc: BaseException, family: str) -> ApiError:
     """Maps engine and framework exceptions to an ApiError for `family` ("openai"/"anthropic")."""
     if isinstance(exc, ApiError):

@@ -446,6 +446,17 @@ async def test_unknown_route_under_messages_is_not_found():
     assert (status, kind) == (404, "not_found_error")
 
 
+async def test_unknown_route_from_an_anthropic_client_is_an_anthropic_404():
+    """Claude Code posts telemetry to routes llamad does not have; its SDK parses the error."""
+    async with serve() as client:
+        response = await client.post("/api/event_logging/batch", json={}, headers={"anthropic-version": "2023-06-01"})
+        status, kind, _ = await error_of(response)
+        assert "request-id" in response.headers
+        openai_client = await client.post("/api/event_logging/batch", json={})
+    assert (status, kind) == (404, "not_found_error")
+    assert openai_client.status_code == 404 and "type" not in openai_client.json()
+
+
 async def test_too_long_prompt_is_a_400():
     async with serve(FakeEngine(n_ctx=8)) as client:
         long = body(messages=[{"role": "user", "content": "word " * 50}])

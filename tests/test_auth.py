@@ -7,7 +7,8 @@ from litestar import Litestar, get, head, post
 from litestar.middleware import DefineMiddleware
 from litestar.testing import AsyncTestClient
 
-from llamad.auth import ApiKeys, AuthMiddleware, family_of
+from llamad.auth import ApiKeys, AuthMiddleware
+from llamad.errors import family_of
 
 KEY = "sk-local-0123456789"
 
@@ -114,8 +115,11 @@ async def test_head_root_is_anthropic_and_protected():
         refused = await client.head("/")
         allowed = await client.head("/", headers={"x-api-key": KEY})
     assert refused.status_code == 401 and allowed.status_code == 200
-    assert family_of("/") == "anthropic" and family_of("/v1/messages/count_tokens") == "anthropic"
-    assert family_of("/v1/messages_x") == "openai"
+    assert family_of("/", False) == "anthropic" and family_of("/v1/messages/count_tokens", False) == "anthropic"
+    assert family_of("/v1/messages_x", False) == "openai" and family_of("/v1/chat/completions", True) == "openai"
+    # elsewhere the anthropic-version header decides (Claude Code calls /v1/models, telemetry routes)
+    assert family_of("/v1/models", True) == "anthropic" and family_of("/api/event_logging/batch", True) == "anthropic"
+    assert family_of("/v1/models", False) == "openai"
 
 
 async def test_no_keys_configured_means_no_auth():
