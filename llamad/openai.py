@@ -4,6 +4,7 @@ and the routes. Streamed and non-streamed answers come from the same answer even
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import time
 from contextlib import aclosing
@@ -457,22 +458,34 @@ async def chat_completions_think(request: Request) -> Response:
 
 @get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    engine: Engine = request.app.state.engine
-    return {"object": "list", "data": [model_card(engine)]}
+    # Both families list models at this path: OpenAI's list fields and Anthropic's
+    # pagination fields side by side (each SDK ignores the other's).
+    card = model_card(request.app.state.engine)
+    return {"object": "list", "data": [card], "has_more": False, "first_id": card["id"], "last_id": card["id"]}
 
 
-@get("/v1/models/{model_id:str}")
+@get("/v1/models/{model_id:path}")
 async def get_model(request: Request) -> dict[str, Any]:
-    # Clients ask for names of their own; there is one model, so every name resolves to it.
+    # Clients ask for names of their own (also "org/model"); there is one model, so every
+    # name resolves to it.
     return model_card(request.app.state.engine)
 
 
 def model_card(engine: Engine) -> dict[str, Any]:
+    """The served model in OpenAI's shape, with Anthropic's fields too. `created` is the
+    GGUF file's modification time."""
+    try:
+        created = int(os.stat(str(engine.info.get("path", ""))).st_mtime)
+    except OSError:
+        created = 0
     return {
         "id": engine.model_id,
         "object": "model",
-        "created": int(engine.info.get("created", 0) or 0),
+        "created": created,
         "owned_by": "llamad",
+        "type": "model",
+        "display_name": engine.model_id,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
     }
 
 

@@ -228,10 +228,35 @@ async def test_models_and_health(make_client):
     async with make_client() as client:
         models = await client.get("/v1/models")
         one = await client.get("/v1/models/claude-3-haiku")
+        slashed = await client.get("/v1/models/meta-llama/Llama-3")
         health = await client.get("/health")
     assert models.json()["object"] == "list" and models.json()["data"][0]["id"] == "llama-local"
-    assert one.json()["id"] == "llama-local"
+    assert one.json()["id"] == "llama-local" and slashed.json()["id"] == "llama-local"
+    # Anthropic's model-list fields ride along, so its SDK's models.list() reads the same answer.
+    listing = models.json()
+    assert listing["has_more"] is False and listing["first_id"] == listing["last_id"] == "llama-local"
+    card = listing["data"][0]
+    assert card["type"] == "model" and card["display_name"] == "llama-local" and card["created_at"].endswith("Z")
     assert health.json()["status"] == "ok" and health.json()["queue_depth"] == 0
+
+
+async def test_both_sdks_list_the_served_model(make_client):
+    import anthropic
+    import openai
+
+    try:
+        import httpx2 as httpx  # newer SDKs are built on httpx2 and refuse httpx clients
+    except ImportError:
+        import httpx
+
+    async with make_client() as client:
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://llamad") as http:
+            o = openai.AsyncOpenAI(base_url="http://llamad/v1", api_key="x", http_client=http)
+            a = anthropic.AsyncAnthropic(base_url="http://llamad", api_key="x", http_client=http)
+            assert [m.id for m in (await o.models.list()).data] == ["llama-local"]
+            assert [m.id for m in (await a.models.list()).data] == ["llama-local"]
+            assert (await a.models.retrieve("claude-sonnet-4-5")).display_name == "llama-local"
 
 
 async def test_full_queue_gets_429_with_retry_after(tmp_path):
