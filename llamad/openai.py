@@ -310,10 +310,16 @@ async def stream_frames(
     async with aclosing(events) as stream:
         try:
             yield sse.data_frame(completion.chunk({"role": "assistant", "content": ""}, usage=include_usage))
+            admission = True
             async for event in stream:
                 if isinstance(event, Keepalive):
-                    yield sse.comment_frame()
+                    # The first one only says the request was queued or admitted; the role
+                    # chunk already told the client the stream is alive.
+                    if not admission:
+                        yield sse.comment_frame()
+                    admission = False
                     continue
+                admission = False
                 if isinstance(event, Finish):
                     record.finish(event)
                     yield sse.data_frame(completion.chunk({}, event.reason, usage=include_usage))

@@ -288,3 +288,16 @@ async def test_full_queue_gets_429_with_retry_after(tmp_path):
     assert second.json()["error"]["type"] == "rate_limit_error"
     assert first_response.status_code == 200
     assert first_response.json()["usage"]["completion_tokens"] == 400
+
+
+async def test_keep_alive_comments_only_while_the_client_waits(make_client, monkeypatch):
+    monkeypatch.setattr("llamad.engine.KEEPALIVE_S", 0.05)
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with make_client(FakeEngine(token_delay=0.001)) as client:
+        quick = (await client.post(CHAT, json=body)).text
+    async with make_client(FakeEngine(prompt_delay=0.3)) as client:
+        slow = (await client.post(CHAT, json=body)).text
+    assert ": keep-alive" not in quick  # answered at once: data frames only
+    assert '"content":"Hello"' in slow
+    before_content = slow.split('"content":"Hello"')[0]
+    assert before_content.count(": keep-alive") >= 3  # a long prompt: the client hears from us
