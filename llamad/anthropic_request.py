@@ -326,13 +326,7 @@ def plan_tools(req: MessagesRequest, chat: Chat, engine: Engine) -> Plan:
     """Applies tools / output_format to `chat` (its system suffix) and returns the plan."""
     from llamad import tools
 
-    response_format = response_format_of(req)
     choice_in = req.tool_choice
-    tools.check_history(chat, chat.tools)  # history holds tool parts even when no tools are offered now
-    if not chat.tools and response_format is None:
-        if isinstance(choice_in, (ToolChoiceAny, ToolChoiceTool)):
-            raise bad_request("'tool_choice' asks for a tool, but no tools are offered", param="tool_choice")
-        return Plan()
     if isinstance(choice_in, ToolChoiceNone):
         choice = tools.ToolChoice("none")
     elif isinstance(choice_in, ToolChoiceAny):
@@ -341,20 +335,15 @@ def plan_tools(req: MessagesRequest, chat: Chat, engine: Engine) -> Plan:
         choice = tools.ToolChoice("required", name=choice_in.name)
     else:
         choice = tools.ToolChoice("auto")
-    parallel = not getattr(choice_in, "disable_parallel_tool_use", False)
-    offered = chat.tools if choice.mode != "none" else []
-    try:
-        plan = tools.plan(
-            offered,
-            choice,
-            parallel=parallel,
-            template_supports_tools=getattr(engine, "template_supports_tools", False),
-            response_format=response_format,
-        )
-    except tools.ToolSchemaError as exc:
-        raise tools.schema_error(exc) from None
-    chat.system_suffix = plan.system_suffix
-    return Plan(grammar=plan.grammar, parser=plan.parser(id_prefix="toolu_"))
+    grammar, parser = tools.apply(
+        chat,
+        choice,
+        parallel=not getattr(choice_in, "disable_parallel_tool_use", False),
+        response_format=response_format_of(req),
+        template_supports_tools=getattr(engine, "template_supports_tools", False),
+        id_prefix="toolu_",
+    )
+    return Plan(grammar=grammar, parser=parser)
 
 
 @dataclass

@@ -20,7 +20,6 @@ from llamad.answer import (
     AnswerEvent,
     Finish,
     Keepalive,
-    PlainText,
     ReasoningDelta,
     TextDelta,
     ToolCallDelta,
@@ -386,28 +385,16 @@ async def complete(request: Request, keep_reasoning: bool) -> Response:
     stops = stop_list(req.stop)
     max_tokens = requested_max_tokens(req, limits.default_max_tokens, limits.max_tokens_hard_cap)
     response_format = response_format_of(req)
-    grammar = None
-    parser = PlainText()
     from llamad import tools
 
-    tools.check_history(chat, chat.tools)  # history holds tool parts even when no tools are offered now
-    choice = tool_choice_of(req)
-    if chat.tools or response_format is not None or choice.mode == "required":
-        offered = chat.tools if choice.mode != "none" else []
-        try:
-            plan = tools.plan(
-                offered,
-                choice,
-                parallel=req.parallel_tool_calls,
-                template_supports_tools=getattr(engine, "template_supports_tools", False),
-                response_format=response_format,
-            )
-        except tools.ToolSchemaError as exc:
-            param = exc.param or ("tools" if offered else "response_format")
-            raise bad_request(str(exc), param=param) from None
-        chat.system_suffix = plan.system_suffix
-        grammar = plan.grammar
-        parser = plan.parser(id_prefix="call_")
+    grammar, parser = tools.apply(
+        chat,
+        tool_choice_of(req),
+        parallel=req.parallel_tool_calls,
+        response_format=response_format,
+        template_supports_tools=getattr(engine, "template_supports_tools", False),
+        id_prefix="call_",
+    )
     record = record_of(request)
     prompt = await engine.prepare(chat, grammar)
     record.prompt_tokens = len(prompt.tokens)

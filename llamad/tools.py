@@ -39,12 +39,12 @@ from dataclasses import dataclass, field
 
 from llamad.answer import PlainText, ToolParser
 from llamad.chat import Chat, ToolCall, ToolSpec
-from llamad.errors import ApiError, bad_request
+from llamad.errors import bad_request
 from llamad.tools_grammar import ToolSchemaError, build_grammar
 from llamad.tools_json import close_json
 from llamad.tools_parse import ToolCallParser, new_call_id
 
-__all__ = ["ToolChoice", "ToolPlan", "ToolSchemaError", "check_history", "new_call_id", "plan", "tools_prompt"]
+__all__ = ["ToolChoice", "ToolPlan", "ToolSchemaError", "apply", "check_history", "new_call_id", "plan", "tools_prompt"]
 
 
 @dataclass
@@ -175,6 +175,37 @@ def plan(
     )
 
 
+def apply(
+    chat: Chat,
+    choice: ToolChoice,
+    *,
+    parallel: bool,
+    response_format: dict | None,
+    template_supports_tools: bool,
+    id_prefix: str,
+) -> tuple[str | None, ToolParser]:
+    """What both API families do with a translated request: check the history's tool
+    parts, then, when tools, a forced call or a response format are asked for, add the tool
+    prompt to `chat` and return the grammar and the parser for the answer.
+    Raises ApiError (400) for history or schema problems."""
+    check_history(chat, chat.tools)  # history holds tool parts even when no tools are offered now
+    if not chat.tools and response_format is None and choice.mode != "required":
+        return None, PlainText()
+    offered = chat.tools if choice.mode != "none" else []
+    try:
+        planned = plan(
+            offered,
+            choice,
+            parallel=parallel,
+            template_supports_tools=template_supports_tools,
+            response_format=response_format,
+        )
+    except ToolSchemaError as exc:
+        raise bad_request(str(exc), param=exc.param or ("tools" if offered else "response_format")) from None
+    chat.system_suffix = planned.system_suffix
+    return planned.grammar, planned.parser(id_prefix=id_prefix)
+
+
 def check_history(chat: Chat, offered: list[ToolSpec]) -> None:
     """Checks and repairs the tool parts of a conversation before it is rendered.
 
@@ -232,9 +263,3 @@ def _repaired_arguments(arguments: str) -> str | None:
         return closed if isinstance(json.loads(closed), dict) else None
     except json.JSONDecodeError:
         return None
-
-
-def schema_error(exc: ToolSchemaError) -> ApiError:
-    """The 400 a route answers with for a schema the grammar cannot express."""
-    return bad_request(str(exc), param=exc.param)
-

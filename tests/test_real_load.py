@@ -7,7 +7,6 @@ not on timings: the machine is shared and slow.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import re
 import signal
 import threading
