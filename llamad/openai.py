@@ -32,7 +32,7 @@ from llamad.chat import Chat, ChatMessage, ToolCall, ToolSpec
 from llamad.engine import Engine, Generation, Sampling
 from llamad.errors import ApiError, bad_request, from_exception, openai_body
 from llamad.observe import record_of
-from llamad.requests import decode_body, until_disconnected
+from llamad.requests import decode_body, read_body, until_disconnected
 
 # -- request schema (unknown fields are accepted: clients send extras) ---------------------
 
@@ -377,7 +377,7 @@ def completion_body(answer: Answer, completion: Completion, keep_reasoning: bool
 async def complete(request: Request, keep_reasoning: bool) -> Response:
     engine: Engine = request.app.state.engine
     limits = request.app.state.config.limits
-    req = decode_body(await request.body(), ChatRequest)
+    req = decode_body(await read_body(request), ChatRequest)
     if req.n != 1:
         raise bad_request("only n=1 is supported", param="n")
     chat = to_chat(req, limits.max_messages)

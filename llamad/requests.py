@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import TypeVar
 
 import msgspec
 from litestar import Request
+from litestar.exceptions import InternalServerException
 
 from llamad.errors import ApiError, bad_request
 
@@ -14,6 +16,27 @@ T = TypeVar("T")
 
 _decoders: dict[type, msgspec.json.Decoder] = {}
 _PATH = re.compile(r" - at `\$\.?(.*)`$")
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body. A client that stops sending it for `server.write_timeout` seconds
+    gets a 408 (a stalled upload must not hold a connection forever); one that hangs up
+    mid-body is a 499, not a server error."""
+    stall_s = request.app.state.config.server.write_timeout
+    chunks: list[bytes] = []
+    stream = request.stream()
+    try:
+        while True:
+            try:
+                chunks.append(await asyncio.wait_for(stream.__anext__(), stall_s))
+            except StopAsyncIteration:
+                return b"".join(chunks)
+            except asyncio.TimeoutError:
+                raise ApiError(408, f"the request body stopped arriving for {stall_s:.0f} s", "invalid_request") from None
+            except InternalServerException:  # Litestar's "client disconnected prematurely"
+                raise client_closed() from None
+    finally:
+        await stream.aclose()
 
 
 def decode_body(body: bytes, schema: type[T]) -> T:

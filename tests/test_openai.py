@@ -301,3 +301,42 @@ async def test_keep_alive_comments_only_while_the_client_waits(make_client, monk
     assert '"content":"Hello"' in slow
     before_content = slow.split('"content":"Hello"')[0]
     assert before_content.count(": keep-alive") >= 3  # a long prompt: the client hears from us
+
+
+async def _raw_post(app, path: str, receive_messages) -> tuple[int, bytes]:
+    """Drives the ASGI app directly, so the test decides when body chunks arrive."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 1), "server": ("t", 80)}
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await app(scope, receive_messages, send)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+
+
+@pytest.mark.parametrize("path", [CHAT, "/v1/messages"])
+async def test_a_stalled_or_abandoned_upload_is_answered_not_held(make_client, path):
+    import asyncio
+
+    async with make_client(LLAMAD_SERVER_WRITE_TIMEOUT="0.3") as client:
+        async def stalls():
+            if not stalls.sent:
+                stalls.sent = True
+                return {"type": "http.request", "body": b'{"messages": [', "more_body": True}
+            await asyncio.sleep(5)  # the client never sends the rest
+        stalls.sent = False
+        status, body = await asyncio.wait_for(_raw_post(client.app, path, stalls), timeout=3)
+        assert status == 408 and b"stopped arriving" in body
+
+        async def hangs_up():
+            if not hangs_up.sent:
+                hangs_up.sent = True
+                return {"type": "http.request", "body": b'{"messages": [', "more_body": True}
+            return {"type": "http.disconnect"}
+        hangs_up.sent = False
+        status, _ = await _raw_post(client.app, path, hangs_up)
+        assert status == 499  # the client left: logged as such, not as a server error
