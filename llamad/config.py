@@ -153,6 +153,14 @@ def _expected(struct: type[msgspec.Struct], key: str) -> str:
     )
 
 
+SECRET_KEYS = frozenset({"server.api_keys"})
+
+
+def _shown(dotted: str, value: Any) -> str:
+    """A value for an error message; API keys are never written to the log."""
+    return "<redacted>" if dotted in SECRET_KEYS else repr(value)
+
+
 def _convert_section(
     section: str, raw: Mapping[str, Any], where: Mapping[str, str], strict: bool
 ) -> msgspec.Struct:
@@ -168,9 +176,9 @@ def _convert_section(
     except msgspec.ValidationError as exc:
         match = re.search(r"at `\$\.([A-Za-z0-9_]+)", str(exc))
         key = match.group(1) if match else next(iter(raw), "?")
-        value = raw.get(key)
+        value = _shown(f"{section}.{key}", raw.get(key))
         raise ConfigError(
-            f"'{section}.{key}' = {value!r} ({where.get(key, '?')}): expected {_expected(struct, key)}"
+            f"'{section}.{key}' = {value} ({where.get(key, '?')}): expected {_expected(struct, key)}"
         ) from None
 
 
@@ -231,6 +239,13 @@ def load_config(
 
     for variable, (section, key) in LEGACY_ENV.items():
         if variable in env and env[variable] != "":
+            if variable == "LLAMAD_API_KEY":  # adds a key to those of the file
+                listed = raw_sections[section].get(key)
+                added = _env_value(section, key, env[variable])  # "k1,k2": two keys
+                raw_sections[section][key] = (list(listed) if isinstance(listed, list) else []) + added
+                sources[f"{section}.{key}"] = f"{sources.get(f'{section}.{key}', 'default')} + env {variable}"
+                where[section][key] = sources[f"{section}.{key}"]
+                continue
             raw_sections[section][key] = _env_value(section, key, env[variable])
             where[section][key] = f"env {variable}"
             sources[f"{section}.{key}"] = f"env {variable}"
@@ -254,7 +269,7 @@ def load_config(
 
 def _check(condition: bool, loaded: LoadedConfig, dotted: str, value: Any, expected: str) -> None:
     if not condition:
-        raise ConfigError(f"'{dotted}' = {value!r} ({loaded.source(dotted)}): expected {expected}")
+        raise ConfigError(f"'{dotted}' = {_shown(dotted, value)} ({loaded.source(dotted)}): expected {expected}")
 
 
 def validate(loaded: LoadedConfig) -> None:
@@ -280,16 +295,32 @@ def validate(loaded: LoadedConfig) -> None:
     if c.server.api_key_file:
         key_file = Path(c.server.api_key_file)
         _check(key_file.is_file(), loaded, "server.api_key_file", c.server.api_key_file, "a readable file of keys")
+        try:
+            from_file = _keys_in(key_file)
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise ConfigError(
+                f"'server.api_key_file' = {c.server.api_key_file!r} ({loaded.source('server.api_key_file')}): "
+                f"cannot be read ({reason}); the service user needs read access (e.g. chgrp llamad, chmod 0640)"
+            ) from None
+        # A key file that yields no key would silently turn authentication off.
+        _check(bool(from_file), loaded, "server.api_key_file", c.server.api_key_file, "a file holding at least one key")
+
+
+def _keys_in(path: Path) -> list[str]:
+    keys = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            keys.append(line)
+    return keys
 
 
 def api_keys(config: Config) -> list[str]:
     """Keys from `api_keys` and `api_key_file` (one per line, # comments allowed)."""
     keys = [k for k in config.server.api_keys if k]
     if config.server.api_key_file:
-        for line in Path(config.server.api_key_file).read_text(encoding="utf-8").splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line:
-                keys.append(line)
+        keys += _keys_in(Path(config.server.api_key_file))
     return keys
 
 
@@ -327,9 +358,15 @@ def resolve_model(loaded: LoadedConfig) -> ModelChoice:
             "no model configured: set model.path or model.dir in the config file, "
             "or MODEL_PATH / MODEL_DIR in the environment"
         )
-    with path.open("rb") as handle:
-        magic = handle.read(4)
     key = "model.path" if c.path else "model.dir"
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise ConfigError(
+            f"'{key}' = {str(path)!r} ({loaded.source(key)}): cannot be read ({exc.strerror}); "
+            "the service user needs read access"
+        ) from None
     _check(magic == GGUF_MAGIC, loaded, key, str(path), "a GGUF file (it must start with the bytes 'GGUF')")
     return ModelChoice(path=path, reason=reason, candidates=candidates)
 

@@ -199,3 +199,26 @@ def test_cli_check_reports_missing_model(tmp_path):
     result = run_cli("--config", str(write(tmp_path, "")), "check", env={"MODEL_PATH": str(tmp_path / "x.gguf")})
     assert result.returncode == 2
     assert "model.path" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_llamad_api_key_adds_to_the_keys_of_the_file(tmp_path):
+    loaded = load_config(write(tmp_path, '[server]\napi_keys = ["file-key"]\n'), env={"LLAMAD_API_KEY": "env-key"})
+    assert loaded.config.server.api_keys == ["file-key", "env-key"]
+    assert "env LLAMAD_API_KEY" in loaded.source("server.api_keys")
+
+
+def test_a_key_in_a_config_error_is_never_shown(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, '[server]\napi_keys = "sk-live-SECRET-123"\n'), env={})
+    assert "SECRET" not in str(error.value) and "server.api_keys" in str(error.value)
+
+
+def test_key_file_must_hold_a_key_and_be_readable(tmp_path):
+    empty = tmp_path / "keys"
+    empty.write_text("# no keys yet\n\n")
+    with pytest.raises(ConfigError, match="at least one key"):
+        load_config(write(tmp_path, f'[server]\napi_key_file = "{empty}"\n'), env={})
+    unreadable = tmp_path / "bad-keys"
+    unreadable.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_config(write(tmp_path, f'[server]\napi_key_file = "{unreadable}"\n'), env={})
