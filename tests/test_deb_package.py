@@ -313,14 +313,27 @@ def test_installed_service_in_a_booted_debian(deb):
         assert _chat(port, {"x-api-key": "sk-test-key"})[0] == 200
         box.sh("rm /etc/systemd/system/llamad.service.d/watchdog.conf && systemctl daemon-reload")
 
+        # An upgrade (here: the same package again) restarts a running service.
+        before = box.sh("systemctl show -p MainPID --value llamad").stdout.strip()
+        box.sh("dpkg -i /root/llamad.deb", timeout=600)
+        assert box.sh("systemctl is-active llamad", check=False).stdout.strip() == "active"
+        assert box.sh("systemctl show -p MainPID --value llamad").stdout.strip() not in (before, "0")
+        assert _wait_for(lambda: _http("GET", f"http://127.0.0.1:{port}/health")[0] == 200)
+
         # Stop exits cleanly (no SIGKILL, no failure result).
         box.sh("systemctl stop llamad", timeout=120)
         show = box.sh("systemctl show -p Result -p ExecMainStatus -p ActiveState llamad").stdout
         assert "Result=success" in show and "ActiveState=inactive" in show, show
 
-        # Purge removes what the package made, but keeps models.
+        # Removing the package stops a running service first (it must not keep serving
+        # from deleted files); purge then removes what the package made, but keeps models.
+        box.sh("systemctl start llamad", timeout=600)
         box.sh("touch /var/lib/llamad/models/keep.gguf /var/lib/llamad/scratch")
+        box.sh("dpkg -r llamad", timeout=300)
+        assert box.sh("systemctl is-active llamad", check=False).stdout.strip() != "active"
+        assert box.sh("pgrep -u llamad", check=False).returncode != 0, "llamad still runs after removal"
         box.sh("dpkg --purge llamad")
+        assert box.sh("getent group llamad", check=False).returncode != 0
         assert box.sh("test -e /etc/llamad.toml", check=False).returncode != 0
         assert box.sh("test -e /opt/venvs/llamad", check=False).returncode != 0
         assert box.sh("test -e /var/lib/llamad/scratch", check=False).returncode != 0
