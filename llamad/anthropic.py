@@ -29,7 +29,7 @@ from llamad.answer import AnswerEvent, Finish, Keepalive, PlainText, admitted, a
 from llamad.config import LimitsConfig
 from llamad.engine import ContextOverflow, Engine, Generation
 from llamad.errors import anthropic_body, from_exception
-from llamad.observe import record_of
+from llamad.observe import engine_of, record_of
 from llamad.requests import client_closed, decode_body, read_body, until_disconnected
 
 log = structlog.get_logger("llamad.anthropic")
@@ -93,7 +93,7 @@ async def collect_unless_disconnected(wire: AsyncIterator[WireEvent], request: R
 
 async def create_message(request: Request, route: str) -> Response:
     """route: "messages" (reasoning only when `thinking` asks), "think" or "clean"."""
-    engine: Engine = request.app.state.engine
+    engine: Engine = engine_of(request)
     limits: LimitsConfig = request.app.state.config.limits
     req = decode_body(await read_body(request), MessagesRequest)
     max_tokens = max_tokens_of(req, limits.max_tokens_hard_cap)
@@ -139,7 +139,7 @@ async def messages_clean(request: Request) -> Response:
 
 @post("/v1/messages/count_tokens", status_code=200)
 async def count_tokens(request: Request) -> dict[str, int]:
-    engine: Engine = request.app.state.engine
+    engine: Engine = engine_of(request)
     req = decode_body(await read_body(request), MessagesRequest)
     prepared = prepare(req, engine, request.app.state.config.limits)
     try:

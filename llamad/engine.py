@@ -188,6 +188,8 @@ class Engine:
         # One worker thread: the model is only ever touched from this thread.
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamad-engine")
         self._running: threading.Event | None = None
+        # Requests that took this engine and are not over yet (llamad.observe.engine_of).
+        self.holders = 0
 
     # -- what a subclass supplies -------------------------------------------------------
     def _load(self) -> None:

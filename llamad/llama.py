@@ -112,6 +112,8 @@ class LlamaEngine(Engine):
         self.llm = None
         self.template: ChatTemplate | None = None
         self.prompt_step = config.model.n_batch  # set at load: tokens per prompt step
+        # The file as loaded (path, size, mtime): a reload swaps the model when it changes.
+        self.model_identity: tuple[str, int, int] | None = None
         capacity = config.model.prompt_cache_bytes
         self.prompt_cache = PromptStateCache(capacity) if capacity > 0 else None
 
@@ -123,9 +125,12 @@ class LlamaEngine(Engine):
     def _load(self) -> None:
         import llama_cpp
 
+        from llamad.systemd import file_identity
+
         m = self.config.model
         threads = m.n_threads or os.cpu_count() or 1
         started = time.monotonic()
+        self.model_identity = file_identity(self.model_path)
         log.info(
             "model_loading",
             path=str(self.model_path),

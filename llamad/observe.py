@@ -13,7 +13,7 @@ import asyncio
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 from litestar import Request
@@ -45,6 +45,8 @@ class RequestRecord:
     decode_s: float = 0.0
     error: str | None = None
     error_status: int | None = None
+    # Run when the request is over (answer sent, or failed): e.g. letting go of the engine.
+    releases: list[Callable[[], None]] = field(default_factory=list)
 
     def first_token(self) -> None:
         if self.first_token_at is None:
@@ -70,6 +72,22 @@ _NULL = RequestRecord(request_id="-", method="-", route="-")
 
 def record_of(request: Request) -> RequestRecord:
     return request.scope.get("state", {}).get("llamad_record", _NULL)
+
+
+def engine_of(request: Request) -> Any:
+    """The engine that serves this request, held until the request is over: a reload that
+    swaps the model retires the old engine only once every request holding it is done,
+    also those still reading their body or rendering their prompt."""
+    engine = request.app.state.engine
+    record = record_of(request)
+    if record is not _NULL:
+        engine.holders += 1
+
+        def release() -> None:
+            engine.holders -= 1
+
+        record.releases.append(release)
+    return engine
 
 
 class WriteTimeout(Exception):
@@ -136,6 +154,8 @@ class ObserveMiddleware:
             if record.status is None:
                 record.status = 499  # nothing was sent: the client went away first
             done()
+            for release in record.releases:
+                release()
             structlog.contextvars.unbind_contextvars("request_id")
 
     def _log(self, record: RequestRecord) -> None:

@@ -31,7 +31,7 @@ from llamad.answer import (
 from llamad.chat import Chat, ChatMessage, ToolCall, ToolSpec
 from llamad.engine import Engine, Generation, Sampling
 from llamad.errors import ApiError, bad_request, from_exception, openai_body
-from llamad.observe import record_of
+from llamad.observe import engine_of, record_of
 from llamad.requests import decode_body, read_body, until_disconnected
 
 # -- request schema (unknown fields are accepted: clients send extras) ---------------------
@@ -375,7 +375,7 @@ def completion_body(answer: Answer, completion: Completion, keep_reasoning: bool
 
 
 async def complete(request: Request, keep_reasoning: bool) -> Response:
-    engine: Engine = request.app.state.engine
+    engine: Engine = engine_of(request)
     limits = request.app.state.config.limits
     req = decode_body(await read_body(request), ChatRequest)
     if req.n != 1:

@@ -195,7 +195,14 @@ async def supervise(
 # -- reload -------------------------------------------------------------------------------
 
 # Settings only a restart can apply (the socket is bound, the app is built).
-RESTART_ONLY = ("server.host", "server.port", "server.max_body_bytes", "logging.format")
+RESTART_ONLY = (
+    "server.host",
+    "server.port",
+    "server.max_body_bytes",
+    "server.write_timeout",  # the response observer and uvicorn took their values at start
+    "server.shutdown_grace",
+    "logging.format",
+)
 
 
 def _flat(config: Config) -> dict[str, Any]:
@@ -231,9 +238,30 @@ def default_engine_factory(config: Config, model_path: Path) -> Any:
     return LlamaEngine(config, model_path)
 
 
+def file_identity(path: Path) -> tuple[str, int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def _model_file_changed(engine: Any, loaded: LoadedConfig) -> bool:
+    """Whether the configuration now resolves to another model file than the engine serves."""
+    served = getattr(engine, "model_identity", None)
+    if served is None:
+        return False
+    try:
+        choice = resolve_model(loaded)
+    except (ConfigError, OSError):
+        return True  # let the model path of the reload report what is wrong
+    return file_identity(choice.path) != served
+
+
 async def retire_engine(engine: Any, poll_s: float = 0.2) -> None:
-    """Closes a swapped-out engine once the requests it holds (running and queued) are done."""
-    while engine.scheduler.busy or engine.scheduler.queue_depth:
+    """Closes a swapped-out engine once the requests it holds (running, queued, or still
+    reading their body and preparing their prompt) are done."""
+    while engine.scheduler.busy or engine.scheduler.queue_depth or getattr(engine, "holders", 0):
         await asyncio.sleep(poll_s)
     await asyncio.to_thread(engine.close)
     log.info("engine_retired", model=getattr(engine, "model_id", "?"))
@@ -279,6 +307,10 @@ async def _reload(state, config_path, engine_factory, set_log_level, env) -> Rel
     changed = changed_keys(old, new)
     needs_restart = [key for key in changed if key in RESTART_ONLY]
     model_changed = any(key.startswith("model.") for key in changed) or getattr(state, "engine", None) is None
+    if not model_changed and _model_file_changed(getattr(state, "engine", None), loaded):
+        # Same settings, other file: a new .gguf in model.dir, or the served file replaced.
+        model_changed = True
+        changed = changed + ["model file"]
 
     new_engine = None
     if model_changed:

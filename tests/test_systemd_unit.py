@@ -309,6 +309,50 @@ async def test_reload_swaps_the_model_without_dropping_a_running_request(tmp_pat
     state.engine.close()
 
 
+async def test_a_swapped_engine_waits_for_requests_that_hold_it_but_have_not_queued(tmp_path):
+    """A request takes the engine, then reads its body and renders its prompt before it
+    reaches the queue; a reload in that window must not close the engine under it."""
+    model_a = _gguf(tmp_path / "a.gguf")
+    path = _write_config(tmp_path / "llamad.toml", model_a)
+    state = await _state(path)
+    old = state.engine
+    old.holders += 1  # what llamad.observe.engine_of does for a request in flight
+    _write_config(path, _gguf(tmp_path / "b.gguf"))
+    result = await reload_service(state, path, engine_factory=_factory([]), env={})
+    assert result.ok and result.model_swapped
+    await asyncio.sleep(0.6)
+    assert not old.scheduler._closed  # still held
+    events = [e async for e in old.stream(Generation(prompt=Prompt(text="hi", tokens=[1]), max_tokens=5))]
+    assert isinstance(events[-1], Done)
+    old.holders -= 1  # the request is over
+    for _ in range(50):
+        if old.scheduler._closed:
+            break
+        await asyncio.sleep(0.1)
+    assert old.scheduler._closed
+    state.engine.close()
+
+
+async def test_reload_swaps_in_a_new_file_in_the_model_dir(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    _gguf(models / "b.gguf")
+    path = tmp_path / "llamad.toml"
+    path.write_text(f'[model]\ndir = "{models}"\n')
+    state = await _state(path)
+    from llamad.systemd import file_identity
+
+    state.engine.model_identity = file_identity(models / "b.gguf")  # as LlamaEngine records at load
+    created = []
+    unchanged = await reload_service(state, path, engine_factory=_factory(created), env={})
+    assert unchanged.ok and not unchanged.model_swapped and not created
+    _gguf(models / "a.gguf")  # sorts first: the directory now resolves to another file
+    result = await reload_service(state, path, engine_factory=_factory(created), env={})
+    assert result.ok and result.model_swapped and "model file" in result.changed
+    assert created and created[0].model_path == models / "a.gguf"
+    state.engine.close()
+
+
 def test_status_line_reports_requests_served():
     engine = FakeEngine(model_id="gemma")
     engine.state = "ready"
