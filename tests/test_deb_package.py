@@ -72,6 +72,7 @@ def test_deb_contents(deb):
         "./opt/venvs/llamad/bin/python3 -> /usr/bin/python3",
         "./lib/systemd/system/llamad.service",
         "./etc/llamad.toml",
+        "./usr/share/doc/llamad/README-service.md",  # the unit's Documentation= (uncompressed)
     ):
         assert path in listing
     with tempfile.TemporaryDirectory() as control:
