@@ -19,7 +19,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import structlog
 
@@ -100,17 +100,6 @@ async def watchdog_loop(notifier: Notifier) -> None:
     while True:
         notifier.watchdog()
         await asyncio.sleep(interval)
-
-
-async def keep_start_alive(notifier: Notifier, loading: Awaitable[Any]) -> Any:
-    """Awaits `loading` (the model load) while telling systemd the start is still going."""
-    task = asyncio.ensure_future(loading)
-    notifier.status("loading model")
-    while True:
-        notifier.extend_timeout(EXTEND_TIMEOUT_S * 2)
-        done, _ = await asyncio.wait({task}, timeout=EXTEND_TIMEOUT_S)
-        if done:
-            return task.result()
 
 
 def status_line(engine: Any) -> str:

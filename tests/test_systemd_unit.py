@@ -17,7 +17,7 @@ import pytest
 from llamad.auth import ApiKeys
 from llamad.config import load_config
 from llamad.engine import Done, Generation, Prompt
-from llamad.systemd import Notifier, keep_start_alive, reload_service, status_line, watchdog_loop
+from llamad.systemd import Notifier, reload_service, status_line, supervise, watchdog_loop
 from fake_engine import FakeEngine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,14 +191,35 @@ def test_watchdog_meant_for_another_pid_is_ignored():
     assert Notifier({"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}).watchdog_s is None
 
 
-async def test_loading_extends_the_start_timeout(notify_socket, monkeypatch):
+async def test_loading_extends_the_start_timeout_until_ready(notify_socket, monkeypatch):
+    """supervise() keeps asking for more start time while the server is not up yet (a big
+    model loading), then sends READY=1 once it is."""
     address, sock = notify_socket
     monkeypatch.setattr("llamad.systemd.EXTEND_TIMEOUT_S", 0.05)
-    result = await keep_start_alive(Notifier({"NOTIFY_SOCKET": address}), asyncio.sleep(0.12, result="loaded"))
-    assert result == "loaded"
-    messages = [sock.recv(256).decode() for _ in range(3)]
+    engine = FakeEngine()
+    await engine.load()
+    state = SimpleNamespace(engine=engine, api_keys=ApiKeys())
+    server = SimpleNamespace(started=False, should_exit=False)
+    task = asyncio.create_task(supervise(server, state, None, notifier=Notifier({"NOTIFY_SOCKET": address})))
+    await asyncio.sleep(0.4)  # "loading"
+    server.started = True
+    await asyncio.sleep(0.3)
+    server.should_exit = True
+    await asyncio.sleep(1.2)
+    task.cancel()
+    messages = []
+    sock.settimeout(0.2)
+    try:
+        while True:
+            messages.append(sock.recv(4096).decode())
+    except socket.timeout:
+        pass
     assert messages[0] == "STATUS=loading model"
-    assert all(m.startswith("EXTEND_TIMEOUT_USEC=") for m in messages[1:])
+    ready = next(i for i, m in enumerate(messages) if m.startswith("READY=1"))
+    assert sum(m.startswith("EXTEND_TIMEOUT_USEC=") for m in messages[:ready]) >= 4
+    assert not any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in messages[ready:])
+    assert any(m.startswith("STOPPING=1") for m in messages[ready:])
+    engine.close()
 
 
 # -- reload -------------------------------------------------------------------------------
