@@ -46,6 +46,7 @@ def test_bench_runs_every_phase_and_writes_json(tmp_path: Path) -> None:
         data["hangup"]["prompt_to_next_first_token_s"],
         data["streamed_over_engine"],
         data["streamed_over_non_streamed_end_to_end"],
+        data["streamed_read_late_over_non_streamed"],
     ]
     assert all(isinstance(x, float) and math.isfinite(x) and x > 0 for x in positive), positive
     assert data["http"]["completion_tokens"] == 24
