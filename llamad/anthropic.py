@@ -7,7 +7,6 @@ path."""
 
 from __future__ import annotations
 
-import asyncio
 from contextlib import aclosing
 from typing import AsyncIterator
 
@@ -30,7 +29,7 @@ from llamad.config import LimitsConfig
 from llamad.engine import ContextOverflow, Engine, Generation
 from llamad.errors import anthropic_body, from_exception
 from llamad.observe import engine_of, record_of
-from llamad.requests import client_closed, decode_body, read_body, until_disconnected
+from llamad.requests import decode_body, read_body, unless_disconnected
 
 log = structlog.get_logger("llamad.anthropic")
 
@@ -66,29 +65,9 @@ async def stream_frames(wire: AsyncIterator[WireEvent], request: Request) -> Asy
             yield sse.event_frame("error", anthropic_body(error))
 
 
-async def collect_unless_disconnected(wire: AsyncIterator[WireEvent], request: Request) -> list[WireEvent]:
-    """All events of a reply; if the client hangs up first, the generation is cancelled."""
-
-    async def collect() -> list[WireEvent]:
-        async with aclosing(wire) as stream:
-            return [item async for item in stream]
-
-    collecting = asyncio.ensure_future(collect())
-    watching = asyncio.ensure_future(until_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
-        if collecting in done:
-            return collecting.result()
-        collecting.cancel()
-        try:
-            await collecting
-        except asyncio.CancelledError:
-            pass
-        raise client_closed()
-    finally:
-        watching.cancel()
-        if not collecting.done():
-            collecting.cancel()
+async def collect(wire: AsyncIterator[WireEvent]) -> list[WireEvent]:
+    async with aclosing(wire) as stream:
+        return [item async for item in stream]
 
 
 async def create_message(request: Request, route: str) -> Response:
@@ -116,7 +95,7 @@ async def create_message(request: Request, route: str) -> Response:
     wire = wire_events(events, MessageStream(model=engine.model_id, input_tokens=len(prompt.tokens)), request)
     if req.stream:
         return Stream(stream_frames(wire, request), media_type="text/event-stream", headers=sse.HEADERS)
-    return Response(fold_message(await collect_unless_disconnected(wire, request)))
+    return Response(fold_message(await unless_disconnected(request, collect(wire))))
 
 
 # -- routes ----------------------------------------------------------------------------------

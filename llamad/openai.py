@@ -3,7 +3,6 @@ and the routes. Streamed and non-streamed answers come from the same answer even
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
 import time
@@ -30,9 +29,9 @@ from llamad.answer import (
 )
 from llamad.chat import Chat, ChatMessage, ToolCall, ToolSpec
 from llamad.engine import Engine, Generation, Sampling
-from llamad.errors import ApiError, bad_request, from_exception, openai_body
+from llamad.errors import bad_request, from_exception, openai_body
 from llamad.observe import engine_of, record_of
-from llamad.requests import decode_body, read_body, until_disconnected
+from llamad.requests import decode_body, read_body, unless_disconnected
 
 # -- request schema (unknown fields are accepted: clients send extras) ---------------------
 
@@ -414,29 +413,9 @@ async def complete(request: Request, keep_reasoning: bool) -> Response:
             media_type="text/event-stream",
             headers=sse.HEADERS,
         )
-    answer = await fold_unless_disconnected(events, request)
+    answer = await unless_disconnected(request, fold(events))
     record.finish(answer.finish)
     return Response(completion_body(answer, completion, keep_reasoning))
-
-
-async def fold_unless_disconnected(events: AsyncIterator[AnswerEvent], request: Request) -> Answer:
-    """Folds the answer; if the client hangs up first, the generation is cancelled."""
-    folding = asyncio.ensure_future(fold(events))
-    watching = asyncio.ensure_future(until_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({folding, watching}, return_when=asyncio.FIRST_COMPLETED)
-        if folding in done:
-            return folding.result()
-        folding.cancel()
-        try:
-            await folding
-        except asyncio.CancelledError:
-            pass
-        raise ApiError(499, "client closed the request", "invalid_request")
-    finally:
-        watching.cancel()
-        if not folding.done():
-            folding.cancel()
 
 
 @post("/v1/chat/completions", status_code=200)

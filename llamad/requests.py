@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import TypeVar
+from typing import Awaitable, TypeVar
 
 import msgspec
 from litestar import Request
@@ -62,6 +62,27 @@ def decode_body(body: bytes, schema: type[T]) -> T:
         raise bad_request("the request body is not valid UTF-8 JSON") from None
     except RecursionError:
         raise bad_request("the request body is nested too deeply") from None
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Awaits `work` (a non-streamed answer being folded); if the client hangs up first,
+    `work` is cancelled, which cancels its generation, and the request ends as a 499."""
+    working = asyncio.ensure_future(work)
+    watching = asyncio.ensure_future(until_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({working, watching}, return_when=asyncio.FIRST_COMPLETED)
+        if working in done:
+            return working.result()
+        working.cancel()
+        try:
+            await working
+        except asyncio.CancelledError:
+            pass
+        raise client_closed()
+    finally:
+        watching.cancel()
+        if not working.done():
+            working.cancel()
 
 
 async def until_disconnected(request: Request) -> None:
