@@ -252,6 +252,14 @@ def _factory(created: list):
     return make
 
 
+async def _retired(engine, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.1)):
+        if engine.scheduler._closed:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the swapped-out engine was never closed")
+
+
 async def test_reload_applies_limits_queue_keys_and_log_level(tmp_path):
     model = _gguf(tmp_path / "a.gguf")
     path = _write_config(tmp_path / "llamad.toml", model)
@@ -322,11 +330,7 @@ async def test_reload_swaps_the_model_without_dropping_a_running_request(tmp_pat
     events = await running
     done = events[-1]
     assert isinstance(done, Done) and done.completion_tokens == 10 and done.finish_reason == "stop"
-    for _ in range(50):  # the old engine is closed once it is idle
-        if old.scheduler._closed:
-            break
-        await asyncio.sleep(0.1)
-    assert old.scheduler._closed
+    await _retired(old)  # the old engine is closed once it is idle
     state.engine.close()
 
 
@@ -346,11 +350,7 @@ async def test_a_swapped_engine_waits_for_requests_that_hold_it_but_have_not_que
     events = [e async for e in old.stream(Generation(prompt=Prompt(text="hi", tokens=[1]), max_tokens=5))]
     assert isinstance(events[-1], Done)
     old.holders -= 1  # the request is over
-    for _ in range(50):
-        if old.scheduler._closed:
-            break
-        await asyncio.sleep(0.1)
-    assert old.scheduler._closed
+    await _retired(old)
     state.engine.close()
 
 
