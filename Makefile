@@ -9,24 +9,25 @@ DEMO_MODEL  := $(MODEL_CACHE)/gemma-3-270m-q4_k_m.gguf
 STAMP       := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast test-real install model bench clean help
+.PHONY: run test test-fast test-real install model bench clean help preflight
 
 help:
 	@echo "make run    - set up everything and serve the demo model on 127.0.0.1:8000"
 	@echo "make test   - set up everything and run the fast and real test tiers"
 	@echo "make bench  - engine vs. HTTP streaming benchmark on the demo model"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml packaging/llama-wheel.sh
 	@echo "==> creating virtualenv in $(VENV)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install --quiet --upgrade pip wheel
-	@echo "==> installing llamad and its dependencies"
-	@echo "    llama-cpp-python 0.3.36 is compiled from source: about 9 minutes on 2 cores"
-	@echo "    the first time, seconds once pip has cached the wheel."
-	@$(BIN)/python -m pip install --quiet --progress-bar off -e '.[test]' & pid=$$!; t=0; \
+	@echo "==> llama-cpp-python, built for this machine (flags: packaging/llama-wheel.sh)"
+	@packaging/llama-wheel.sh build host $(BIN)/python > $(VENV)/.llama-wheel & pid=$$!; t=0; \
 	  while kill -0 $$pid 2>/dev/null; do sleep 5; t=$$((t+5)); \
-	    [ $$((t % 30)) -eq 0 ] && kill -0 $$pid 2>/dev/null && echo "    ... still installing ($$t s)"; done; \
+	    [ $$((t % 30)) -eq 0 ] && kill -0 $$pid 2>/dev/null && echo "    ... still compiling ($$t s)"; done; \
 	  wait $$pid
+	@$(BIN)/python -m pip install --quiet --no-deps --force-reinstall "$$(cat $(VENV)/.llama-wheel)"
+	@echo "==> installing llamad and its dependencies"
+	@$(BIN)/python -m pip install --quiet --progress-bar off -e '.[test]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -41,15 +42,25 @@ run: $(STAMP) $(DEMO_MODEL)
 	@echo "==> serving $(DEMO_MODEL) on http://127.0.0.1:8000 (Ctrl-C stops)"
 	MODEL_PATH=$(DEMO_MODEL) $(BIN)/llamad serve --config etc/llamad.toml
 
-test: test-deps $(STAMP) $(DEMO_MODEL)
+test: test-deps $(STAMP) $(DEMO_MODEL) preflight
 	@echo "==> running the fast tier and the real tier (real llama.cpp, demo model)"
 	LLAMAD_TEST_MODEL=$(DEMO_MODEL) $(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -ra -m "not real" $(PYTEST_ARGS)
 
-test-real: $(STAMP) $(DEMO_MODEL)
+test-real: $(STAMP) $(DEMO_MODEL) preflight
 	LLAMAD_TEST_MODEL=$(DEMO_MODEL) $(BIN)/python -m pytest -ra -m real $(PYTEST_ARGS)
+
+# The engine must load the demo model and decode a few tokens before any test runs: a
+# llama.cpp that crashes (SIGILL from instructions this CPU cannot run, say) fails here,
+# once and clearly, instead of as dozens of errored real-tier tests.
+preflight: $(STAMP) $(DEMO_MODEL)
+	@echo "==> preflight: llamad check (load the demo model, decode a few tokens)"
+	@MODEL_PATH=$(DEMO_MODEL) LLAMAD_LOGGING_FORMAT=console timeout 300 $(BIN)/llamad check --config etc/llamad.toml >$(VENV)/preflight.log 2>&1; \
+	  rc=$$?; if [ $$rc -ne 0 ]; then cat $(VENV)/preflight.log; \
+	  echo "preflight FAILED (exit $$rc$$( [ $$rc -gt 128 ] && echo ", signal $$((rc-128))")): the engine cannot decode on this machine."; \
+	  echo "  llama.cpp's build flags are chosen in packaging/llama-wheel.sh; see README 'Build flags'."; exit 1; fi
 
 bench: $(STAMP) $(DEMO_MODEL)
 	MODEL_PATH=$(DEMO_MODEL) $(BIN)/llamad bench --config etc/llamad.toml

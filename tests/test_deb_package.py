@@ -24,7 +24,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.real
+# Building the .deb (~1 min), lintian and a first debootstrap (minutes) run in this
+# module's fixtures, so its tests get a longer bound than the default.
+pytestmark = [pytest.mark.real, pytest.mark.timeout(2400)]
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "packaging" / "out"
