@@ -16,7 +16,7 @@ from llamad import openai
 from llamad.auth import ApiKeys, AuthMiddleware
 from llamad.config import Config, api_keys
 from llamad.engine import Engine
-from llamad.errors import anthropic_body, family_of, from_exception, openai_body
+from llamad.errors import body_of, family_of, from_exception
 from llamad.metrics import Metrics
 from llamad.observe import ObserveMiddleware, record_of
 
@@ -33,8 +33,7 @@ def error_handler(request: Request, exc: Exception) -> Response:
     headers = dict(error.headers)
     if record.request_id == "-":  # no route matched (404/405), so the observer never ran
         headers["request-id"] = "req_" + secrets.token_hex(12)
-    body = anthropic_body(error) if family == "anthropic" else openai_body(error)
-    return Response(body, status_code=error.status, headers=headers)
+    return Response(body_of(error, family), status_code=error.status, headers=headers)
 
 
 @get("/health", sync_to_thread=False)
@@ -84,7 +83,10 @@ def create_app(config: Config, engine: Engine, load_engine: bool = True, metrics
             if app.state.engine is not engine:  # swapped in by a reload
                 app.state.engine.close()
 
+    from llamad import completions, embeddings, ollama, tokens
+
     route_handlers: list[Any] = [health, metrics, root, openai.router]
+    route_handlers += [completions.router, embeddings.router, tokens.router, ollama.router]
     try:
         from llamad import anthropic
     except ImportError:
