@@ -201,6 +201,7 @@ async def answer(
     grammar: str | None,
     parser: ToolParser | None,
     reply: Reply,
+    split_reasoning: bool = True,
 ) -> Response:
     limits = request.app.state.config.limits
     context = context_of(req.options, engine.n_ctx)
@@ -216,7 +217,7 @@ async def answer(
         grammar=grammar,
     )
     keep_reasoning = wants_thinking(req.think)
-    events = await admitted(answer_events(engine, generation, keep_reasoning, parser))
+    events = await admitted(answer_events(engine, generation, keep_reasoning, parser, split_reasoning=split_reasoning))
     if req.stream:
         return Stream(ndjson_frames(events, reply, request), media_type=NDJSON, headers={"Cache-Control": "no-cache"})
     folded = await unless_disconnected(request, fold(events))
@@ -261,16 +262,17 @@ async def api_generate(request: Request) -> Response:
         engine._require_ready()  # noqa: SLF001
         return Response(reply.loaded())
     if req.suffix or req.raw:
-        # No template: fill in the middle (the model's FIM tokens), or the text as it is.
+        # No template: fill in the middle (the model's FIM tokens), or the text as it is,
+        # and the output is text as it comes (no <think> splitting).
         grammar, parser = plan_format(Chat(messages=[]), req, engine)
         if req.suffix:
             prompt = await infill_prompt(engine, req.prompt, req.suffix, param="suffix", grammar=grammar)
         else:
             prompt = await engine.prepare_text(req.prompt, grammar=grammar)
-    else:
-        chat = generate_chat(req)
-        grammar, parser = plan_format(chat, req, engine)
-        prompt = await engine.prepare(chat, grammar)
+        return await answer(request, engine, req, prompt, grammar, parser, reply, split_reasoning=False)
+    chat = generate_chat(req)
+    grammar, parser = plan_format(chat, req, engine)
+    prompt = await engine.prepare(chat, grammar)
     return await answer(request, engine, req, prompt, grammar, parser, reply)
 
 
