@@ -247,3 +247,25 @@ async def test_full_queue_is_a_429_in_ollama_shape(tmp_path):
     assert second.status_code == 429 and "busy" in second.json()["error"]
     assert second.headers["retry-after"] == "1"
     assert first_response.status_code == 200 and first_response.json()["eval_count"] == 200
+
+
+async def test_the_official_client_reads_tool_calls_streamed_and_not(tmp_path):
+    """The ollama client's own models validate the reply: a call's arguments must be a mapping."""
+    import httpx
+    import ollama
+
+    from conftest import config_for_tests
+    from llamad.app import create_app
+
+    engine = FakeEngine(script=lambda g: pieces(CALL_TEXT, 3))
+    await engine.load()
+    app = create_app(config_for_tests(tmp_path), engine)
+    client = ollama.AsyncClient(host="http://test", transport=httpx.ASGITransport(app=app))
+    whole = await client.chat(model="qwen3", messages=HELLO["messages"], tools=TOOLS)
+    parts = [part async for part in await client.chat(model="qwen3", messages=HELLO["messages"], tools=TOOLS, stream=True)]
+    engine.close()
+    [call] = whole.message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments == {"city": "Paris"}
+    streamed = [c for p in parts for c in (p.message.tool_calls or [])]
+    assert [c.function.arguments for c in streamed] == [{"city": "Paris"}]
+    assert whole.model == "qwen3" and parts[-1].done and parts[-1].done_reason == "stop"
