@@ -140,3 +140,10 @@ async def test_tokenize_and_detokenize(make_client):
     assert text == {"content": "<s>Hi"}
     assert out_of_range.status_code == 400 and "out of range" in out_of_range.json()["error"]["message"]
     assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "content"
+
+
+async def test_a_raw_completion_keeps_think_tags_as_text(make_client):
+    engine = FakeEngine(script=lambda g: ["<thi", "nk>a</think>", "b"])
+    async with make_client(engine) as client:
+        response = await client.post(COMPLETIONS, json={"prompt": "x"})
+    assert response.json()["choices"][0]["text"] == "<think>a</think>b"
