@@ -89,7 +89,7 @@ async def token_lists(engine: Engine, items: list[str | list[int]], truncate: bo
                 check_token_ids(item, engine.n_vocab)
             except ValueError as exc:
                 raise bad_request(f"'{param}[{index}]': {exc}", param=f"{param}[{index}]") from None
-    limit = engine.n_ctx
+    limit = engine.embed_max_tokens
     for index, tokens in enumerate(sequences):
         if len(tokens) > limit:
             if not truncate:

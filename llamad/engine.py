@@ -239,6 +239,11 @@ class Engine:
         """The vocabulary's fill-in-the-middle tokens, or None when it has none."""
         return None
 
+    @property
+    def embed_max_tokens(self) -> int:
+        """The longest input `embed` takes, in tokens."""
+        return self.n_ctx
+
     def describe(self) -> dict[str, Any]:
         """What the GGUF says about itself, for model listings (Ollama's /api/show):
         architecture, parameter_count, size_label, quantization, embedding_length,

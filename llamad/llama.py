@@ -313,13 +313,18 @@ class LlamaEngine(Engine):
             "chat_template": metadata.get("tokenizer.chat_template", ""),
         }
 
+    @property
+    def embed_max_tokens(self) -> int:
+        from llamad.llama_embed import BATCH_TOKENS
+
+        return min(self.n_ctx, BATCH_TOKENS)
+
     def _embed(self, batch: list[list[int]]) -> list[list[float]]:
         from llamad.llama_embed import Embedder
 
         assert self.llm is not None
         if self.embedder is None:  # loaded on first use: a chat-only server pays nothing
-            # Its context is as long as the chat's, so any input the chat could read embeds.
-            self.embedder = Embedder(self.llm._model, n_ctx=self.n_ctx, n_threads=int(self.info.get("n_threads", 1)))  # noqa: SLF001
+            self.embedder = Embedder(self.llm._model, n_ctx=self.embed_max_tokens, n_threads=int(self.info.get("n_threads", 1)))  # noqa: SLF001
         return self.embedder.embed(batch)
 
     # -- generation ------------------------------------------------------------------------

@@ -15,18 +15,19 @@ import structlog
 log = structlog.get_logger("llamad.engine")
 
 MAX_SEQUENCES = 64  # inputs per llama_decode
+# Tokens per llama_decode, and so the longest input (see Embedder.__init__).
+BATCH_TOKENS = 512
 
 
 class Embedder:
-    def __init__(self, model, n_ctx: int, n_threads: int, batch_tokens: int = 512):
+    def __init__(self, model, n_ctx: int, n_threads: int):
         import llama_cpp
         from llama_cpp._internals import LlamaBatch, LlamaContext
 
         params = llama_cpp.llama_context_default_params()
         # Pooling needs every token of a sequence in one micro-batch, so an input may be at
-        # most `batch_tokens` long. The micro-batch sets the compute buffer, which holds
-        # every token's logits (Gemma 3: 262144 x 4 bytes a token, 512 MiB at 512 tokens).
-        n_ctx = min(n_ctx, batch_tokens)
+        # most `n_ctx` long. The micro-batch sets the compute buffer, which holds every
+        # token's logits (Gemma 3: 262144 x 4 bytes a token, 512 MiB at 512 tokens).
         params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
         params.n_seq_max = MAX_SEQUENCES
         # One cache shared by the batch's sequences: each may be as long as the context

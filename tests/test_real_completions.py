@@ -70,3 +70,9 @@ def test_tokenize_detokenize_round_trip(real_server):
     assert httpx.post(real_server + "/detokenize", json={"tokens": ids}).json() == {"content": text}
     out_of_range = httpx.post(real_server + "/detokenize", json={"tokens": [262144]})
     assert out_of_range.status_code == 400 and "out of range" in out_of_range.json()["error"]["message"]
+
+
+def test_an_input_longer_than_the_embedding_batch_is_a_400(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model="m", input="word " * 600)
+    assert refused.value.code == "context_length_exceeded" and "at most 512" in refused.value.message
