@@ -65,8 +65,20 @@ def root(request: Request) -> dict[str, Any]:
     return {"name": "llamad", "model": request.app.state.engine.model_id}
 
 
-def create_app(config: Config, engine: Engine, load_engine: bool = True, metrics_registry: Metrics | None = None) -> Litestar:
+def create_app(
+    config: Config,
+    engine: Engine,
+    load_engine: bool = True,
+    metrics_registry: Metrics | None = None,
+    embedder: Engine | None = None,
+) -> Litestar:
+    """`embedder`: the engine of a dedicated embedding model ([embeddings] path); None: the
+    chat engine embeds."""
     metrics_registry = metrics_registry or Metrics()
+    if embedder is None and config.embeddings.path:
+        from llamad.llama_embed import EmbeddingEngine
+
+        embedder = EmbeddingEngine(config)
     keys = ApiKeys(api_keys(config), require_for_metrics=config.server.metrics_require_key)
 
     @asynccontextmanager
@@ -76,9 +88,16 @@ def create_app(config: Config, engine: Engine, load_engine: bool = True, metrics
                 await engine.load()
             except Exception as exc:  # keep serving /health with the reason
                 log.error("model_load_failed", error=str(exc))
+        if load_engine and embedder is not None and embedder.state == "loading":
+            try:
+                await embedder.load()
+            except Exception as exc:  # embeddings answer 503 with the reason; chat still works
+                log.error("embedding_model_load_failed", error=str(exc))
         try:
             yield
         finally:
+            if embedder is not None:
+                embedder.close()
             engine.close()
             if app.state.engine is not engine:  # swapped in by a reload
                 app.state.engine.close()
@@ -98,7 +117,7 @@ def create_app(config: Config, engine: Engine, load_engine: bool = True, metrics
         route_handlers=route_handlers,
         lifespan=[lifespan],
         # api_keys: a holder, so `systemctl reload` can swap keys (llamad.systemd.reload_service).
-        state=State({"engine": engine, "config": config, "metrics": metrics_registry, "api_keys": keys}),
+        state=State({"engine": engine, "embedder": embedder, "config": config, "metrics": metrics_registry, "api_keys": keys}),
         exception_handlers={Exception: error_handler},
         middleware=[
             DefineMiddleware(ObserveMiddleware, write_timeout=config.server.write_timeout, metrics=metrics_registry),

@@ -73,11 +73,27 @@ class LoggingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_content: bool = False
 
 
+class EmbeddingsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Empty: embeddings come from the chat model. A GGUF path: a dedicated embedding model,
+    # loaded beside the chat model, with its own queue.
+    path: str = ""
+    # mean | cls | last | model (what the GGUF declares; mean when it declares none)
+    pooling: str = "model"
+    normalize: bool = True
+    # Tokens per batch, and so the longest input (the compute buffer grows with it).
+    batch_tokens: int = 512
+    n_threads: int = 0
+
+
+EMBEDDING_POOLINGS = ("model", "mean", "cls", "last")
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    embeddings: EmbeddingsConfig = msgspec.field(default_factory=EmbeddingsConfig)
 
 
 SECTIONS: dict[str, type[msgspec.Struct]] = {
@@ -85,6 +101,7 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "model": ModelConfig,
     "limits": LimitsConfig,
     "logging": LoggingConfig,
+    "embeddings": EmbeddingsConfig,
 }
 
 # The seed server's environment names, kept so old deployments keep working.
@@ -292,6 +309,12 @@ def validate(loaded: LoadedConfig) -> None:
     _check(c.limits.max_messages >= 1, loaded, "limits.max_messages", c.limits.max_messages, "at least 1")
     _check(c.logging.level in LOG_LEVELS, loaded, "logging.level", c.logging.level, "one of " + ", ".join(LOG_LEVELS))
     _check(c.logging.format in LOG_FORMATS, loaded, "logging.format", c.logging.format, "one of " + ", ".join(LOG_FORMATS))
+    e = c.embeddings
+    _check(e.pooling in EMBEDDING_POOLINGS, loaded, "embeddings.pooling", e.pooling, "one of " + ", ".join(EMBEDDING_POOLINGS))
+    _check(e.batch_tokens >= 8, loaded, "embeddings.batch_tokens", e.batch_tokens, "at least 8")
+    _check(e.n_threads >= 0, loaded, "embeddings.n_threads", e.n_threads, "0 (all cores) or more")
+    if e.path:
+        _check(Path(e.path).expanduser().is_file(), loaded, "embeddings.path", e.path, "an existing .gguf file")
     if c.server.api_key_file:
         key_file = Path(c.server.api_key_file)
         _check(key_file.is_file(), loaded, "server.api_key_file", c.server.api_key_file, "a readable file of keys")

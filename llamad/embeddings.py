@@ -47,6 +47,11 @@ class OllamaEmbeddingsRequest(msgspec.Struct, kw_only=True):
     keep_alive: Union[float, str, None] = None
 
 
+def embedding_engine_of(request: Request) -> Engine:
+    """The dedicated embedding model when one is configured, else the chat model."""
+    return request.app.state.embedder or engine_of(request)
+
+
 def _is_tokens(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
@@ -119,7 +124,7 @@ def as_base64(vector: list[float]) -> str:
 
 @post("/v1/embeddings", status_code=200)
 async def openai_embeddings(request: Request) -> dict[str, Any]:
-    engine: Engine = engine_of(request)
+    engine: Engine = embedding_engine_of(request)
     req = decode_body(await read_body(request), EmbeddingRequest)
     if req.encoding_format not in ("float", "base64"):
         raise bad_request("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
@@ -146,7 +151,7 @@ async def openai_embeddings(request: Request) -> dict[str, Any]:
 
 @post("/api/embed", status_code=200)
 async def ollama_embed(request: Request) -> Response:
-    engine: Engine = engine_of(request)
+    engine: Engine = embedding_engine_of(request)
     started = record_of(request).started
     req = decode_body(await read_body(request), OllamaEmbedRequest)
     model = req.model or engine.model_id
@@ -172,7 +177,7 @@ async def ollama_embed(request: Request) -> Response:
 @post("/api/embeddings", status_code=200)
 async def ollama_embeddings(request: Request) -> dict[str, Any]:
     """Ollama's older route: one prompt, one vector."""
-    engine: Engine = engine_of(request)
+    engine: Engine = embedding_engine_of(request)
     req = decode_body(await read_body(request), OllamaEmbeddingsRequest)
     if not req.prompt:
         engine._require_ready()  # noqa: SLF001

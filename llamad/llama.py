@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import msgspec
 import structlog
 
 from llamad.chat import (
@@ -315,16 +316,15 @@ class LlamaEngine(Engine):
 
     @property
     def embed_max_tokens(self) -> int:
-        from llamad.llama_embed import BATCH_TOKENS
-
-        return min(self.n_ctx, BATCH_TOKENS)
+        return min(self.n_ctx, self.config.embeddings.batch_tokens)
 
     def _embed(self, batch: list[list[int]]) -> list[list[float]]:
         from llamad.llama_embed import Embedder
 
         assert self.llm is not None
-        if self.embedder is None:  # loaded on first use: a chat-only server pays nothing
-            self.embedder = Embedder(self.llm._model, n_ctx=self.embed_max_tokens, n_threads=int(self.info.get("n_threads", 1)))  # noqa: SLF001
+        if self.embedder is None:  # made on first use: a chat-only server pays nothing
+            settings = msgspec.structs.replace(self.config.embeddings, batch_tokens=self.embed_max_tokens)
+            self.embedder = Embedder(self.llm._model, settings, n_threads=int(self.info.get("n_threads", 1)))  # noqa: SLF001
         return self.embedder.embed(batch)
 
     # -- generation ------------------------------------------------------------------------

@@ -83,3 +83,49 @@ async def test_ollama_embed_and_legacy_embeddings(make_client):
     assert single["embeddings"][0] == embed["embeddings"][0] == legacy["embedding"]
     assert preload == {"model": "m", "embeddings": []}
     assert bad.status_code == 400 and isinstance(bad.json()["error"], str)
+
+
+async def test_a_dedicated_embedding_model_has_its_own_queue(tmp_path):
+    """[embeddings] path: the embedding engine answers while the chat engine is busy."""
+    import asyncio
+
+    import httpx
+
+    from conftest import config_for_tests
+    from llamad.app import create_app
+
+    chat = FakeEngine(script=lambda g: ["x"] * 400, token_delay=0.005, max_queue=0)
+    embedder = FakeEngine(model_id="nomic-embed-text-v1.5")
+    await chat.load()
+    await embedder.load()
+    app = create_app(config_for_tests(tmp_path), chat, embedder=embedder)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        answer = asyncio.create_task(
+            client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 400})
+        )
+        async with asyncio.timeout(10):
+            while not chat.generating:
+                await asyncio.sleep(0.005)
+        embedded = await client.post("/v1/embeddings", json={"input": ["ab", "cd"]})
+        assert chat.generating  # answered while the chat model was still busy
+        async with asyncio.timeout(30):
+            await answer
+    chat.close()
+    embedder.close()
+    assert embedded.status_code == 200 and embedded.json()["model"] == "nomic-embed-text-v1.5"
+    assert len(embedder.embedded) == 1 and chat.embedded == []
+
+
+async def test_embeddings_section_is_validated(tmp_path):
+    from llamad.config import ConfigError, load_config
+
+    config = tmp_path / "llamad.toml"
+    config.write_text('[embeddings]\npooling = "max"\n')
+    with pytest.raises(ConfigError, match="embeddings.pooling"):
+        load_config(config, env={})
+    config.write_text('[embeddings]\npath = "/nonexistent.gguf"\n')
+    with pytest.raises(ConfigError, match="embeddings.path"):
+        load_config(config, env={})
+    config.write_text('[embeddings]\npooling = "last"\nbatch_tokens = 256\nnormalize = false\n')
+    loaded = load_config(config, env={}).config.embeddings
+    assert (loaded.pooling, loaded.batch_tokens, loaded.normalize, loaded.path) == ("last", 256, False, "")

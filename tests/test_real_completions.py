@@ -76,3 +76,19 @@ def test_an_input_longer_than_the_embedding_batch_is_a_400(client):
     with pytest.raises(openai.BadRequestError) as refused:
         client.embeddings.create(model="m", input="word " * 600)
     assert refused.value.code == "context_length_exceeded" and "at most 512" in refused.value.message
+
+
+def test_a_dedicated_embedding_model_from_the_config(tmp_path):
+    """[embeddings] path: a second GGUF (here the demo model again) loaded beside the chat
+    model, with its own queue, pooling and batch size."""
+    from conftest import TEST_MODEL, start_server
+
+    toml = f'[embeddings]\npath = "{TEST_MODEL}"\npooling = "last"\nbatch_tokens = 128\n'
+    with start_server(tmp_path, toml) as server:
+        result = httpx.post(server.url + "/v1/embeddings", json={"input": ["a cat", "a dog"]}, timeout=300).json()
+        too_long = httpx.post(server.url + "/v1/embeddings", json={"input": "word " * 200}, timeout=300)
+        log = server.log()
+    assert result["model"] == "gemma-3-270m-q4_k_m"  # the embedding model's own name
+    assert [len(d["embedding"]) for d in result["data"]] == [640, 640]
+    assert too_long.status_code == 400 and "at most 128" in too_long.json()["error"]["message"]
+    assert '"embedding_model_loaded"' in log and '"pooling": "last"' in log
