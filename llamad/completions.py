@@ -169,9 +169,10 @@ async def stream_frames(
                     record.first_token()
                     yield sse.data_frame(with_usage(completion.chunk(job.index, event.text), include_usage))
                 elif isinstance(event, Finish):
-                    record.finish(event)
                     prompt_tokens += event.usage.prompt_tokens
                     completion_tokens += event.usage.completion_tokens
+                    record.finish(event)  # the log line and metrics count every choice:
+                    record.prompt_tokens, record.completion_tokens = prompt_tokens, completion_tokens
                     yield sse.data_frame(with_usage(completion.chunk(job.index, "", event.reason), include_usage))
                     admission = True  # the next job's first event is its admission
             if include_usage:
@@ -253,10 +254,11 @@ async def completions(request: Request) -> Response:
         {"text": text, "index": index, "logprobs": None, "finish_reason": finish.reason}
         for index, (text, finish) in sorted(finishes.items())
     ]
-    last = finishes[len(jobs) - 1][1]
-    record_of(request).finish(last)
     prompt_tokens = sum(f.usage.prompt_tokens for _, f in finishes.values())
     completion_tokens = sum(f.usage.completion_tokens for _, f in finishes.values())
+    record = record_of(request)
+    record.finish(finishes[len(jobs) - 1][1])  # the log line and metrics count every choice:
+    record.prompt_tokens, record.completion_tokens = prompt_tokens, completion_tokens
     return Response(
         {
             "id": completion.id,

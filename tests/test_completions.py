@@ -147,3 +147,16 @@ async def test_a_raw_completion_keeps_think_tags_as_text(make_client):
     async with make_client(engine) as client:
         response = await client.post(COMPLETIONS, json={"prompt": "x"})
     assert response.json()["choices"][0]["text"] == "<think>a</think>b"
+
+
+async def test_new_routes_are_counted_in_metrics(make_client):
+    async with make_client() as client:
+        await client.post(COMPLETIONS, json={"prompt": ["ab", "cd"], "max_tokens": 2})
+        await client.post("/api/chat", json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": False})
+        await client.post("/v1/embeddings", json={"input": "abc"})
+        metrics = (await client.get("/metrics")).text
+    for route in ("/v1/completions", "/api/chat", "/v1/embeddings"):
+        assert f'route="{route}",status="200"}} 1' in metrics, route
+    # two choices of 3 prompt tokens and 2 answer tokens each, a chat, 4 embedded tokens
+    completion = [line for line in metrics.splitlines() if line.startswith("llamad_completion_tokens_total")]
+    assert completion and float(completion[0].split()[-1]) == 4 + 5
