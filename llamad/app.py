@@ -102,10 +102,11 @@ def create_app(
             if app.state.engine is not engine:  # swapped in by a reload
                 app.state.engine.close()
 
-    from llamad import completions, embeddings, ollama, tokens
+    from llamad import completions, embeddings, infill, ollama, ollama_models, tokens
 
     route_handlers: list[Any] = [health, metrics, root, openai.router]
-    route_handlers += [completions.router, embeddings.router, tokens.router, ollama.router]
+    route_handlers += [completions.router, infill.router, embeddings.router, tokens.router]
+    route_handlers += [ollama.router, ollama_models.router]
     try:
         from llamad import anthropic
     except ImportError:

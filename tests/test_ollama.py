@@ -127,7 +127,7 @@ async def test_generate_uses_the_template_and_raw_skips_it(make_client):
         streamed = await client.post("/api/generate", json={"model": "m", "prompt": "Why?"})
     assert templated.json()["response"] == "Hello from the fake model." and templated.json()["done"] is True
     assert engine.generations[0].prompt.text.startswith("<system>Be brief.")
-    assert engine.generations[1].prompt.text == "Once upon"
+    assert engine.generations[1].prompt.text == "Once upon" and raw.json()["prompt_eval_count"] == 10
     assert engine.generations[1].prompt.tokens == [1] + [ord(c) for c in "Once upon"]
     objects = ndjson(streamed.text)
     assert "".join(o["response"] for o in objects) == "Hello from the fake model."
