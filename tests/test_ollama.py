@@ -269,3 +269,11 @@ async def test_the_official_client_reads_tool_calls_streamed_and_not(tmp_path):
     streamed = [c for p in parts for c in (p.message.tool_calls or [])]
     assert [c.function.arguments for c in streamed] == [{"city": "Paris"}]
     assert whole.model == "qwen3" and parts[-1].done and parts[-1].done_reason == "stop"
+
+
+async def test_raw_generate_with_format_is_grammar_constrained(make_client):
+    engine = FakeEngine(script=lambda g: ['{"a": 1}'])
+    async with make_client(engine) as client:
+        response = await client.post("/api/generate", json={"model": "m", "prompt": "x", "raw": True, "format": "json", "stream": False})
+    assert response.status_code == 200 and json.loads(response.json()["response"]) == {"a": 1}
+    assert engine.generations[0].grammar is not None and engine.generations[0].prompt.text == "x"
