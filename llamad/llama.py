@@ -125,7 +125,7 @@ class LlamaEngine(Engine):
     def _load(self) -> None:
         import llama_cpp
 
-        from llamad.systemd import file_identity
+        from llamad.reload import file_identity
 
         m = self.config.model
         threads = m.n_threads or os.cpu_count() or 1

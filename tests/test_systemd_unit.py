@@ -17,7 +17,8 @@ import pytest
 from llamad.auth import ApiKeys
 from llamad.config import load_config
 from llamad.engine import Done, Generation, Prompt
-from llamad.systemd import Notifier, reload_service, status_line, supervise, watchdog_loop
+from llamad.reload import reload_service
+from llamad.systemd import Notifier, status_line, supervise, watchdog_loop
 from fake_engine import FakeEngine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -361,7 +362,7 @@ async def test_reload_swaps_in_a_new_file_in_the_model_dir(tmp_path):
     path = tmp_path / "llamad.toml"
     path.write_text(f'[model]\ndir = "{models}"\n')
     state = await _state(path)
-    from llamad.systemd import file_identity
+    from llamad.reload import file_identity
 
     state.engine.model_identity = file_identity(models / "b.gguf")  # as LlamaEngine records at load
     created = []
