@@ -211,6 +211,12 @@ class Engine:
     def count_tokens(self, text: str) -> int:
         raise NotImplementedError
 
+    @property
+    def template_supports_tools(self) -> bool:
+        """Whether the chat template renders the offered tools itself; when it does not, the
+        API faces put llamad's own tool prompt into the system message."""
+        return False
+
     # -- lifecycle --------------------------------------------------------------------------
     async def load(self) -> None:
         loop = asyncio.get_running_loop()

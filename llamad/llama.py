@@ -28,7 +28,7 @@ from llamad.chat import (
     ChatTemplate,
     named_formatter,
 )
-from llamad.config import Config
+from llamad.config import Config, file_identity
 from llamad.engine import Cancelled, Engine, Generation, GrammarRejected, Prompt, PromptError
 from llamad.prompt_cache import PromptStateCache, common_prefix
 from llamad.tools_sampling import GrammarConstraint, GrammarError, check_grammar
@@ -125,7 +125,6 @@ class LlamaEngine(Engine):
     def _load(self) -> None:
         import llama_cpp
 
-        from llamad.reload import file_identity
 
         m = self.config.model
         threads = m.n_threads or os.cpu_count() or 1

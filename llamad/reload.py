@@ -3,6 +3,10 @@
 A model change loads the new model beside the old one and swaps it in, the old engine
 finishing the requests it already holds. A config with an error is refused with one log
 line and the running configuration stays.
+
+The engine class comes from the caller (the CLI passes LlamaEngine), so neither this
+module nor llamad.systemd imports llama.cpp; the sd_notify side of a reload (RELOADING=1,
+READY=1) is llamad.systemd's.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from typing import Any, Callable, Mapping
 
 import structlog
 
-from llamad.config import Config, ConfigError, LoadedConfig, api_keys, load_config, resolve_model
-from llamad.systemd import Notifier, status_line
+from llamad.config import Config, ConfigError, LoadedConfig, api_keys, file_identity, load_config, resolve_model
+from llamad.engine import Engine
 
 log = structlog.get_logger("llamad.reload")
 
@@ -55,21 +59,8 @@ class ReloadResult:
     needs_restart: list[str] = field(default_factory=list)
 
 
-EngineFactory = Callable[[Config, Path], Any]
-
-
-def default_engine_factory(config: Config, model_path: Path) -> Any:
-    from llamad.llama import LlamaEngine
-
-    return LlamaEngine(config, model_path)
-
-
-def file_identity(path: Path) -> tuple[str, int, int] | None:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return (str(path), stat.st_size, stat.st_mtime_ns)
+# Builds the engine for a configuration and a model file (LlamaEngine itself, or a fake).
+EngineFactory = Callable[[Config, Path], Engine]
 
 
 def _model_file_changed(engine: Any, loaded: LoadedConfig) -> bool:
@@ -97,21 +88,13 @@ async def reload_service(
     state: Any,
     config_path: str | os.PathLike[str] | None,
     *,
-    engine_factory: EngineFactory = default_engine_factory,
+    engine_factory: EngineFactory,
     set_log_level: Callable[[str], None] | None = None,
-    notifier: Notifier | None = None,
     env: Mapping[str, str] | None = None,
 ) -> ReloadResult:
     """Re-reads the configuration into `state` (the app's state: `.loaded` or `.config`,
     `.engine`, optional `.api_keys` holder). Nothing changes unless everything checks out."""
-    notifier = notifier or Notifier(env)
-    notifier.reloading()
-    try:
-        result = await _reload(state, config_path, engine_factory, set_log_level, env)
-    finally:
-        notifier.send("READY=1")
-    notifier.status(status_line(getattr(state, "engine", None)))
-    return result
+    return await _reload(state, config_path, engine_factory, set_log_level, env)
 
 
 def _current_config(state: Any) -> Config:

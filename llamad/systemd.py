@@ -14,7 +14,7 @@ import os
 import signal
 import socket
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 import structlog
 
@@ -109,32 +109,47 @@ def status_line(engine: Any) -> str:
     return f"ready, {busy}; served {stats.requests} requests; {queue} queued; model {engine.model_id}"
 
 
+async def notify_reload(notifier: Notifier, state: Any, reload: Callable[[], Awaitable[Any]]) -> Any:
+    """Runs one reload inside sd_notify's reload protocol: RELOADING=1 before, READY=1 after
+    whatever happened (or `systemctl reload` waits for its timeout), then a fresh STATUS=."""
+    notifier.reloading()
+    try:
+        return await reload()
+    finally:
+        notifier.send("READY=1")
+        notifier.status(status_line(getattr(state, "engine", None)))
+
+
 async def supervise(
     server: Any,
     state: Any,
-    config_path: str | os.PathLike[str] | None,
     *,
-    set_log_level: Callable[[str], None] | None = None,
+    reload: Callable[[], Awaitable[Any]] | None = None,
     notifier: Notifier | None = None,
 ) -> None:
     """Runs beside `uvicorn.Server.serve()` until cancelled: keeps the start alive while the
     model loads, sends READY=1 once the model is loaded and the socket is bound, pings the
-    watchdog, keeps STATUS= current, reloads on SIGHUP and says STOPPING=1 on shutdown.
+    watchdog, keeps STATUS= current, runs `reload` on SIGHUP and says STOPPING=1 on shutdown.
 
-    `state` is the app's state (`.engine`, `.config`, `.api_keys`), which a reload updates."""
+    `state` is the app's state (`.engine`, `.config`, `.api_keys`), which a reload updates;
+    `reload` is the CLI's (llamad.reload.reload_service with the engine class bound)."""
     notifier = notifier or Notifier()
     loop = asyncio.get_running_loop()
     reload_lock = asyncio.Lock()
 
-    async def reload() -> None:
-        from llamad.reload import reload_service
-
+    async def reload_once() -> None:
         async with reload_lock:  # a second SIGHUP waits for the first reload to finish
-            await reload_service(state, config_path, set_log_level=set_log_level, notifier=notifier)
+            try:
+                await notify_reload(notifier, state, reload)
+            except Exception:
+                log.exception("reload_failed", kept="running configuration")
 
     def on_sighup() -> None:
-        log.info("reload_requested", signal="SIGHUP", config_file=str(config_path or "default"))
-        task = asyncio.ensure_future(reload())
+        if reload is None:
+            log.warning("reload_unavailable", signal="SIGHUP")
+            return
+        log.info("reload_requested", signal="SIGHUP")
+        task = asyncio.ensure_future(reload_once())
         _background.add(task)
         task.add_done_callback(_background.discard)
 
