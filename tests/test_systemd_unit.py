@@ -20,6 +20,7 @@ from llamad.engine import Done, Generation, Prompt
 from llamad.reload import reload_service
 from llamad.systemd import Notifier, notify_reload, status_line, supervise, watchdog_loop
 from fake_engine import FakeEngine
+from must_run import require_tools
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "etc" / "llamad.service"
@@ -27,10 +28,8 @@ DROPIN = ROOT / "etc" / "llamad-devices.conf"
 MAX_EXPOSURE = 2.0
 
 
-needs_analyze = pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None,
-    reason="systemd-analyze is not installed (`make test-deps` installs it)",
-)
+def needs_analyze() -> None:
+    require_tools("systemd-analyze", hint="`make test-deps` installs systemd")
 
 
 def _verify_root(tmp_path: Path, *units: Path) -> Path:
@@ -64,16 +63,16 @@ def _analyze_verify(root: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-@needs_analyze
 def test_unit_verifies_without_any_warning(tmp_path):
+    needs_analyze()
     result = _analyze_verify(_verify_root(tmp_path))
     # verify exits 0 on unknown keys and typos, so any output at all is a failure.
     assert result.returncode == 0 and result.stdout + result.stderr == "", result.stdout + result.stderr
 
 
-@needs_analyze
 def test_verify_catches_a_typo(tmp_path):
     """Guards the check above: it would notice a misspelt key."""
+    needs_analyze()
     root = _verify_root(tmp_path)
     unit = root / "etc/systemd/system/llamad.service"
     unit.write_text(unit.read_text().replace("ProtectHome=yes", "ProtectHomes=yes"))
@@ -81,8 +80,8 @@ def test_verify_catches_a_typo(tmp_path):
     assert "ProtectHomes" in result.stdout + result.stderr
 
 
-@needs_analyze
 def test_devices_dropin_verifies(tmp_path):
+    needs_analyze()
     result = _analyze_verify(_verify_root(tmp_path, DROPIN))
     assert result.returncode == 0 and result.stdout + result.stderr == "", result.stdout + result.stderr
 
@@ -99,8 +98,8 @@ def _exposure(unit: Path) -> float:
     return float(match.group(1))
 
 
-@needs_analyze
 def test_hardening_exposure_is_at_most_2(tmp_path):
+    needs_analyze()
     score = _exposure(UNIT)
     assert score <= MAX_EXPOSURE, f"exposure {score} > {MAX_EXPOSURE}: hardening was weakened"
 
