@@ -94,17 +94,6 @@ async def reload_service(
 ) -> ReloadResult:
     """Re-reads the configuration into `state` (the app's state: `.loaded` or `.config`,
     `.engine`, optional `.api_keys` holder). Nothing changes unless everything checks out."""
-    return await _reload(state, config_path, engine_factory, set_log_level, env)
-
-
-def _current_config(state: Any) -> Config:
-    loaded = getattr(state, "loaded", None)
-    if isinstance(loaded, LoadedConfig):
-        return loaded.config
-    return state.config
-
-
-async def _reload(state, config_path, engine_factory, set_log_level, env) -> ReloadResult:
     old = _current_config(state)
     try:
         loaded = load_config(config_path, env=env)
@@ -168,6 +157,13 @@ async def _reload(state, config_path, engine_factory, set_log_level, env) -> Rel
         model_swapped=new_engine is not None,
         needs_restart=needs_restart,
     )
+
+
+def _current_config(state: Any) -> Config:
+    loaded = getattr(state, "loaded", None)
+    if isinstance(loaded, LoadedConfig):
+        return loaded.config
+    return state.config
 
 
 _background: set[asyncio.Task[None]] = set()
