@@ -76,7 +76,8 @@ clean:
 # sm_87, the default) or JETPACK=5 (Xavier and Orin, sm_72;87).
 JETPACK ?= 6
 SYSTEM_TEST_TOOLS := systemd-analyze:systemd debootstrap:debootstrap systemd-nspawn:systemd-container \
-	dpkg-buildpackage:dpkg-dev dh:debhelper dh_virtualenv:dh-virtualenv lintian:lintian fakeroot:fakeroot
+	dpkg-buildpackage:dpkg-dev dh:debhelper dh_virtualenv:dh-virtualenv lintian:lintian fakeroot:fakeroot \
+	haproxy:haproxy
 
 .PHONY: deb deb-jetson test-deps
 
