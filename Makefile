@@ -77,7 +77,8 @@ clean:
 # jetson6, Orin, the default) or JETPACK=5 (target jetson5, Xavier and Orin).
 JETPACK ?= 6
 SYSTEM_TEST_TOOLS := systemd-analyze:systemd debootstrap:debootstrap systemd-nspawn:systemd-container \
-	dpkg-buildpackage:dpkg-dev dh:debhelper dh_virtualenv:dh-virtualenv lintian:lintian fakeroot:fakeroot
+	dpkg-buildpackage:dpkg-dev dh:debhelper dh_virtualenv:dh-virtualenv lintian:lintian fakeroot:fakeroot \
+	haproxy:haproxy
 
 .PHONY: deb deb-jetson test-deps
 
