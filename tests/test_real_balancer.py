@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
-import os
 import re
 import shutil
 import signal
@@ -27,7 +26,7 @@ import httpx
 import pytest
 
 from conftest import RunningServer, free_port, start_server
-from system_tools import require_tool
+from must_run import require_tools
 
 pytestmark = [pytest.mark.real, pytest.mark.timeout(600)]
 
@@ -98,7 +97,8 @@ class Balancer:
 
 @contextlib.contextmanager
 def boards_behind_balancer(tmp_path: Path, n: int = BOARDS, **env: str) -> Iterator[tuple[Balancer, list[RunningServer]]]:
-    haproxy = require_tool("haproxy", "haproxy")
+    require_tools("haproxy")
+    haproxy = shutil.which("haproxy")
     tmp_path.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         servers = [
@@ -288,7 +288,8 @@ def test_drained_board_finishes_its_requests_and_gets_no_new_ones(tmp_path: Path
 
 
 def test_shipped_config_is_valid():
-    haproxy = require_tool("haproxy", "haproxy")
+    require_tools("haproxy")
+    haproxy = shutil.which("haproxy")
     result = subprocess.run([haproxy, "-c", "-f", str(SHIPPED)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
 
