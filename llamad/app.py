@@ -39,10 +39,13 @@ def error_handler(request: Request, exc: Exception) -> Response:
 @get("/health", sync_to_thread=False)
 def health(request: Request) -> Response:
     engine: Engine = request.app.state.engine
+    # A drain (SIGTERM) is a 503 at once, so a load balancer stops sending new requests
+    # while the running ones finish.
+    state = "draining" if engine.scheduler.closed and engine.state == "ready" else engine.state
     body: dict[str, Any] = {
-        "status": "ok" if engine.state == "ready" else engine.state,
+        "status": "ok" if state == "ready" else state,
         "model": engine.model_id,
-        "state": engine.state,
+        "state": state,
         "generating": engine.generating,
         "queue_depth": engine.scheduler.queue_depth,
         "max_queue": engine.scheduler.max_queue,
@@ -51,7 +54,7 @@ def health(request: Request) -> Response:
         body["model_info"] = engine.info
     if engine.error:
         body["error"] = engine.error
-    return Response(body, status_code=200 if engine.state == "ready" else 503)
+    return Response(body, status_code=200 if state == "ready" else 503)
 
 
 @get("/metrics", sync_to_thread=False, media_type="text/plain; version=0.0.4")

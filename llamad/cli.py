@@ -98,10 +98,12 @@ class Server:
         from llamad.llama import LlamaEngine
 
         self.loaded = loaded
+        # The one place that names the engine class: the start and every reload build with it.
+        self.engine_factory = LlamaEngine
         config = loaded.config
         choice = resolve_model(loaded)
         log.info("model_selected", path=str(choice.path), chosen_by=choice.reason, candidates=len(choice.candidates))
-        self.engine = LlamaEngine(config, choice.path)
+        self.engine = self.engine_factory(config, choice.path)
         self.app = create_app(config, self.engine)
         self.uvicorn = uvicorn.Server(
             uvicorn.Config(
@@ -134,14 +136,19 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self) -> None:
+        from llamad.reload import reload_service
         from llamad.systemd import supervise
 
         self._loop = asyncio.get_running_loop()
+
+        def reload() -> Any:
+            return reload_service(
+                self.app.state, self.loaded.file, engine_factory=self.engine_factory, set_log_level=logsetup.set_level
+            )
+
         # sd_notify READY/STATUS/WATCHDOG/STOPPING and SIGHUP reload (no-ops outside systemd
         # apart from the reload).
-        hooks = asyncio.ensure_future(
-            supervise(self.uvicorn, self.app.state, self.loaded.file, set_log_level=logsetup.set_level)
-        )
+        hooks = asyncio.ensure_future(supervise(self.uvicorn, self.app.state, reload=reload))
         try:
             await self.uvicorn.serve()
         finally:

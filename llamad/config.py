@@ -394,5 +394,15 @@ def resolve_model(loaded: LoadedConfig) -> ModelChoice:
     return ModelChoice(path=path, reason=reason, candidates=candidates)
 
 
+def file_identity(path: Path) -> tuple[str, int, int] | None:
+    """Which file `path` is now (path, size, mtime), or None if it cannot be read: the engine
+    records it at load, and a reload swaps the model when resolve_model's file differs."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (str(path), stat.st_size, stat.st_mtime_ns)
+
+
 def to_toml_data(config: Config) -> dict[str, Any]:
     return msgspec.to_builtins(config)

@@ -258,6 +258,12 @@ class Engine:
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.token_pieces(tokens)).decode("utf-8", errors="replace")
 
+    @property
+    def template_supports_tools(self) -> bool:
+        """Whether the chat template renders the offered tools itself; when it does not, the
+        API faces put llamad's own tool prompt into the system message."""
+        return False
+
     # -- lifecycle --------------------------------------------------------------------------
     async def load(self) -> None:
         loop = asyncio.get_running_loop()

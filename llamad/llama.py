@@ -29,7 +29,7 @@ from llamad.chat import (
     ChatTemplate,
     named_formatter,
 )
-from llamad.config import Config
+from llamad.config import Config, file_identity
 from llamad.engine import Cancelled, Engine, FimTokens, Generation, GrammarRejected, Prompt, PromptError
 from llamad.prompt_cache import PromptStateCache, common_prefix
 from llamad.tools_sampling import GrammarConstraint, GrammarError, check_grammar
@@ -131,7 +131,6 @@ class LlamaEngine(Engine):
     def _load(self) -> None:
         import llama_cpp
 
-        from llamad.systemd import file_identity
 
         m = self.config.model
         threads = m.n_threads or os.cpu_count() or 1

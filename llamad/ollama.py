@@ -222,7 +222,7 @@ def plan_format(chat: Chat, req: Common, engine: Engine) -> tuple[str | None, To
         tools.ToolChoice("auto"),
         parallel=True,
         response_format=response_format_of(req.format),
-        template_supports_tools=getattr(engine, "template_supports_tools", False),
+        template_supports_tools=engine.template_supports_tools,
         id_prefix="call_",
     )
 

@@ -30,8 +30,10 @@ class FakeEngine(Engine):
         max_queue: int = 16,
         queue_timeout: float = 60.0,
         fim: bool = False,
+        template_supports_tools: bool = False,
     ):
         super().__init__(model_id=model_id, n_ctx=n_ctx, max_queue=max_queue, queue_timeout=queue_timeout)
+        self.native_tools = template_supports_tools
         self.script = script or (lambda g: ["Hello", " from", " the", " fake", " model."])
         self.token_delay = token_delay
         self.prompt_delay = prompt_delay  # seconds of "prompt evaluation" before the first token
@@ -71,6 +73,10 @@ class FakeEngine(Engine):
 
     def _load(self) -> None:
         pass
+
+    @property
+    def template_supports_tools(self) -> bool:
+        return self.native_tools
 
     def render(self, chat: Chat) -> str:
         lines = [f"<{m['role']}>{m['content']}" for m in messages_as_text(chat, template_has_tools=False)]
