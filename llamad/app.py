@@ -54,6 +54,9 @@ def health(request: Request) -> Response:
         body["model_info"] = engine.info
     if engine.error:
         body["error"] = engine.error
+    embedder: Engine | None = request.app.state.embedder
+    if embedder is not None:  # a dedicated embedding model: its own state, not the server's
+        body["embedding_model"] = {"model": embedder.model_id, "state": embedder.state, "error": embedder.error}
     return Response(body, status_code=200 if state == "ready" else 503)
 
 

@@ -129,3 +129,28 @@ async def test_embeddings_section_is_validated(tmp_path):
     config.write_text('[embeddings]\npooling = "last"\nbatch_tokens = 256\nnormalize = false\n')
     loaded = load_config(config, env={}).config.embeddings
     assert (loaded.pooling, loaded.batch_tokens, loaded.normalize, loaded.path) == ("last", 256, False, "")
+
+
+async def test_a_dedicated_model_that_fails_to_load_is_a_503_and_shows_in_health(tmp_path):
+    from litestar.testing import AsyncTestClient
+
+    from conftest import config_for_tests
+    from llamad.app import create_app
+
+    embedder = FakeEngine(model_id="bge-small")
+
+    def broken() -> None:
+        raise RuntimeError("not a GGUF")
+
+    embedder._load = broken  # type: ignore[method-assign]
+    app = create_app(config_for_tests(tmp_path), FakeEngine(), embedder=embedder)
+    async with AsyncTestClient(app=app) as client:
+        health = await client.get("/health")
+        refused = await client.post("/v1/embeddings", json={"input": "a"})
+        ollama = await client.post("/api/embed", json={"model": "m", "input": "a"})
+        chat = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert health.status_code == 200  # the chat model serves
+    assert health.json()["embedding_model"] == {"model": "bge-small", "state": "failed", "error": "not a GGUF"}
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "model_not_loaded"
+    assert ollama.status_code == 503 and "not loaded" in ollama.json()["error"]
+    assert chat.status_code == 200

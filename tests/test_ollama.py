@@ -277,3 +277,18 @@ async def test_raw_generate_with_format_is_grammar_constrained(make_client):
         response = await client.post("/api/generate", json={"model": "m", "prompt": "x", "raw": True, "format": "json", "stream": False})
     assert response.status_code == 200 and json.loads(response.json()["response"]) == {"a": 1}
     assert engine.generations[0].grammar is not None and engine.generations[0].prompt.text == "x"
+
+
+async def test_model_not_loaded_is_a_503_in_ollama_shape(make_client):
+    engine = FakeEngine()
+
+    def broken() -> None:
+        raise RuntimeError("file is corrupt")
+
+    engine._load = broken  # type: ignore[method-assign]
+    async with make_client(engine) as client:
+        chat = await client.post("/api/chat", json=HELLO)
+        show = await client.post("/api/show", json={"model": "m"})
+        ps = await client.get("/api/ps")
+    assert chat.status_code == 503 and chat.json() == {"error": "the model is not loaded (state: failed)"}
+    assert show.status_code == 503 and ps.json() == {"models": []}
