@@ -18,7 +18,7 @@ from llamad.config import Config, api_keys
 from llamad.engine import Engine
 from llamad.errors import anthropic_body, family_of, from_exception, openai_body
 from llamad.metrics import Metrics
-from llamad.observe import ObserveMiddleware, record_of
+from llamad.observe import UNMATCHED, ObserveMiddleware, RequestRecord, record_of
 
 log = structlog.get_logger("llamad.app")
 
@@ -33,6 +33,8 @@ def error_handler(request: Request, exc: Exception) -> Response:
     headers = dict(error.headers)
     if record.request_id == "-":  # no route matched (404/405), so the observer never ran
         headers["request-id"] = "req_" + secrets.token_hex(12)
+        unmatched = RequestRecord(request_id=headers["request-id"], method=request.method, route=UNMATCHED)
+        request.app.state.metrics.observe_request(unmatched, error.status, 0.0)
     body = anthropic_body(error) if family == "anthropic" else openai_body(error)
     return Response(body, status_code=error.status, headers=headers)
 

@@ -3,8 +3,12 @@
 An ASGI middleware wraps every request. It gives the request an id (echoed in the
 `request-id` header and bound into every log line), lets handlers fill a `RequestRecord`
 (tokens, time to first token), and logs and counts the request when its last body byte is
-sent, which for a stream is when the stream ends. It also bounds how long one `send` may
+sent, which for a stream is when the stream ends; a response whose end is never sent (the
+client hung up, or stopped reading) is a 499. It also bounds how long one `send` may
 block, so a client that stops reading cannot hold the engine.
+
+Requests are counted by route template (`/v1/models/{model_id}`), never by raw path, so a
+client cannot make new metric series; a path no route matches is "unmatched".
 """
 
 from __future__ import annotations
@@ -28,12 +32,16 @@ except ImportError:  # Python 3.10
 
 log = structlog.get_logger("llamad.request")
 
+UNMATCHED = "unmatched"  # the route label of a path no route matches
+CLIENT_GONE = 499
+
 
 @dataclass
 class RequestRecord:
     request_id: str
     method: str
-    route: str
+    route: str  # the route template
+    path: str = ""
     started: float = field(default_factory=time.monotonic)
     status: int | None = None
     prompt_tokens: int = 0
@@ -79,6 +87,7 @@ def engine_of(request: Request) -> Any:
     swaps the model retires the old engine only once every request holding it is done,
     also those still reading their body or rendering their prompt."""
     engine = request.app.state.engine
+    request.app.state.metrics.track(engine)
     record = record_of(request)
     if record is not _NULL:
         engine.holders += 1
@@ -95,7 +104,7 @@ class WriteTimeout(Exception):
 
 
 class ObserveMiddleware:
-    def __init__(self, app: Any, write_timeout: float, metrics: Any = None, log_content: bool = False):
+    def __init__(self, app: Any, write_timeout: float, metrics: Any = None):
         self.app = app
         self.write_timeout = write_timeout
         self.metrics = metrics
@@ -107,9 +116,12 @@ class ObserveMiddleware:
         headers = dict(scope.get("headers") or [])
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else "req_" + secrets.token_hex(12)
-        record = RequestRecord(request_id=request_id, method=scope["method"], route=scope["path"])
+        # Litestar routes before it runs middleware, so the template is known here.
+        route = scope.get("path_template") or UNMATCHED
+        record = RequestRecord(request_id=request_id, method=scope["method"], route=route, path=scope["path"])
         scope.setdefault("state", {})["llamad_record"] = record
         logged = False
+        raised = False
 
         def done() -> None:
             nonlocal logged
@@ -146,13 +158,19 @@ class ObserveMiddleware:
         except WriteTimeout:
             pass
         except Exception as exc:
+            raised = True
             record.error = record.error or f"{exc.__class__.__name__}: {exc}"
             raise
         finally:
             if self.metrics is not None:
                 self.metrics.in_flight(-1)
             if record.status is None:
-                record.status = 499  # nothing was sent: the client went away first
+                record.status = CLIENT_GONE  # nothing was sent: the client went away first
+            elif not logged and not raised:
+                # The answer began but its end was never sent: Litestar stops a stream when
+                # the client disconnects, and a stalled reader is cut off (WriteTimeout).
+                record.status = CLIENT_GONE
+                record.error = record.error or "client closed the connection before the answer ended"
             done()
             for release in record.releases:
                 release()
@@ -163,6 +181,7 @@ class ObserveMiddleware:
         fields: dict[str, Any] = {
             "method": record.method,
             "route": record.route,
+            "path": record.path,
             "status": record.error_status if record.error_status and record.status == 200 else record.status,
             "duration_s": round(duration, 4),
         }
