@@ -16,11 +16,14 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import structlog
 from litestar import Request
+
+from llamad.answer import Answer, AnswerEvent, fold_event
 
 # A deadline per send. asyncio.timeout (3.11+) is a timer; wait_for (3.10, and 3.11's
 # implementation) wraps every send in a new task, which showed up as ~15% of the event
@@ -53,6 +56,9 @@ class RequestRecord:
     decode_s: float = 0.0
     error: str | None = None
     error_status: int | None = None
+    # With logging.log_content on: the prompt as the model saw it, and the answer folded.
+    prompt_text: str | None = None
+    answer: Answer | None = None
     # Run when the request is over (answer sent, or failed): e.g. letting go of the engine.
     releases: list[Callable[[], None]] = field(default_factory=list)
 
@@ -97,6 +103,25 @@ def engine_of(request: Request) -> Any:
 
         record.releases.append(release)
     return engine
+
+
+def with_content_logged(request: Request, prompt_text: str, events: AsyncIterator[AnswerEvent]) -> AsyncIterator[AnswerEvent]:
+    """With `logging.log_content` on, the request's log line will carry `prompt_text` and
+    the answer these events make; off (the default: content may be private), `events` is
+    returned as it is, so the token path pays nothing."""
+    if not request.app.state.config.logging.log_content:
+        return events
+    record = record_of(request)
+    record.prompt_text = prompt_text
+    answer = record.answer = Answer()
+
+    async def noted() -> AsyncIterator[AnswerEvent]:
+        async with aclosing(events) as stream:
+            async for event in stream:
+                fold_event(answer, event)
+                yield event
+
+    return noted()
 
 
 class WriteTimeout(Exception):
@@ -198,6 +223,14 @@ class ObserveMiddleware:
                 fields["tokens_per_s"] = round((record.completion_tokens - 1) / record.decode_s, 2)
         if record.error:
             fields["error"] = record.error
+        if record.prompt_text is not None:
+            fields["prompt"] = record.prompt_text
+        if record.answer is not None:
+            fields["completion"] = record.answer.text
+            if record.answer.reasoning:
+                fields["reasoning"] = record.answer.reasoning
+            if record.answer.tool_calls:
+                fields["tool_calls"] = [{"name": c.name, "arguments": c.arguments} for c in record.answer.tool_calls]
         if self.metrics is not None:
             self.metrics.observe_request(record, fields["status"], duration)
         if record.route in ("/health", "/metrics"):

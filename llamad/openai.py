@@ -30,7 +30,7 @@ from llamad.answer import (
 from llamad.chat import Chat, ChatMessage, ToolCall, ToolSpec
 from llamad.engine import Engine, Generation, Sampling
 from llamad.errors import bad_request, from_exception, openai_body
-from llamad.observe import engine_of, record_of
+from llamad.observe import engine_of, record_of, with_content_logged
 from llamad.requests import decode_body, read_body, unless_disconnected
 
 # -- request schema (unknown fields are accepted: clients send extras) ---------------------
@@ -406,6 +406,7 @@ async def complete(request: Request, keep_reasoning: bool) -> Response:
     )
     completion = Completion(engine.model_id)
     events = await admitted(answer_events(engine, generation, keep_reasoning, parser))
+    events = with_content_logged(request, prompt.text, events)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return Stream(
