@@ -12,7 +12,7 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.middleware import DefineMiddleware
 
-from llamad import openai
+from llamad import anthropic, openai
 from llamad.auth import ApiKeys, AuthMiddleware
 from llamad.config import Config, api_keys
 from llamad.engine import Engine
@@ -86,16 +86,8 @@ def create_app(config: Config, engine: Engine, load_engine: bool = True, metrics
             if app.state.engine is not engine:  # swapped in by a reload
                 app.state.engine.close()
 
-    route_handlers: list[Any] = [health, metrics, root, openai.router]
-    try:
-        from llamad import anthropic
-    except ImportError:
-        anthropic = None  # type: ignore[assignment]
-    if anthropic is not None and hasattr(anthropic, "router"):
-        route_handlers.append(anthropic.router)
-
     return Litestar(
-        route_handlers=route_handlers,
+        route_handlers=[health, metrics, root, openai.router, anthropic.router],
         lifespan=[lifespan],
         # api_keys: a holder, so `systemctl reload` can swap keys (llamad.systemd.reload_service).
         state=State({"engine": engine, "config": config, "metrics": metrics_registry, "api_keys": keys}),
