@@ -109,6 +109,21 @@ async def test_a_streamed_hang_up_is_a_499_and_its_tokens_are_counted(make_clien
     assert 10 <= decoded < 2_000
 
 
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+async def test_a_stream_read_to_its_end_cancels_nothing(make_client, path):
+    """A stream ends on its finish event and lets go of the generation right there; that
+    generation is complete, not cancelled."""
+    body = {"model": "m", "max_tokens": 16, "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "Hi"}]}
+    async with make_client() as client:
+        for _ in range(3):
+            assert (await client.post(path, json=body)).status_code == 200
+        text = (await client.get("/metrics")).text
+    assert value(text, "llamad_generations_cancelled_total") == 0
+    assert value(text, "llamad_completion_tokens_total") == 3 * 5
+    assert request_series(text)[("POST", path, "200")] == 3
+
+
 async def test_an_engine_error_counts_as_failed_not_cancelled(make_client):
     def breaks(generation: Generation) -> Iterator[str]:
         yield "one "
