@@ -65,29 +65,30 @@ async def test_anthropic_message_without_content_is_a_400_naming_it(make_client,
 
 
 def schema_format(strict: bool | None) -> dict:
-    spec = {"name": "age", "schema": {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}},
-                                      "required": ["age"]}}
+    # uniqueItems: no grammar can enforce it (the items seen so far would have to be remembered).
+    tags = {"type": "array", "items": {"type": "string"}, "uniqueItems": True}
+    spec = {"name": "tags", "schema": {"type": "object", "properties": {"tags": tags}, "required": ["tags"]}}
     if strict is not None:
         spec["strict"] = strict
     return {"type": "json_schema", "json_schema": spec}
 
 
 async def test_strict_json_schema_refuses_a_keyword_the_grammar_cannot_enforce(make_client):
-    engine = FakeEngine(script=lambda g: ['{"age": 3}'])
+    engine = FakeEngine(script=lambda g: ['{"tags": ["a", "b"]}'])
     async with make_client(engine) as client:
-        strict = await client.post(CHAT, json={"messages": [{"role": "user", "content": "Age?"}],
+        strict = await client.post(CHAT, json={"messages": [{"role": "user", "content": "Tags?"}],
                                                "response_format": schema_format(True)})
         loose = [
-            await client.post(CHAT, json={"messages": [{"role": "user", "content": "Age?"}],
+            await client.post(CHAT, json={"messages": [{"role": "user", "content": "Tags?"}],
                                           "response_format": schema_format(flag)})
             for flag in (False, None)
         ]
     assert strict.status_code == 400, strict.text
     error = strict.json()["error"]
-    assert "minimum" in error["message"] and error["param"] == "response_format"
+    assert "uniqueItems" in error["message"] and error["param"] == "response_format"
     for response in loose:  # not strict: served, the keyword is advice to the model
         assert response.status_code == 200, response.text
-        assert json.loads(response.json()["choices"][0]["message"]["content"]) == {"age": 3}
+        assert json.loads(response.json()["choices"][0]["message"]["content"]) == {"tags": ["a", "b"]}
     assert len(engine.generations) == 2 and all(g.grammar for g in engine.generations)
 
 
