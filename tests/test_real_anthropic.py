@@ -15,7 +15,7 @@ import pytest
 from anthropic.types import Message
 from httpx_sse import connect_sse
 from test_anthropic import assert_valid_stream
-from test_real_load import README_DECODE_HANG_UP_S, FEW_TOKENS, NEVER_SHORT, metric, requests_with_status, slowness, wait_idle
+from test_real_load import FEW_TOKENS, NEVER_SHORT, README_DECODE_HANG_UP_S, metric, requests_with_status, slowness
 
 pytestmark = pytest.mark.real
 
