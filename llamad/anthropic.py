@@ -28,7 +28,7 @@ from llamad.answer import AnswerEvent, Finish, Keepalive, PlainText, admitted, a
 from llamad.config import LimitsConfig
 from llamad.engine import ContextOverflow, Engine, Generation
 from llamad.errors import anthropic_body, from_exception
-from llamad.observe import engine_of, record_of
+from llamad.observe import engine_of, record_of, with_content_logged
 from llamad.requests import decode_body, read_body, unless_disconnected
 
 log = structlog.get_logger("llamad.anthropic")
@@ -92,6 +92,7 @@ async def create_message(request: Request, route: str) -> Response:
     events = await admitted(answer_events(engine, generation, keep_reasoning, prepared.plan.parser or PlainText()))
     if route == "clean":
         events = cleaned(events)
+    events = with_content_logged(request, prompt.text, events)
     wire = wire_events(events, MessageStream(model=engine.model_id, input_tokens=len(prompt.tokens)), request)
     if req.stream:
         return Stream(stream_frames(wire, request), media_type="text/event-stream", headers=sse.HEADERS)

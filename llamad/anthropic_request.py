@@ -56,7 +56,8 @@ Block = Union[TextBlock, ImageBlock, DocumentBlock, ToolUseBlock, ToolResultBloc
 
 class InputMessage(msgspec.Struct):
     role: str
-    content: Union[str, list[Block]]
+    # Required; optional here only so that to_chat can say which message lacks it.
+    content: Union[str, list[Block], None] = None
 
 
 class Tool(msgspec.Struct, kw_only=True):
@@ -174,6 +175,11 @@ def to_chat(req: MessagesRequest, max_messages: int) -> Chat:
     tool_names: dict[str, str] = {}
     for index, message in enumerate(req.messages):
         where = f"messages[{index}].content"
+        if message.content is None:
+            raise bad_request(
+                f"messages[{index}] has no 'content': every message needs content, a string or a list of content blocks",
+                param=where,
+            )
         if message.role == "system":
             system.append(_texts(message.content, where))
         elif message.role == "assistant":

@@ -12,13 +12,13 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.middleware import DefineMiddleware
 
-from llamad import openai
+from llamad import anthropic, openai
 from llamad.auth import ApiKeys, AuthMiddleware
 from llamad.config import Config, api_keys
 from llamad.engine import Engine
 from llamad.errors import body_of, family_of, from_exception
 from llamad.metrics import Metrics
-from llamad.observe import ObserveMiddleware, record_of
+from llamad.observe import UNMATCHED, ObserveMiddleware, RequestRecord, record_of
 
 log = structlog.get_logger("llamad.app")
 
@@ -33,6 +33,8 @@ def error_handler(request: Request, exc: Exception) -> Response:
     headers = dict(error.headers)
     if record.request_id == "-":  # no route matched (404/405), so the observer never ran
         headers["request-id"] = "req_" + secrets.token_hex(12)
+        unmatched = RequestRecord(request_id=headers["request-id"], method=request.method, route=UNMATCHED)
+        request.app.state.metrics.observe_request(unmatched, error.status, 0.0)
     return Response(body_of(error, family), status_code=error.status, headers=headers)
 
 
@@ -110,15 +112,9 @@ def create_app(
 
     from llamad import completions, embeddings, infill, ollama, ollama_models, tokens
 
-    route_handlers: list[Any] = [health, metrics, root, openai.router]
+    route_handlers: list[Any] = [health, metrics, root, openai.router, anthropic.router]
     route_handlers += [completions.router, infill.router, embeddings.router, tokens.router]
     route_handlers += [ollama.router, ollama_models.router]
-    try:
-        from llamad import anthropic
-    except ImportError:
-        anthropic = None  # type: ignore[assignment]
-    if anthropic is not None and hasattr(anthropic, "router"):
-        route_handlers.append(anthropic.router)
 
     return Litestar(
         route_handlers=route_handlers,

@@ -19,7 +19,8 @@ from typing import Any, AsyncIterator, Callable, Iterator, TypeVar, Union
 
 import anyio
 
-from llamad.chat import Chat
+from llamad.chat import Chat, ChatMessage
+from llamad.prompt_cache import common_prefix
 from llamad.scheduler import Overloaded, QueueTimeout, Scheduler, ShuttingDown
 
 T = TypeVar("T")
@@ -176,11 +177,20 @@ class KeepaliveTimer:
 
 @dataclass
 class EngineStats:
-    requests: int = 0
-    prompt_tokens: int = 0
+    """What the engine did, counted as it happens (read by llamad.metrics)."""
+
+    requests: int = 0  # generations that reached their end
+    prompt_tokens: int = 0  # prompts the engine took; a request the queue refused is not here
+    # Prompt tokens evaluated, bumped per prompt step (a subclass's _decode does it), so a
+    # prompt cut short by a hang-up counts only what was evaluated.
+    prompt_tokens_evaluated: int = 0
+    # Bumped per decoded token, so a generation that is cancelled still counts its tokens.
     completion_tokens: int = 0
-    cached_tokens: int = 0
-    cancelled: int = 0
+    cached_tokens: int = 0  # prompt tokens reused instead of evaluated
+    cache_lookups: int = 0
+    cache_hits: int = 0  # prompts that reused more than `Engine.shared_head` tokens
+    cancelled: int = 0  # stopped early because the consumer went away (hang-up, stall, shutdown)
+    failed: int = 0  # stopped by an error
 
 
 class Engine:
@@ -199,6 +209,9 @@ class Engine:
         self._running: threading.Event | None = None
         # Requests that took this engine and are not over yet (llamad.observe.engine_of).
         self.holders = 0
+        # Prompt tokens every prompt starts with (BOS, the template's opening): reusing only
+        # these is no cache hit. Measured on load (`_measure_shared_head`).
+        self.shared_head = 0
 
     # -- what a subclass supplies -------------------------------------------------------
     def _load(self) -> None:
@@ -273,7 +286,26 @@ class Engine:
             self.state = "failed"
             self.error = str(exc) or exc.__class__.__name__
             raise
+        self.shared_head = await loop.run_in_executor(self._worker, self._measure_shared_head)
         self.state = "ready"
+
+    def _measure_shared_head(self) -> int:
+        """The longest token prefix shared by prompts of three unlike chats (two one-line
+        user chats, one with a system prompt): what every prompt begins with, so what any
+        prompt finds in the cache even when nothing of the conversation is reused."""
+        probes = [
+            Chat(messages=[ChatMessage(role="user", content="Hello.")]),
+            Chat(messages=[ChatMessage(role="user", content="What is 2 + 2?")]),
+            Chat(messages=[ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")]),
+        ]
+        try:
+            prompts = [self._prepare(chat).tokens for chat in probes]
+        except Exception:  # a template that refuses a probe: count every reuse as a hit
+            return 0
+        head = prompts[0]
+        for tokens in prompts[1:]:
+            head = head[: common_prefix(head, tokens)]
+        return len(head)
 
     def close(self) -> None:
         self.scheduler.close()
@@ -419,7 +451,7 @@ class Engine:
         # Keep-alives while the worker is quiet (a long prompt evaluation): one timer per
         # generation that re-arms itself, rather than a timeout around every token's wait.
         quiet = KeepaliveTimer(loop, events)
-        finished = False
+        finished = failed = False
         try:
             while True:
                 item = await events.get()
@@ -431,11 +463,18 @@ class Engine:
                     finished = True
                     return
                 if isinstance(item, BaseException):
+                    failed = True
                     raise item
+                if isinstance(item, Done):
+                    # The generation is complete: a consumer that stops reading now (a
+                    # stream that ends on the finish event) has cancelled nothing.
+                    finished = True
                 yield item
         finally:
             quiet.stop()
-            if not finished:
+            if failed:
+                self.stats.failed += 1
+            elif not finished:
                 cancel.set()
                 self.stats.cancelled += 1
             # The lock is released only once the worker has stopped touching the model. The
@@ -457,14 +496,21 @@ class Engine:
         pending = ""  # text held back because it may be the start of a stop sequence
         finish_reason = "stop"
         stop_sequence: str | None = None
+        stats = self.stats
+        stats.prompt_tokens += prompt_tokens
 
         pieces = self._decode(generation, cancel)
         try:
             for piece in pieces:
+                if isinstance(piece, str):
+                    stats.completion_tokens += 1  # decoded, whether or not anyone reads it
                 if cancel.is_set():
                     raise Cancelled()
                 if isinstance(piece, int):
                     cached = piece
+                    stats.cache_lookups += 1
+                    stats.cached_tokens += cached
+                    stats.cache_hits += cached > self.shared_head
                     emit(Started(prompt_tokens, cached, queued_s, time.monotonic() - started))
                     continue
                 completion_tokens += 1
@@ -502,10 +548,7 @@ class Engine:
         if pending:
             emit(Token(pending))
         now = time.monotonic()
-        self.stats.requests += 1
-        self.stats.prompt_tokens += prompt_tokens
-        self.stats.completion_tokens += completion_tokens
-        self.stats.cached_tokens += cached
+        stats.requests += 1
         emit(
             Done(
                 finish_reason=finish_reason,

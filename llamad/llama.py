@@ -358,7 +358,9 @@ class LlamaEngine(Engine):
             if cancel.is_set():
                 # Leave the context consistent with what was evaluated so far.
                 raise Cancelled()
-            llm.eval(rest[start : start + step])
+            chunk = rest[start : start + step]
+            llm.eval(chunk)
+            self.stats.prompt_tokens_evaluated += len(chunk)
         return prefix
 
     def _decode(self, generation: Generation, cancel: threading.Event) -> Iterator[str | int]:

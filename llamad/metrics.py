@@ -37,38 +37,48 @@ class Histogram:
         return out
 
 
+# Label values a client cannot multiply: methods outside this set are "OTHER".
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class Metrics:
+    """Request counts and histograms are kept here; token and generation counts are the
+    engines' own (`EngineStats`), bumped as the work happens, and summed over every engine
+    this process has served with, so a reload that swaps the model does not make a counter
+    go down."""
+
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.cached_tokens = 0
-        self.cache_hits = 0
-        self.cache_lookups = 0
         self.requests_in_flight = 0
         self.ttft = Histogram(TTFT_BUCKETS)
         self.rate = Histogram(RATE_BUCKETS)
         self.duration = Histogram(DURATION_BUCKETS)
+        self._engine_stats: list[Any] = []
+
+    def track(self, engine: Any) -> None:
+        """Counts `engine`'s work from now on (called for every engine a request takes)."""
+        stats = engine.stats
+        if not any(seen is stats for seen in self._engine_stats):
+            self._engine_stats.append(stats)
+
+    def total(self, name: str) -> int:
+        return sum(getattr(stats, name) for stats in self._engine_stats)
 
     def in_flight(self, delta: int) -> None:
         self.requests_in_flight += delta
 
     def observe_request(self, record: Any, status: int | None, duration: float) -> None:
-        self.requests[(record.method, record.route, int(status or 0))] += 1
+        """`record.route` is a route template (or "unmatched"), never the raw path."""
+        method = record.method if record.method in METHODS else "OTHER"
+        self.requests[(method, record.route, int(status or 0))] += 1
         self.duration.observe(duration)
-        if record.prompt_tokens or record.completion_tokens:
-            self.prompt_tokens += record.prompt_tokens
-            self.completion_tokens += record.completion_tokens
-            self.cached_tokens += record.cached_tokens
-            self.cache_lookups += 1
-            if record.cached_tokens > 0:
-                self.cache_hits += 1
         if record.time_to_first_token_s is not None:
             self.ttft.observe(record.time_to_first_token_s)
         if record.decode_s > 0 and record.completion_tokens > 1:
             self.rate.observe((record.completion_tokens - 1) / record.decode_s)
 
     def render(self, engine: Any) -> str:
+        self.track(engine)
         lines: list[str] = []
 
         def metric(name: str, kind: str, help_text: str, samples: list[str]) -> None:
@@ -76,26 +86,33 @@ class Metrics:
             lines.append(f"# TYPE {name} {kind}")
             lines.extend(samples)
 
+        def counter(name: str, help_text: str, field: str) -> None:
+            metric(name, "counter", help_text, [f"{name} {self.total(field)}"])
+
         metric(
             "llamad_requests_total",
             "counter",
-            "HTTP requests by method, route and status.",
+            "HTTP requests by method, route template (\"unmatched\" when no route matched) and status; "
+            "499: the client went away before the answer ended.",
             [
                 f'llamad_requests_total{{method="{m}",route="{_escape(r)}",status="{s}"}} {n}'
                 for (m, r, s), n in sorted(self.requests.items())
             ],
         )
-        metric("llamad_prompt_tokens_total", "counter", "Prompt tokens of answered requests.", [f"llamad_prompt_tokens_total {self.prompt_tokens}"])
-        metric("llamad_completion_tokens_total", "counter", "Generated tokens.", [f"llamad_completion_tokens_total {self.completion_tokens}"])
-        metric("llamad_prompt_cache_tokens_total", "counter", "Prompt tokens reused from the KV cache.", [f"llamad_prompt_cache_tokens_total {self.cached_tokens}"])
-        metric("llamad_prompt_cache_hits_total", "counter", "Generations that reused a cached prompt prefix.", [f"llamad_prompt_cache_hits_total {self.cache_hits}"])
-        metric("llamad_prompt_cache_lookups_total", "counter", "Generations that looked for a cached prefix.", [f"llamad_prompt_cache_lookups_total {self.cache_lookups}"])
-        hit_rate = self.cache_hits / self.cache_lookups if self.cache_lookups else 0.0
-        metric("llamad_prompt_cache_hit_ratio", "gauge", "Share of generations that reused a cached prefix.", [f"llamad_prompt_cache_hit_ratio {hit_rate:.4f}"])
+        counter("llamad_prompt_tokens_total", "Prompt tokens of the generations the engine took (not of requests the queue refused).", "prompt_tokens")
+        counter("llamad_prompt_tokens_evaluated_total", "Prompt tokens evaluated, counted per prompt step (cache reuse and steps a hang-up skipped are not).", "prompt_tokens_evaluated")
+        counter("llamad_completion_tokens_total", "Tokens decoded, counted as they are decoded, those of cancelled generations too.", "completion_tokens")
+        counter("llamad_prompt_cache_tokens_total", "Prompt tokens reused from the KV cache instead of evaluated: the cache's primary figure.", "cached_tokens")
+        counter("llamad_prompt_cache_hits_total", "Prompts that reused more than llamad_prompt_shared_head_tokens from the cache.", "cache_hits")
+        counter("llamad_prompt_cache_lookups_total", "Prompts that looked for a cached prefix.", "cache_lookups")
+        hits, lookups = self.total("cache_hits"), self.total("cache_lookups")
+        metric("llamad_prompt_cache_hit_ratio", "gauge", "hits / lookups (secondary: see llamad_prompt_cache_tokens_total).", [f"llamad_prompt_cache_hit_ratio {hits / lookups if lookups else 0.0:.4f}"])
+        metric("llamad_prompt_shared_head_tokens", "gauge", "Tokens every prompt starts with (BOS, template opening); reusing only these is no hit.", [f"llamad_prompt_shared_head_tokens {engine.shared_head}"])
         metric("llamad_queue_depth", "gauge", "Requests waiting for the engine.", [f"llamad_queue_depth {engine.scheduler.queue_depth}"])
         metric("llamad_generation_active", "gauge", "1 while a generation holds the engine.", [f"llamad_generation_active {int(engine.generating)}"])
         metric("llamad_requests_in_flight", "gauge", "HTTP requests being served.", [f"llamad_requests_in_flight {self.requests_in_flight}"])
-        metric("llamad_generations_cancelled_total", "counter", "Generations stopped because the client went away.", [f"llamad_generations_cancelled_total {engine.stats.cancelled}"])
+        counter("llamad_generations_cancelled_total", "Generations stopped early because the client went away (hang-up, stalled reader, shutdown).", "cancelled")
+        counter("llamad_generations_failed_total", "Generations stopped by an error.", "failed")
         states = ("loading", "ready", "failed")
         metric(
             "llamad_model_state",

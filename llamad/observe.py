@@ -3,8 +3,12 @@
 An ASGI middleware wraps every request. It gives the request an id (echoed in the
 `request-id` header and bound into every log line), lets handlers fill a `RequestRecord`
 (tokens, time to first token), and logs and counts the request when its last body byte is
-sent, which for a stream is when the stream ends. It also bounds how long one `send` may
+sent, which for a stream is when the stream ends; a response whose end is never sent (the
+client hung up, or stopped reading) is a 499. It also bounds how long one `send` may
 block, so a client that stops reading cannot hold the engine.
+
+Requests are counted by route template (`/v1/models/{model_id}`), never by raw path, so a
+client cannot make new metric series; a path no route matches is "unmatched".
 """
 
 from __future__ import annotations
@@ -12,11 +16,14 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import structlog
 from litestar import Request
+
+from llamad.answer import Answer, AnswerEvent, fold_event
 
 # A deadline per send. asyncio.timeout (3.11+) is a timer; wait_for (3.10, and 3.11's
 # implementation) wraps every send in a new task, which showed up as ~15% of the event
@@ -28,12 +35,16 @@ except ImportError:  # Python 3.10
 
 log = structlog.get_logger("llamad.request")
 
+UNMATCHED = "unmatched"  # the route label of a path no route matches
+CLIENT_GONE = 499
+
 
 @dataclass
 class RequestRecord:
     request_id: str
     method: str
-    route: str
+    route: str  # the route template
+    path: str = ""
     started: float = field(default_factory=time.monotonic)
     status: int | None = None
     prompt_tokens: int = 0
@@ -45,6 +56,9 @@ class RequestRecord:
     decode_s: float = 0.0
     error: str | None = None
     error_status: int | None = None
+    # With logging.log_content on: the prompt as the model saw it, and the answer folded.
+    prompt_text: str | None = None
+    answer: Answer | None = None
     # Run when the request is over (answer sent, or failed): e.g. letting go of the engine.
     releases: list[Callable[[], None]] = field(default_factory=list)
 
@@ -79,6 +93,7 @@ def engine_of(request: Request) -> Any:
     swaps the model retires the old engine only once every request holding it is done,
     also those still reading their body or rendering their prompt."""
     engine = request.app.state.engine
+    request.app.state.metrics.track(engine)
     record = record_of(request)
     if record is not _NULL:
         engine.holders += 1
@@ -90,12 +105,31 @@ def engine_of(request: Request) -> Any:
     return engine
 
 
+def with_content_logged(request: Request, prompt_text: str, events: AsyncIterator[AnswerEvent]) -> AsyncIterator[AnswerEvent]:
+    """With `logging.log_content` on, the request's log line will carry `prompt_text` and
+    the answer these events make; off (the default: content may be private), `events` is
+    returned as it is, so the token path pays nothing."""
+    if not request.app.state.config.logging.log_content:
+        return events
+    record = record_of(request)
+    record.prompt_text = prompt_text
+    answer = record.answer = Answer()
+
+    async def noted() -> AsyncIterator[AnswerEvent]:
+        async with aclosing(events) as stream:
+            async for event in stream:
+                fold_event(answer, event)
+                yield event
+
+    return noted()
+
+
 class WriteTimeout(Exception):
     pass
 
 
 class ObserveMiddleware:
-    def __init__(self, app: Any, write_timeout: float, metrics: Any = None, log_content: bool = False):
+    def __init__(self, app: Any, write_timeout: float, metrics: Any = None):
         self.app = app
         self.write_timeout = write_timeout
         self.metrics = metrics
@@ -107,9 +141,12 @@ class ObserveMiddleware:
         headers = dict(scope.get("headers") or [])
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else "req_" + secrets.token_hex(12)
-        record = RequestRecord(request_id=request_id, method=scope["method"], route=scope["path"])
+        # Litestar routes before it runs middleware, so the template is known here.
+        route = scope.get("path_template") or UNMATCHED
+        record = RequestRecord(request_id=request_id, method=scope["method"], route=route, path=scope["path"])
         scope.setdefault("state", {})["llamad_record"] = record
         logged = False
+        raised = False
 
         def done() -> None:
             nonlocal logged
@@ -146,13 +183,19 @@ class ObserveMiddleware:
         except WriteTimeout:
             pass
         except Exception as exc:
+            raised = True
             record.error = record.error or f"{exc.__class__.__name__}: {exc}"
             raise
         finally:
             if self.metrics is not None:
                 self.metrics.in_flight(-1)
             if record.status is None:
-                record.status = 499  # nothing was sent: the client went away first
+                record.status = CLIENT_GONE  # nothing was sent: the client went away first
+            elif not logged and not raised:
+                # The answer began but its end was never sent: Litestar stops a stream when
+                # the client disconnects, and a stalled reader is cut off (WriteTimeout).
+                record.status = CLIENT_GONE
+                record.error = record.error or "client closed the connection before the answer ended"
             done()
             for release in record.releases:
                 release()
@@ -163,6 +206,7 @@ class ObserveMiddleware:
         fields: dict[str, Any] = {
             "method": record.method,
             "route": record.route,
+            "path": record.path,
             "status": record.error_status if record.error_status and record.status == 200 else record.status,
             "duration_s": round(duration, 4),
         }
@@ -179,6 +223,14 @@ class ObserveMiddleware:
                 fields["tokens_per_s"] = round((record.completion_tokens - 1) / record.decode_s, 2)
         if record.error:
             fields["error"] = record.error
+        if record.prompt_text is not None:
+            fields["prompt"] = record.prompt_text
+        if record.answer is not None:
+            fields["completion"] = record.answer.text
+            if record.answer.reasoning:
+                fields["reasoning"] = record.answer.reasoning
+            if record.answer.tool_calls:
+                fields["tool_calls"] = [{"name": c.name, "arguments": c.arguments} for c in record.answer.tool_calls]
         if self.metrics is not None:
             self.metrics.observe_request(record, fields["status"], duration)
         if record.route in ("/health", "/metrics"):

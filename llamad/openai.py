@@ -30,7 +30,7 @@ from llamad.answer import (
 from llamad.chat import Chat, ChatMessage, ToolCall, ToolSpec
 from llamad.engine import Engine, Generation, Sampling
 from llamad.errors import bad_request, from_exception, openai_body
-from llamad.observe import engine_of, record_of
+from llamad.observe import engine_of, record_of, with_content_logged
 from llamad.requests import decode_body, read_body, unless_disconnected
 
 # -- request schema (unknown fields are accepted: clients send extras) ---------------------
@@ -148,6 +148,12 @@ def to_chat(req: ChatRequest, max_messages: int) -> Chat:
                 f"unknown role '{message.role}'; expected one of: system, developer, user, assistant, tool",
                 param=f"messages[{index}].role",
             )
+        if message.content is None and not (message.role == "assistant" and message.tool_calls):
+            raise bad_request(
+                f"messages[{index}] has no 'content': a {message.role} message needs content"
+                + (" (an assistant message may leave it out only when it carries tool_calls)" if message.role == "assistant" else ""),
+                param=f"messages[{index}].content",
+            )
         role = "system" if message.role == "developer" else message.role
         calls = [
             ToolCall(id=c.id or f"call_{index}_{n}", name=c.function.name, arguments=c.function.arguments)
@@ -243,7 +249,9 @@ def response_format_of(req: ChatRequest) -> dict[str, Any] | None:
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
             raise bad_request("'response_format.json_schema' must be an object with a 'schema'", param="response_format")
-        return {"type": "json_schema", "schema": spec.get("schema") or {}}
+        # strict: refuse a schema the grammar cannot fully enforce instead of serving it
+        # with those keywords as advice (llamad.tools_grammar).
+        return {"type": "json_schema", "schema": spec.get("schema") or {}, "strict": spec.get("strict") is True}
     raise bad_request(
         f"unsupported response_format type '{fmt.get('type')}'; use text, json_object or json_schema",
         param="response_format",
@@ -406,6 +414,7 @@ async def complete(request: Request, keep_reasoning: bool) -> Response:
     )
     completion = Completion(engine.model_id)
     events = await admitted(answer_events(engine, generation, keep_reasoning, parser))
+    events = with_content_logged(request, prompt.text, events)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return Stream(

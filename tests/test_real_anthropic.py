@@ -15,6 +15,7 @@ import pytest
 from anthropic.types import Message
 from httpx_sse import connect_sse
 from test_anthropic import assert_valid_stream
+from test_real_load import FEW_TOKENS, NEVER_SHORT, README_DECODE_HANG_UP_S, metric, requests_with_status, slowness
 
 pytestmark = pytest.mark.real
 
@@ -114,14 +115,27 @@ def test_malformed_body_and_missing_max_tokens_are_400s(real_server):
         assert response.headers["request-id"]
 
 
-def test_hanging_up_a_stream_frees_the_model(real_server):
-    payload = {"model": "m", "max_tokens": 1000, "stream": True, "messages": ASK}
-    with httpx.Client(base_url=real_server, timeout=120) as http:
-        with connect_sse(http, "POST", "/v1/messages", json=payload) as source:
-            for event in source.iter_sse():
-                if event.event == "content_block_delta":
-                    break  # hang up mid-answer
-        deadline = time.monotonic() + 10
-        while http.get("/health").json()["generating"]:
-            assert time.monotonic() < deadline, "the generation kept running after the client left"
-            time.sleep(0.1)
+def test_hanging_up_a_stream_stops_decoding_within_a_few_tokens(sdk, real_server):
+    """The SDK's stream closed mid-answer, on an answer that cannot end early: decoding
+    stops a few tokens later and the request counts as a 499."""
+    bound_s = 10 * README_DECODE_HANG_UP_S * slowness(real_server)
+    cancelled_before = metric(real_server, "llamad_generations_cancelled_total")
+    hang_ups_before = requests_with_status(real_server, "/v1/messages", 499)
+    never_short = {"type": "json_schema", "schema": NEVER_SHORT["json_schema"]["schema"]}
+    with sdk.messages.stream(model="m", max_tokens=1000, messages=ASK,
+                             extra_body={**GREEDY, "output_format": never_short}) as stream:
+        deltas = 0
+        for event in stream:
+            deltas += event.type == "content_block_delta"
+            if deltas == 3:
+                decoded_at_hang_up = metric(real_server, "llamad_completion_tokens_total")
+                break  # leaving the block closes the connection: the hang-up
+    assert deltas == 3
+    freed_by = time.monotonic() + bound_s
+    while httpx.get(real_server + "/health", timeout=5).json()["generating"]:
+        assert time.monotonic() < freed_by, "the generation kept running after the client left"
+        time.sleep(0.02)
+    after = metric(real_server, "llamad_completion_tokens_total") - decoded_at_hang_up
+    assert after <= FEW_TOKENS, f"{after:.0f} tokens decoded after the hang-up"
+    assert metric(real_server, "llamad_generations_cancelled_total") == cancelled_before + 1
+    assert requests_with_status(real_server, "/v1/messages", 499) == hang_ups_before + 1
