@@ -12,7 +12,7 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.middleware import DefineMiddleware
 
-from llamad import openai
+from llamad import openai, responses
 from llamad.auth import ApiKeys, AuthMiddleware
 from llamad.config import Config, api_keys
 from llamad.engine import Engine
@@ -91,6 +91,7 @@ def create_app(config: Config, engine: Engine, load_engine: bool = True, metrics
         anthropic = None  # type: ignore[assignment]
     if anthropic is not None and hasattr(anthropic, "router"):
         route_handlers.append(anthropic.router)
+    route_handlers.append(responses.router)
 
     return Litestar(
         route_handlers=route_handlers,

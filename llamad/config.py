@@ -73,11 +73,19 @@ class LoggingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_content: bool = False
 
 
+class ResponsesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Recent /v1/responses answers kept in memory for previous_response_id and GET; the
+    # oldest go first when either bound is reached. 0 keeps none.
+    store_max: int = 256
+    store_max_bytes: int = 64 * 1024 * 1024
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    responses: ResponsesConfig = msgspec.field(default_factory=ResponsesConfig)
 
 
 SECTIONS: dict[str, type[msgspec.Struct]] = {
@@ -85,6 +93,7 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "model": ModelConfig,
     "limits": LimitsConfig,
     "logging": LoggingConfig,
+    "responses": ResponsesConfig,
 }
 
 # The seed server's environment names, kept so old deployments keep working.
@@ -292,6 +301,8 @@ def validate(loaded: LoadedConfig) -> None:
     _check(c.limits.max_messages >= 1, loaded, "limits.max_messages", c.limits.max_messages, "at least 1")
     _check(c.logging.level in LOG_LEVELS, loaded, "logging.level", c.logging.level, "one of " + ", ".join(LOG_LEVELS))
     _check(c.logging.format in LOG_FORMATS, loaded, "logging.format", c.logging.format, "one of " + ", ".join(LOG_FORMATS))
+    _check(c.responses.store_max >= 0, loaded, "responses.store_max", c.responses.store_max, "0 or more")
+    _check(c.responses.store_max_bytes >= 0, loaded, "responses.store_max_bytes", c.responses.store_max_bytes, "0 or more")
     if c.server.api_key_file:
         key_file = Path(c.server.api_key_file)
         _check(key_file.is_file(), loaded, "server.api_key_file", c.server.api_key_file, "a readable file of keys")
