@@ -27,7 +27,7 @@ from llamad.observe import engine_of, record_of
 from llamad.requests import decode_body, read_body, unless_disconnected
 from llamad.responses_request import ResponsesRequest, max_output_tokens_of, sampling_of, translate
 from llamad.responses_store import ResponseStore
-from llamad.responses_stream import KEEPALIVE, TERMINAL, ResponseStream, WireEvent, final_response
+from llamad.responses_stream import TERMINAL, ResponseStream, WireEvent, final_response
 
 log = structlog.get_logger("llamad.responses")
 
@@ -103,8 +103,8 @@ async def wire_events(
         admission = True
         async for event in stream:
             if isinstance(event, Keepalive):
-                # The first one only says the request was admitted; response.created already
-                # told the client the stream is alive.
+                # The first one only says the request was admitted; response.in_progress has
+                # just told the client that.
                 if admission:
                     admission = False
                     continue
@@ -123,7 +123,7 @@ async def stream_frames(wire: AsyncIterator[WireEvent], machine: ResponseStream,
     async with aclosing(wire) as stream:
         try:
             async for kind, payload in stream:
-                yield sse.comment_frame() if kind == KEEPALIVE else sse.event_frame(kind, payload)
+                yield sse.event_frame(kind, payload)
         except Exception as exc:  # after the headers: the error travels in the stream
             error = from_exception(exc, "openai")
             if error.kind == "server":

@@ -3,7 +3,8 @@
 `ResponseStream` is the state machine between the shared answer pipeline (llamad.answer)
 and the wire. It opens with `response.created` and `response.in_progress`, turns each
 stretch of reasoning, text or tool call into one output item (`reasoning`, `message`,
-`function_call`) with its added / delta / done events, numbers every event with a strictly
+`function_call`) with its added / delta / done events, repeats `response.in_progress` as
+a keep-alive while the request waits, numbers every event with a strictly
 increasing `sequence_number`, and ends with `response.completed` or `response.incomplete`
 (or, after an error, `error` and `response.failed`). The terminal event carries the whole
 response: a non-streamed reply is that object, so both come from one code path.
@@ -28,10 +29,8 @@ from llamad.answer import (
 )
 from llamad.errors import OPENAI_TYPES, ApiError
 
-# (event type, payload); the payload's "type" equals the event type. KEEPALIVE is not an
-# event: the framing sends it as an SSE comment, and a fold skips it.
+# (event type, payload); the payload's "type" equals the event type.
 WireEvent = tuple[str, dict[str, Any]]
-KEEPALIVE = "keepalive"
 TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 
 # response.failed's error.code must be one of OpenAI's; the kinds llamad has map to these.
@@ -102,7 +101,9 @@ class ResponseStream:
     # -- answer events ------------------------------------------------------------------------
     def feed(self, event: AnswerEvent) -> list[WireEvent]:
         if isinstance(event, Keepalive):
-            return [(KEEPALIVE, {})]
+            # While queued or evaluating a long prompt: a real event, not an SSE comment,
+            # because Codex's idle timeout (5 min) counts events and skips comments.
+            return [self._event("response.in_progress", response=self.response("in_progress"))]
         if isinstance(event, ReasoningDelta):
             if not event.text:
                 return []
