@@ -12,7 +12,7 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.middleware import DefineMiddleware
 
-from llamad import anthropic, openai
+from llamad import anthropic, openai, responses
 from llamad.auth import ApiKeys, AuthMiddleware
 from llamad.config import Config, api_keys
 from llamad.engine import Engine
@@ -112,7 +112,7 @@ def create_app(
 
     from llamad import completions, embeddings, infill, ollama, ollama_models, tokens
 
-    route_handlers: list[Any] = [health, metrics, root, openai.router, anthropic.router]
+    route_handlers: list[Any] = [health, metrics, root, openai.router, anthropic.router, responses.router]
     route_handlers += [completions.router, infill.router, embeddings.router, tokens.router]
     route_handlers += [ollama.router, ollama_models.router]
 

@@ -86,6 +86,11 @@ class EmbeddingsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
 
 
 EMBEDDING_POOLINGS = ("model", "mean", "cls", "last")
+class ResponsesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Recent /v1/responses answers kept in memory for previous_response_id and GET; the
+    # oldest go first when either bound is reached. 0 keeps none.
+    store_max: int = 256
+    store_max_bytes: int = 64 * 1024 * 1024
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -94,6 +99,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     embeddings: EmbeddingsConfig = msgspec.field(default_factory=EmbeddingsConfig)
+    responses: ResponsesConfig = msgspec.field(default_factory=ResponsesConfig)
 
 
 SECTIONS: dict[str, type[msgspec.Struct]] = {
@@ -102,6 +108,7 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "limits": LimitsConfig,
     "logging": LoggingConfig,
     "embeddings": EmbeddingsConfig,
+    "responses": ResponsesConfig,
 }
 
 # The seed server's environment names, kept so old deployments keep working.
@@ -315,6 +322,8 @@ def validate(loaded: LoadedConfig) -> None:
     _check(e.n_threads >= 0, loaded, "embeddings.n_threads", e.n_threads, "0 (all cores) or more")
     if e.path:
         _check(Path(e.path).expanduser().is_file(), loaded, "embeddings.path", e.path, "an existing .gguf file")
+    _check(c.responses.store_max >= 0, loaded, "responses.store_max", c.responses.store_max, "0 or more")
+    _check(c.responses.store_max_bytes >= 0, loaded, "responses.store_max_bytes", c.responses.store_max_bytes, "0 or more")
     if c.server.api_key_file:
         key_file = Path(c.server.api_key_file)
         _check(key_file.is_file(), loaded, "server.api_key_file", c.server.api_key_file, "a readable file of keys")

@@ -1,0 +1,381 @@
+"""OpenAI Responses requests: the schema, and its translation into the shared Chat,
+sampling settings and tool plan. Pure functions of the request (plus the stored history a
+`previous_response_id` continues); the routes live in llamad.responses.
+
+`input` items are checked one by one, so an error names the item (`input[3].call_id`).
+Item and tool types llamad has no use for are accepted and left out of the prompt:
+`reasoning` items (replayed thinking is not answer text), and tools llamad cannot run
+(`web_search`, `namespace`, `custom`, `local_shell`, `mcp`, …), which are logged once per
+type per process.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import msgspec
+import structlog
+
+from llamad.answer import ToolParser
+from llamad.chat import Chat, ChatMessage, ToolCall, ToolSpec
+from llamad.engine import Engine, Sampling
+from llamad.errors import ApiError, bad_request
+
+log = structlog.get_logger("llamad.responses")
+
+# -- request schema (unknown fields such as include, store, metadata are accepted) ----------
+
+
+class InputText(msgspec.Struct, tag="input_text", tag_field="type"):
+    text: str
+
+
+class OutputText(msgspec.Struct, tag="output_text", tag_field="type"):
+    text: str
+
+
+class Refusal(msgspec.Struct, tag="refusal", tag_field="type"):
+    refusal: str
+
+
+class InputImage(msgspec.Struct, tag="input_image", tag_field="type"):
+    pass
+
+
+class InputFile(msgspec.Struct, tag="input_file", tag_field="type"):
+    pass
+
+
+class InputAudio(msgspec.Struct, tag="input_audio", tag_field="type"):
+    pass
+
+
+Content = Union[InputText, OutputText, Refusal, InputImage, InputFile, InputAudio]
+
+
+class MessageItem(msgspec.Struct, kw_only=True):
+    role: str
+    content: Union[str, list[Content]]
+
+
+class FunctionCallItem(msgspec.Struct, kw_only=True):
+    call_id: str
+    name: str
+    # A JSON string by the spec; some clients send the object itself.
+    arguments: Any = ""
+
+
+class FunctionCallOutputItem(msgspec.Struct, kw_only=True):
+    call_id: str
+    output: Union[str, list[Content]] = ""
+
+
+class FunctionTool(msgspec.Struct, kw_only=True):
+    name: str
+    description: Union[str, None] = None
+    parameters: Union[dict[str, Any], None] = None
+    strict: Union[bool, None] = None
+
+
+class TextConfig(msgspec.Struct, kw_only=True):
+    format: Union[dict[str, Any], None] = None
+    verbosity: Union[str, None] = None
+
+
+class ResponsesRequest(msgspec.Struct, kw_only=True):
+    input: Union[str, list[dict[str, Any]], None] = None
+    model: str = ""
+    instructions: Union[str, list[dict[str, Any]], None] = None
+    max_output_tokens: Union[int, None] = None
+    temperature: Union[float, None] = None
+    top_p: Union[float, None] = None
+    tools: Union[list[dict[str, Any]], None] = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: Union[bool, None] = None
+    text: Union[TextConfig, None] = None
+    reasoning: Union[dict[str, Any], None] = None
+    stream: bool = False
+    store: Union[bool, None] = None
+    previous_response_id: Union[str, None] = None
+    metadata: Union[dict[str, Any], None] = None
+    include: Union[list[str], None] = None
+    prompt_cache_key: Union[str, None] = None
+    truncation: Union[str, None] = None
+    user: Union[str, None] = None
+    service_tier: Union[str, None] = None
+
+
+ROLES = {"user", "assistant", "system", "developer"}
+IGNORED_ITEMS = {"reasoning"}  # accepted, not part of the prompt
+
+# Types llamad has already said it leaves out (tools and input items), so each is logged once.
+_logged_types: set[str] = set()
+
+
+def _log_once(what: str, kind: str) -> None:
+    key = f"{what}:{kind}"
+    if key not in _logged_types:
+        _logged_types.add(key)
+        log.info(f"{what}_left_out", type=kind, reason="llamad cannot run or show it; it is not in the prompt")
+
+
+# -- input items -> chat messages -------------------------------------------------------------
+
+_PATH = re.compile(r" - at `\$\.?(.*)`$")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+
+
+def _convert(raw: Any, struct: type, where: str) -> Any:
+    """`raw` as `struct`; a mismatch is a 400 that names the field inside `where`."""
+    try:
+        return msgspec.convert(raw, struct)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _PATH.search(text)
+        inner = match.group(1) if match else ""
+        param = f"{where}.{inner}" if inner and not inner.startswith("[") else f"{where}{inner}"
+        missing = _MISSING.search(text)
+        if missing:  # msgspec names the missing field in the text, not in the path
+            param = f"{param}.{missing.group(1)}"
+        raise bad_request(f"invalid request: {_PATH.sub('', text)} at '{param}'", param=param) from None
+
+
+def _text_of(content: Union[str, list[Any]], where: str) -> str:
+    if isinstance(content, str):
+        return content
+    texts = []
+    for index, part in enumerate(content):
+        if isinstance(part, (InputText, OutputText)):
+            texts.append(part.text)
+        elif isinstance(part, Refusal):
+            texts.append(part.refusal)
+        else:
+            kind = part.__struct_config__.tag
+            raise bad_request(
+                f"content parts of type '{kind}' are not supported by this text-only model; send the content as text",
+                param=f"{where}[{index}]",
+            )
+    return "\n".join(texts)
+
+
+def _arguments_text(arguments: Any) -> str:
+    if isinstance(arguments, str):
+        return arguments
+    return msgspec.json.encode(arguments if arguments is not None else {}).decode()
+
+
+def input_messages(items: Union[str, list[dict[str, Any]], None], history: list[ChatMessage]) -> list[ChatMessage]:
+    """The request's `input` as chat messages, continuing `history` (whose tool calls a
+    `function_call_output` may answer)."""
+    if items is None:
+        return []
+    if isinstance(items, str):
+        return [ChatMessage(role="user", content=items)]
+    calls = {call.id: call.name for message in history for call in message.tool_calls}
+    out: list[ChatMessage] = []
+    for index, raw in enumerate(items):
+        where = f"input[{index}]"
+        if not isinstance(raw, dict):
+            raise bad_request(f"'{where}' must be an object (a message or another input item)", param=where)
+        kind = raw.get("type", "message")  # EasyInputMessage: {role, content} without a type
+        if kind == "message":
+            item = _convert({k: v for k, v in raw.items() if k != "type"}, MessageItem, where)
+            if item.role not in ROLES:
+                raise bad_request(
+                    f"unknown role '{item.role}'; expected one of: user, assistant, system, developer",
+                    param=f"{where}.role",
+                )
+            role = "system" if item.role == "developer" else item.role
+            out.append(ChatMessage(role=role, content=_text_of(item.content, f"{where}.content")))
+        elif kind == "function_call":
+            call = _convert({k: v for k, v in raw.items() if k != "type"}, FunctionCallItem, where)
+            tool_call = ToolCall(id=call.call_id, name=call.name, arguments=_arguments_text(call.arguments))
+            calls[call.call_id] = call.name
+            # Calls right after an assistant message (or after each other) belong to that turn.
+            if out and out[-1].role == "assistant":
+                out[-1].tool_calls.append(tool_call)
+            else:
+                out.append(ChatMessage(role="assistant", content="", tool_calls=[tool_call]))
+        elif kind == "function_call_output":
+            result = _convert({k: v for k, v in raw.items() if k != "type"}, FunctionCallOutputItem, where)
+            if result.call_id not in calls:
+                raise bad_request(
+                    f"this function_call_output answers call_id '{result.call_id}', but no earlier function_call "
+                    "item (in this input or the previous response) has that call_id",
+                    param=f"{where}.call_id",
+                )
+            out.append(
+                ChatMessage(
+                    role="tool",
+                    content=_text_of(result.output, f"{where}.output"),
+                    tool_call_id=result.call_id,
+                    name=calls[result.call_id],
+                )
+            )
+        elif isinstance(kind, str) and kind in IGNORED_ITEMS:
+            continue
+        else:
+            _log_once("input_item", str(kind))
+    return out
+
+
+def instructions_text(req: ResponsesRequest) -> str:
+    if req.instructions is None or isinstance(req.instructions, str):
+        return req.instructions or ""
+    # Instructions as a list of messages (the newer form): their text, in order.
+    return "\n\n".join(m.content for m in input_messages(req.instructions, []) if m.content)
+
+
+# -- tools ------------------------------------------------------------------------------------
+
+EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+
+
+def function_tools(req: ResponsesRequest) -> list[ToolSpec]:
+    """The `function` tools, as the shared ToolSpec; every other type is left out."""
+    specs = []
+    for index, raw in enumerate(req.tools or []):
+        if not isinstance(raw, dict):
+            raise bad_request(f"'tools[{index}]' must be an object", param=f"tools[{index}]")
+        kind = raw.get("type")
+        if kind != "function":
+            _log_once("tool", str(kind))
+            continue
+        tool = _convert({k: v for k, v in raw.items() if k != "type"}, FunctionTool, f"tools[{index}]")
+        specs.append(
+            ToolSpec(name=tool.name, description=tool.description or "", parameters=tool.parameters or EMPTY_PARAMETERS)
+        )
+    return specs
+
+
+@dataclass
+class Choice:
+    mode: str = "auto"  # auto | none | required
+    name: str | None = None
+    # allowed_tools: only these may be offered (None: all).
+    allowed: list[str] | None = None
+
+
+def tool_choice_of(req: ResponsesRequest) -> Choice:
+    choice = req.tool_choice
+    if choice is None:
+        return Choice()
+    if isinstance(choice, str):
+        if choice not in ("auto", "none", "required"):
+            raise bad_request(
+                "'tool_choice' must be 'auto', 'none', 'required' or {\"type\": \"function\", \"name\": ...}",
+                param="tool_choice",
+            )
+        return Choice(choice)
+    kind = choice.get("type")
+    if kind == "function":
+        if not isinstance(choice.get("name"), str):
+            raise bad_request("'tool_choice' of type function needs a 'name'", param="tool_choice.name")
+        return Choice("required", name=choice["name"])
+    if kind == "allowed_tools":
+        mode = choice.get("mode", "auto")
+        tools = choice.get("tools")
+        if mode not in ("auto", "required") or not isinstance(tools, list):
+            raise bad_request(
+                "'tool_choice' of type allowed_tools needs 'mode' (auto or required) and a list of 'tools'",
+                param="tool_choice",
+            )
+        names = [t.get("name") for t in tools if isinstance(t, dict) and t.get("type") == "function"]
+        return Choice(mode, allowed=[n for n in names if isinstance(n, str)])
+    if isinstance(kind, str):
+        # A hosted tool (web_search, file_search, custom, mcp, …): left out like the tool itself.
+        _log_once("tool_choice", kind)
+        return Choice()
+    raise bad_request("'tool_choice' must be a string or an object with a 'type'", param="tool_choice")
+
+
+def response_format_of(req: ResponsesRequest) -> dict[str, Any] | None:
+    fmt = req.text.format if req.text is not None else None
+    if fmt is None or fmt.get("type") in (None, "text"):
+        return None
+    if fmt.get("type") == "json_object":
+        return {"type": "json_object"}
+    if fmt.get("type") == "json_schema":
+        schema = fmt.get("schema")
+        if not isinstance(schema, dict):
+            raise bad_request("'text.format' of type json_schema needs a 'schema' object", param="text.format.schema")
+        return {"type": "json_schema", "schema": schema, "strict": bool(fmt.get("strict"))}
+    raise bad_request(
+        f"unsupported text.format type '{fmt.get('type')}'; use text, json_object or json_schema",
+        param="text.format",
+    )
+
+
+# -- sampling and limits ----------------------------------------------------------------------
+
+
+def _check_range(value: float | None, name: str, low: float, high: float) -> None:
+    if value is not None and not (low <= value <= high):
+        raise bad_request(f"'{name}' must be between {low} and {high}, got {value}", param=name)
+
+
+def sampling_of(req: ResponsesRequest) -> Sampling:
+    _check_range(req.temperature, "temperature", 0, 2)
+    _check_range(req.top_p, "top_p", 0, 1)
+    defaults = Sampling()
+    return Sampling(
+        temperature=defaults.temperature if req.temperature is None else req.temperature,
+        top_p=defaults.top_p if req.top_p is None else req.top_p,
+    )
+
+
+def max_output_tokens_of(req: ResponsesRequest, default: int, cap: int) -> int:
+    if req.max_output_tokens is None:
+        return min(default, cap)
+    if req.max_output_tokens < 1:
+        raise bad_request(
+            f"'max_output_tokens' must be at least 1, got {req.max_output_tokens}", param="max_output_tokens"
+        )
+    return min(req.max_output_tokens, cap)
+
+
+# -- the whole translation --------------------------------------------------------------------
+
+
+@dataclass
+class Translated:
+    chat: Chat
+    # The conversation without instructions: what a follow-up request continues.
+    history: list[ChatMessage] = field(default_factory=list)
+    grammar: str | None = None
+    parser: ToolParser | None = None
+
+
+def translate(req: ResponsesRequest, previous: list[ChatMessage], engine: Engine, max_messages: int) -> Translated:
+    """The request as a Chat with its tool plan applied; `previous` is the stored
+    conversation `previous_response_id` names (empty without one)."""
+    from llamad import tools
+
+    history = previous + input_messages(req.input, previous)
+    if not any(m.role in ("user", "assistant", "tool") for m in history):
+        raise bad_request("'input' must hold at least one message (a string, or a list of input items)", param="input")
+    instructions = instructions_text(req)
+    messages = ([ChatMessage(role="system", content=instructions)] if instructions else []) + history
+    if len(messages) > max_messages:
+        raise bad_request(f"too many messages: {len(messages)} (the limit is {max_messages})", param="input")
+    choice = tool_choice_of(req)
+    offered = function_tools(req)
+    if choice.allowed is not None:
+        offered = [t for t in offered if t.name in choice.allowed]
+    chat = Chat(messages=messages, tools=offered)
+    try:
+        grammar, parser = tools.apply(
+            chat,
+            tools.ToolChoice(choice.mode, name=choice.name),
+            parallel=req.parallel_tool_calls is not False,
+            response_format=response_format_of(req),
+            template_supports_tools=getattr(engine, "template_supports_tools", False),
+            id_prefix="call_",
+        )
+    except ApiError as exc:
+        if exc.param == "messages":  # the shared history check names chat messages; here they are input items
+            exc.param = "input"
+        raise
+    return Translated(chat=chat, history=history, grammar=grammar, parser=parser)

@@ -1,0 +1,71 @@
+"""Recent Responses API answers, kept in memory for `previous_response_id` and
+GET/DELETE /v1/responses/{id}.
+
+Bounded by a count and by bytes (`responses.store_max`, `responses.store_max_bytes`); the
+oldest answers go first. Nothing survives a restart: a client that needs a conversation
+for longer sends the whole history each turn (Codex does, with `store: false`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from llamad.chat import ChatMessage
+
+
+@dataclass
+class StoredResponse:
+    body: dict[str, Any]  # the response object, as GET /v1/responses/{id} returns it
+    # The conversation up to and including this answer (without `instructions`, which
+    # OpenAI does not carry over to a follow-up), for a request that continues it.
+    history: list[ChatMessage] = field(default_factory=list)
+    size: int = 0
+
+
+def _size_of(body: dict[str, Any], history: list[ChatMessage]) -> int:
+    size = len(msgspec.json.encode(body))
+    for message in history:
+        size += len(message.content) + sum(len(c.arguments) + len(c.name) + len(c.id) for c in message.tool_calls)
+    return size
+
+
+class ResponseStore:
+    def __init__(self, max_responses: int, max_bytes: int):
+        self.max_responses = max_responses
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[str, StoredResponse] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, body: dict[str, Any], history: list[ChatMessage]) -> None:
+        entry = StoredResponse(body=body, history=copy.deepcopy(history))
+        entry.size = _size_of(body, entry.history)
+        if entry.size > self.max_bytes or self.max_responses == 0:
+            return  # larger than the whole store: keeping it would evict everything else
+        self.delete(body["id"])
+        self._items[body["id"]] = entry
+        self.bytes += entry.size
+        while len(self._items) > self.max_responses or self.bytes > self.max_bytes:
+            _, oldest = self._items.popitem(last=False)
+            self.bytes -= oldest.size
+
+    def get(self, response_id: str) -> StoredResponse | None:
+        entry = self._items.get(response_id)
+        if entry is None:
+            return None
+        # Callers change the messages they build on (tool-history repair): give them a copy.
+        return StoredResponse(body=entry.body, history=copy.deepcopy(entry.history), size=entry.size)
+
+    def delete(self, response_id: str) -> bool:
+        entry = self._items.pop(response_id, None)
+        if entry is None:
+            return False
+        self.bytes -= entry.size
+        return True
