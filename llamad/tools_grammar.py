@@ -113,6 +113,8 @@ def _converter_class():
             # Stock, except that extra members may not reuse a declared name: `{"a": "x"}`
             # must not pass as an extra member when property `a` is an integer.
             kv_rules = {}
+            declared = [k for k, _ in properties]
+            properties = [(k, v) for k, v in properties if v is not False]  # a name that may not occur
             for prop_name, prop_schema in properties:
                 value = self.visit(prop_schema, f"{name}-{prop_name}")
                 key = self._format_literal(json.dumps(prop_name))
@@ -121,7 +123,7 @@ def _converter_class():
             optional_props = [k for k, _ in properties if k not in required]
             if additional_properties is True or isinstance(additional_properties, dict):
                 value = self.visit({} if additional_properties is True else additional_properties, f"{name}-additional-value")
-                key = self._other_key(name, [k for k, _ in properties])
+                key = self._other_key(name, declared)
                 kv_rules["*"] = self._add_rule(f"{name}-additional-kv", f'{key} ":" space {value}')
                 optional_props.append("*")
 

@@ -162,7 +162,11 @@ class _Normaliser:
             self.loosen((), "false")  # nothing is valid: any value is the nearest grammar
             result = ANY
         if '"$ref"' in json.dumps(result):
-            result = {**result, "$defs": {name: (ANY if d is NEVER else d) for name, d in self.defs.items()}}
+            defs = {name: (ANY if d is NEVER else d) for name, d in self.defs.items()}
+            for name in _endless(defs):
+                self.loosen(("$defs",), name)  # only infinite values match: any value instead
+                defs[name] = ANY
+            result = {**result, "$defs": defs}
         return Normalised(result, self.loosened)
 
     # -- one node -------------------------------------------------------------------------
@@ -418,9 +422,7 @@ class _Normaliser:
             if value is NEVER:
                 if name in required:
                     return NEVER
-                if extra not in (None, False):
-                    self.loosen((*path, "properties"), name)  # may still come as an extra key
-                continue
+                value = False  # kept: the name may not come as an extra member either
             properties[name] = value
         for name in required:
             if name not in properties:  # required but declared only by additional/patternProperties
@@ -451,7 +453,7 @@ class _Normaliser:
             if low <= length:
                 # Exactly the prefix: narrower than the schema (which also allows it shorter or
                 # longer), and what a tuple means to its author.
-                return {"type": "array", "prefixItems": positions[:length], "minItems": length, "maxItems": length}
+                return _tuple(positions[:length])
             if rest is NEVER:
                 return NEVER
             self.loosen(path, "prefixItems")
@@ -493,14 +495,14 @@ class _Normaliser:
         """Both at once; where the grammar cannot say that, a superset (loosened at `path`)."""
         if a is NEVER or b is NEVER:
             return NEVER
-        if a == ANY or a == b:
+        if a == ANY or _key(a) == _key(b):  # _key: 0 == False for Python, not for JSON
             return b
         if b == ANY:
             return a
         a, b = self.inline(a), self.inline(b)
         if a is NEVER or b is NEVER:
             return NEVER
-        if a == ANY or b == ANY or a == b:
+        if a == ANY or b == ANY or _key(a) == _key(b):
             return b if a == ANY else a
         if "$ref" in a or "$ref" in b:  # a recursive definition still being built
             self.loosen(path, "allOf")
@@ -600,11 +602,11 @@ class _Normaliser:
                 self.loosen(path, "additionalProperties")
                 mine = a_props.get(name, ANY)
                 theirs = b_props.get(name, ANY)
-            value = self.intersect(ANY if mine in (None, True) else mine, ANY if theirs in (None, True) else theirs, path)
+            value = self.intersect(_side(mine), _side(theirs), path)
             if value is NEVER:
                 if name in a.get("required", []) or name in b.get("required", []):
                     return NEVER
-                continue
+                value = False
             properties[name] = value
         required = list(dict.fromkeys([*a.get("required", []), *b.get("required", [])]))
         for name in required:
@@ -641,7 +643,7 @@ class _Normaliser:
                 if value is NEVER:
                     return NEVER
                 positions.append(value)
-            return {"type": "array", "prefixItems": positions, "minItems": length, "maxItems": length}
+            return _tuple(positions)
         items = self.intersect(a.get("items", ANY), b.get("items", ANY), path)
         if items is NEVER:
             if low > 0:
@@ -653,6 +655,13 @@ class _Normaliser:
         if high is not None:
             out["maxItems"] = high
         return out
+
+
+def _side(value: Any) -> Any:
+    """A property's schema from one side of an intersection (None, True: anything)."""
+    if value is None or value is True:
+        return ANY
+    return NEVER if value is False else value
 
 
 def _extra(schema: dict) -> Any:
@@ -671,6 +680,41 @@ def _object(properties: dict, required: list, extra: Any) -> dict:
     if extra is not None:
         out["additionalProperties"] = extra
     return out
+
+
+def _endless(defs: dict) -> list[str]:
+    """Definitions that only an infinitely deep value satisfies (`{"required": ["next"],
+    "properties": {"next": {"$ref": "#"}}}`): a grammar for them never lets a call end."""
+    finite: set[str] = set()
+
+    def ends(schema: Any) -> bool:
+        if "$ref" in schema:
+            return schema["$ref"].rsplit("/", 1)[-1] in finite
+        if "anyOf" in schema:
+            return any(ends(s) for s in schema["anyOf"])
+        if "prefixItems" in schema:
+            return all(ends(s) for s in schema["prefixItems"])
+        if schema.get("type") == "array":
+            return not schema.get("minItems") or ends(schema["items"])
+        if schema.get("type") == "object":
+            properties = schema.get("properties", {})
+            return all(ends(properties[n]) for n in schema.get("required", []))
+        return True
+
+    changed = True
+    while changed:
+        changed = False
+        for name, schema in defs.items():
+            if name not in finite and ends(schema):
+                finite.add(name)
+                changed = True
+    return [name for name in defs if name not in finite]
+
+
+def _tuple(positions: list) -> dict:
+    if not positions:
+        return {"type": "array", "items": ANY, "maxItems": 0}
+    return {"type": "array", "prefixItems": positions, "minItems": len(positions), "maxItems": len(positions)}
 
 
 def _without(schema: dict, keyword: str) -> dict:

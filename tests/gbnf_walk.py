@@ -147,26 +147,27 @@ class Walker:
         self.rng, self.budget = rng, budget
         self.shortest = self._shortest()
 
-    def _length(self, node, known) -> float:
-        if isinstance(node, Lit):
-            return len(node.text)
-        if isinstance(node, Cls):
-            return 1
+    def _height(self, node, known) -> float:
+        """How deep the shallowest derivation of `node` goes (in rule references)."""
+        if isinstance(node, (Lit, Cls)):
+            return 0
         if isinstance(node, Ref):
-            return known[node.name]
+            return 1 + known[node.name]
         if isinstance(node, Rep):
-            return node.low * self._length(node.item, known) if node.low else 0
-        return min(sum(self._length(n, known) for n in option) for option in node.options)
+            return self._height(node.item, known) if node.low else 0
+        return min(max([self._height(n, known) for n in option], default=0) for option in node.options)
 
     def _shortest(self) -> dict[str, float]:
+        """Per rule, the height of its shallowest derivation: under pressure the walk takes
+        the shallowest alternatives, so it always ends."""
         known = {name: math.inf for name in self.rules}
         changed = True
         while changed:
             changed = False
             for name, rule in self.rules.items():
-                length = self._length(rule, known)
-                if length < known[name]:
-                    known[name], changed = length, True
+                height = self._height(rule, known)
+                if height < known[name]:
+                    known[name], changed = height, True
         return known
 
     def text(self, root: str = "root") -> str:
@@ -192,8 +193,8 @@ class Walker:
         else:
             options = node.options
             if self._pressed(out, depth):
-                best = min(self._length(Alt([o]), self.shortest) for o in options)
-                options = [o for o in options if self._length(Alt([o]), self.shortest) == best]
+                best = min(self._height(Alt([o]), self.shortest) for o in options)
+                options = [o for o in options if self._height(Alt([o]), self.shortest) == best]
             for item in self.rng.choice(options):
                 self._walk(item, out, depth + 1)
 

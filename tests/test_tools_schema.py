@@ -356,7 +356,8 @@ def _leaves():
         st.fixed_dictionaries({}, optional={"minimum": st.integers(-3, 3), "maximum": st.integers(4, 9),
                                             "exclusiveMinimum": st.integers(-9, -4), "multipleOf": st.integers(1, 3)})
         .map(lambda d: {"type": "integer", **d}),
-        st.sampled_from([{"$ref": "#/$defs/leaf"}, {"$ref": "#/$defs/list"}, {"$ref": "#/definitions/old"}]),
+        st.sampled_from([{"$ref": "#/$defs/leaf"}, {"$ref": "#/$defs/list"}, {"$ref": "#/definitions/old"},
+                         {"$ref": "#"}, {"$ref": "#/$defs/leaf", "minLength": 2}]),
     )
 
 
@@ -377,7 +378,7 @@ def _extend(children):
         lambda items, lo, extra, more: {"type": "array", "items": items, "minItems": lo, "maxItems": lo + extra, **more},
         children, st.integers(0, 2), st.integers(0, 2),
         st.fixed_dictionaries({}, optional={"uniqueItems": st.booleans(), "contains": children,
-                                            "prefixItems": st.lists(children, max_size=2)}),
+                                            "prefixItems": st.lists(children, min_size=1, max_size=2)}),
     )
     combined = st.one_of(
         st.lists(children, min_size=1, max_size=3).map(lambda cs: {"anyOf": cs}),
@@ -387,6 +388,7 @@ def _extend(children):
         st.builds(lambda i, t, e: {"if": i, "then": t, "else": e}, children, children, children),
         st.builds(lambda cs, base: {"anyOf": cs, "type": "object", "properties": {"a": base}},
                   st.lists(children, min_size=1, max_size=2), children),
+        st.builds(lambda c: {"type": ["object", "null"], "properties": {"a": c}, "required": ["a"]}, children),
     )
     return st.one_of(objects, arrays, combined)
 
@@ -405,6 +407,7 @@ DEFS = {
 def test_generated_schemas_give_grammars_whose_calls_validate(vocab, body, seed):
     parameters = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
                   "properties": {"p": body}, "required": ["p"], "$defs": DEFS, "definitions": {"old": {"type": "boolean"}}}
+    jsonschema.Draft202012Validator.check_schema(parameters)  # the generator writes only valid schemas
     normalised = normalise(parameters, object_only=True)
     grammar = grammar_of(parameters)
     check_grammar(vocab.vocab, grammar)
