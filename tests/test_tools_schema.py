@@ -419,3 +419,29 @@ def test_generated_schemas_give_grammars_whose_calls_validate(vocab, body, seed)
         jsonschema.validate(arguments, normalised.schema)
         if not normalised.loosened:
             jsonschema.validate(arguments, parameters)
+
+
+# -- through the API: what the agents send is served, malformed schemas are a 400 ------------
+async def test_claude_codes_captured_first_request_is_served(make_client):
+    """The request that failed with `400 tool 'Workflow' parameters: cannot be turned into a
+    grammar`, replayed as captured (fake engine; the grammar is built and kept)."""
+    from fake_engine import FakeEngine, pieces
+
+    body = json.loads((CAPTURES / "claude_code" / "01_post_v1_messages.json").read_text())["body"]
+    engine = FakeEngine(script=lambda generation: pieces("OK", 2), n_ctx=32768)  # 4096 cannot hold it
+    async with make_client(engine) as client:
+        response = await client.post("/v1/messages?beta=true", json={**body, "stream": False, "max_tokens": 8,
+                                                                     "tool_choice": {"type": "any"}})
+    assert response.status_code == 200, response.text
+    assert '\\"Workflow\\"' in engine.generations[0].grammar  # its call is one the grammar allows
+
+
+async def test_a_malformed_schema_is_a_400_naming_the_keyword(make_client):
+    tool = {"name": "f", "input_schema": {"type": "object", "properties": {"a": {"type": "date"}}}}
+    async with make_client() as client:
+        response = await client.post("/v1/messages", json={
+            "model": "llama-local", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}], "tools": [tool]})
+    assert response.status_code == 400
+    assert response.json() == {"type": "error", "error": {"type": "invalid_request_error", "message": (
+        "tool 'f' parameters.properties.a.type: unknown type 'date'; "
+        "use one of null, boolean, object, array, number, integer, string")}}
