@@ -27,7 +27,8 @@ satisfy every enforced keyword:
 | `pattern` | enforced when it translates exactly (llamad.tools_pattern); look-arounds, back-references, flags, `\\b` → loosened |
 | `format` `date`, `time`, `date-time`, `uuid` | enforced (shape; dates are not calendar-checked) |
 | other `format`s | loosened: any string |
-| `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum`, `multipleOf` | loosened: any number of the type |
+| `minimum` / `exclusiveMinimum` that come to ≥ 0 (numbers, integers) or ≥ 1 (integers) | enforced (no minus sign; no leading zero) |
+| other `minimum`, `exclusiveMinimum`, and `maximum`, `exclusiveMaximum`, `multipleOf` | loosened: any number of the type |
 | `patternProperties` | loosened: extra keys (when allowed) take any of its schemas; declared properties are not checked against it |
 | `propertyNames`, `minProperties`, `maxProperties`, `dependentRequired`, `dependentSchemas`, `dependencies`, `unevaluatedProperties` | loosened (ignored) |
 | `contains`, `minContains`, `maxContains`, `uniqueItems`, `unevaluatedItems` | loosened (ignored) |
@@ -99,6 +100,13 @@ def _converter_class():
                 char = self._add_primitive("char", PRIMITIVE_RULES["char"])
                 count = _repeat(char, schema.get("minLength", 0), schema.get("maxLength"))
                 return self._add_rule(name, f'"\\"" {count} "\\"" space')
+            if kind in ("integer", "number") and "minimum" in schema:  # 0 or 1: no minus sign
+                self._add_primitive("integral-part", PRIMITIVE_RULES["integral-part"])
+                if kind == "integer":
+                    digits = "integral-part" if schema["minimum"] == 0 else "[1-9] [0-9]{0,15}"
+                    return self._add_rule(name, f"{digits} space")
+                self._add_primitive("decimal-part", PRIMITIVE_RULES["decimal-part"])
+                return self._add_rule(name, 'integral-part ("." decimal-part)? ([eE] [-+]? integral-part)? space')
             if kind == "array" and "items" in schema:  # stock: `items: {}` is read as absent
                 item = self.visit(schema["items"], f"{name}-item")
                 low, high = schema.get("minItems", 0), schema.get("maxItems")

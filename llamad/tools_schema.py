@@ -21,6 +21,7 @@ a local `$ref` that points nowhere) raises MalformedSchema with the path of the 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ ANY: dict = {}
 TYPES = ("null", "boolean", "object", "array", "number", "integer", "string")
 MAX_DEPTH = 40  # nesting past this is any value: deeper schemas are not worth the grammar
 MAX_COUNT = 1000  # larger minLength/maxLength/minItems/maxItems are loosened (llama.cpp caps repetitions)
+MAX_MERGE_DEPTH = 24  # intersecting recursive definitions stops unfolding here (loosened)
 MAX_ALTERNATIVES = 64  # anyOf inside allOf multiplies alternatives; past this, loosened
 ENFORCED_FORMATS = {"date", "time", "date-time", "uuid"}  # what SchemaConverter writes rules for
 
@@ -133,6 +135,7 @@ class _Normaliser:
         self.def_by_pointer: dict[str, str] = {}
         self.in_progress: set[str] = set()
         self.loosened: list[str] = []
+        self.merging = 0  # nesting of intersect() calls
         self.quiet = 0  # >0 while checking subschemas whose keywords are dropped anyway
         draft = root.get("$schema", "") if isinstance(root, dict) else ""
         self.old_draft = isinstance(draft, str) and any(d in draft for d in OLD_DRAFTS)
@@ -366,6 +369,8 @@ class _Normaliser:
     # -- one type -------------------------------------------------------------------------
     def typed(self, kind: str, schema: dict, path: tuple, depth: int) -> Any:
         family = "number" if kind == "integer" else kind
+        if family == "number":
+            return self.number(kind, schema, path)
         for keyword in LOOSENED_BY_TYPE.get(family, ()):
             if keyword in schema:
                 self.loosen(path, keyword)
@@ -376,6 +381,17 @@ class _Normaliser:
         if kind == "array":
             return self.array(schema, path, depth)
         return {"type": kind}
+
+    def number(self, kind: str, schema: dict, path: tuple) -> Any:
+        """A lower bound of 0 (or, for integers, 1) is enforced by leaving out the minus
+        sign (and a leading 0); other bounds and multipleOf are loosened."""
+        low, enforced = _lower_bound(kind, schema), ()
+        if low is not None and (low == 0 or (low == 1 and kind == "integer")):
+            enforced = ("minimum", "exclusiveMinimum")
+        for keyword in LOOSENED_BY_TYPE["number"]:
+            if keyword in schema and keyword not in enforced:
+                self.loosen(path, keyword)
+        return {"type": kind, "minimum": low} if enforced else {"type": kind}
 
     def string(self, schema: dict, path: tuple) -> Any:
         out: dict[str, Any] = {"type": "string"}
@@ -493,6 +509,16 @@ class _Normaliser:
 
     def intersect(self, a: Any, b: Any, path: tuple) -> Any:
         """Both at once; where the grammar cannot say that, a superset (loosened at `path`)."""
+        if self.merging > MAX_MERGE_DEPTH:  # two recursive definitions unfold without end
+            self.loosen(path, "allOf")
+            return a
+        self.merging += 1
+        try:
+            return self._intersect(a, b, path)
+        finally:
+            self.merging -= 1
+
+    def _intersect(self, a: Any, b: Any, path: tuple) -> Any:
         if a is NEVER or b is NEVER:
             return NEVER
         if a == ANY or _key(a) == _key(b):  # _key: 0 == False for Python, not for JSON
@@ -523,8 +549,10 @@ class _Normaliser:
                     return NEVER
                 return {"const": kept[0]} if len(kept) == 1 else {"enum": kept}
         kinds = {a["type"], b["type"]}
-        if kinds == {"integer", "number"}:
-            return {"type": "integer"}
+        if kinds <= {"integer", "number"}:
+            kind = "integer" if "integer" in kinds else "number"
+            lows = [s["minimum"] for s in (a, b) if "minimum" in s]
+            return {"type": kind, "minimum": max(lows)} if lows else {"type": kind}
         if len(kinds) > 1:
             return NEVER
         kind = a["type"]
@@ -655,6 +683,22 @@ class _Normaliser:
         if high is not None:
             out["maxItems"] = high
         return out
+
+
+def _lower_bound(kind: str, schema: dict) -> float | None:
+    """The least value minimum/exclusiveMinimum allow (as a minimum), or None when the
+    bound is one a grammar cannot enforce (an exclusive bound on a number)."""
+    bounds = []
+    minimum, exclusive = schema.get("minimum"), schema.get("exclusiveMinimum")
+    if exclusive is True and minimum is not None:  # draft-04: a flag on minimum
+        exclusive, minimum = minimum, None
+    if minimum is not None:
+        bounds.append(math.ceil(minimum) if kind == "integer" else minimum)
+    if _is_number(exclusive):
+        if kind != "integer":
+            return None
+        bounds.append(math.floor(exclusive) + 1)
+    return max(bounds) if bounds else None
 
 
 def _side(value: Any) -> Any:

@@ -275,8 +275,8 @@ def test_malformed_schemas_are_errors_that_name_the_keyword(parameters, where):
 
 
 def test_strict_response_format_refuses_keywords_the_grammar_cannot_enforce():
-    schema = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}}
-    with pytest.raises(ToolSchemaError, match=r"response_format schema\.properties\.age\.minimum"):
+    schema = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 150}}}
+    with pytest.raises(ToolSchemaError, match=r"response_format schema\.properties\.age\.maximum"):
         plan([], ToolChoice("none"), response_format={"type": "json_schema", "schema": schema, "strict": True})
     assert plan([], ToolChoice("none"), response_format={"type": "json_schema", "schema": schema}).grammar
 
