@@ -3,16 +3,18 @@ table of what is enforced and what is loosened).
 
 `normalise(schema)` is a pure function. It returns a schema written only in the small
 canonical subset that llama-cpp-python's `SchemaConverter` turns into a correct grammar,
-and the paths of the keywords it had to loosen. The canonical schema is never narrower
-than the client's except where noted in the table (property order, no invented
-properties...), and never wider except at the loosened keywords: so the arguments the
-grammar allows validate against it, and each keyword not listed as loosened holds.
+and the paths of the keywords it had to loosen. The canonical schema is never wider than
+the client's except at the loosened keywords, and narrower only where the table says so
+(no invented properties, tuples at full length...): the arguments the grammar allows
+validate against it, so each keyword not listed as loosened holds.
 
 Canonical nodes: `{}` (any JSON value); `{"type": T}` for one primitive type, with
-`minLength`/`maxLength`, an enforceable `pattern` or a known `format` on strings;
-objects with `properties`, `required` and `additionalProperties`; arrays with `items` and
+`minLength`/`maxLength`, an enforceable `pattern` or a known `format` on strings, and
+`minimum` 0 or 1 on numbers; objects with `properties` (a property that may not occur is
+`false`), `required` and `additionalProperties`; arrays with `items` and
 `minItems`/`maxItems`, or exact tuples (`prefixItems`, `minItems` = `maxItems`);
-`{"anyOf": [...]}`; `{"const": v}`; `{"enum": [...]}`; `{"$ref": "#/$defs/<name>"}`.
+`{"anyOf": [...]}`; `{"const": v}`; `{"enum": [...]}`; `{"$ref": "#/$defs/<name>"}`, with
+the definitions in the root's `$defs`.
 
 A schema that is not valid JSON Schema (a keyword of the wrong type, an unknown type name,
 a local `$ref` that points nowhere) raises MalformedSchema with the path of the keyword.
