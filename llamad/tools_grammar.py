@@ -46,6 +46,7 @@ the whole schema holds. Tools are never strict: their schemas are loosened, logg
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -70,14 +71,13 @@ class ToolSchemaError(ValueError):
         self.param = param
 
 
-_literal = gbnf_literal
-
 
 def call_prefix(name: str) -> str:
     """The exact text a constrained call object starts with, up to its arguments."""
     return '{"name": ' + json.dumps(name) + ', "arguments": '
 
 
+@functools.cache
 def _converter_class():
     from llama_cpp.llama_grammar import INVALID_RULE_CHARS_RE, PRIMITIVE_RULES, SchemaConverter
 
@@ -259,11 +259,11 @@ def _calls_rules(builder: GrammarBuilder, tools: list[ToolSpec], parallel: bool)
     alternatives = []
     for i, tool in enumerate(tools):
         args = builder.schema_rule(tool.parameters, f"tc{i}-args", f"tool '{tool.name}' parameters", object_only=True)
-        alternatives.append(f"{_literal(call_prefix(tool.name))} {args} \"}}\"")
+        alternatives.append(f"{gbnf_literal(call_prefix(tool.name))} {args} \"}}\"")
     builder.add("tc-call", " | ".join(alternatives))
     # Newlines optional: a model's token may glue "<tool_call>" to the "{" that follows.
-    builder.add("tc-body", f'"\\n"? tc-call "\\n"? {_literal(CALL_CLOSE)} tc-more')
-    builder.add("tc-more", f'("\\n" {_literal(CALL_OPEN)} tc-body)?' if parallel else '""')
+    builder.add("tc-body", f'"\\n"? tc-call "\\n"? {gbnf_literal(CALL_CLOSE)} tc-more')
+    builder.add("tc-more", f'("\\n" {gbnf_literal(CALL_OPEN)} tc-body)?' if parallel else '""')
     return "tc-body"
 
 
@@ -284,16 +284,16 @@ def build_grammar(
     builder = GrammarBuilder()
     if tools and mode == "required":
         body = _calls_rules(builder, tools, parallel)
-        builder.add("root", f"{_literal(CALL_OPEN)} {body}")
+        builder.add("root", f"{gbnf_literal(CALL_OPEN)} {body}")
         # rules are emitted in insertion order; llama.cpp finds root by name
         return builder.text()
     if tools and mode == "auto":
         body = _calls_rules(builder, tools, parallel)
         if answer_schema is not None:
             answer = builder.schema_rule(answer_schema, "answer", "response_format schema", answer_strict)
-            builder.add("root", f"{answer} | {_literal(CALL_OPEN)} {body}")
+            builder.add("root", f"{answer} | {gbnf_literal(CALL_OPEN)} {body}")
             return builder.text()
-        builder.add("root", f"{_literal(CALL_OPEN)} {body}")
+        builder.add("root", f"{gbnf_literal(CALL_OPEN)} {body}")
         return lazy(builder.text(), CALL_OPEN)
     if answer_schema is not None:
         answer = builder.schema_rule(answer_schema, "answer", "response_format schema", answer_strict)
