@@ -108,7 +108,6 @@ class _Normaliser(Combiner):
         self.quiet = 0  # >0 while checking subschemas whose keywords are dropped anyway
         draft = root.get("$schema", "") if isinstance(root, dict) else ""
         self.old_draft = isinstance(draft, str) and any(d in draft for d in OLD_DRAFTS)
-        self._validator: Any = None
 
     def loosen(self, path: tuple, keyword: str) -> None:
         if not self.quiet:
@@ -179,7 +178,7 @@ class _Normaliser(Combiner):
                 base = self.node(_without(schema, keyword), path, depth)
                 return self.intersect(base, self.union(alternatives), path)
         if "const" in schema or "enum" in schema:
-            return self.values(schema, path)
+            return self.values(schema, path, depth)
         declared = schema.get("type")
         if declared is None:
             families = [f for f, words in FAMILIES.items() if words & schema.keys()]
@@ -293,7 +292,8 @@ class _Normaliser(Combiner):
         return anchored
 
     # -- enum / const ---------------------------------------------------------------------
-    def values(self, schema: dict, path: tuple) -> Any:
+    def values(self, schema: dict, path: tuple, depth: int) -> Any:
+        """const/enum: the values that also satisfy the keywords beside them."""
         if "const" in schema:
             values = [schema["const"]]
             if "enum" in schema and key_of(schema["const"]) not in {key_of(v) for v in schema["enum"]}:
@@ -301,30 +301,13 @@ class _Normaliser(Combiner):
         else:
             values = list({key_of(v): v for v in schema["enum"]}.values())
         rest = {k: v for k, v in schema.items() if k not in ("const", "enum")}
-        kept = [v for v in values if self.valid(v, rest, path)]
+        if "type" not in rest:  # keywords beside an enum constrain only values of their type
+            rest["type"] = [t for t in TYPES if t != "integer"]
+        siblings = self.node(rest, path, depth)
+        kept = [v for v in values if self.admits(siblings, v)]
         if not kept:
             return NEVER
         return {"const": kept[0]} if len(kept) == 1 else {"enum": kept}
-
-    def valid(self, value: Any, schema: dict, path: tuple) -> bool:
-        """Whether `value` satisfies the other keywords beside an enum (jsonschema decides;
-        when it cannot, the type alone, and the rest is loosened)."""
-        try:
-            import jsonschema
-
-            if self._validator is None:
-                cls = jsonschema.validators.validator_for(self.root, default=jsonschema.Draft202012Validator)
-                self._validator = cls(self.root)
-            return self._validator.evolve(schema=schema).is_valid(value)
-        except Exception:  # noqa: BLE001 - a schema jsonschema cannot evaluate: fall back to the type
-            declared = schema.get("type")
-            if declared is None:
-                others = set(schema) & set().union(*FAMILIES.values())
-                for keyword in sorted(others):
-                    self.loosen(path, keyword)
-                return True
-            kinds = [declared] if isinstance(declared, str) else declared
-            return any(has_type(value, k) for k in kinds)
 
     # -- one type -------------------------------------------------------------------------
     def typed(self, kind: str, schema: dict, path: tuple, depth: int) -> Any:

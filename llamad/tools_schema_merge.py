@@ -6,6 +6,7 @@ once, the result is a superset and the keyword is loosened.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 ANY: dict = {}  # any JSON value
@@ -40,6 +41,25 @@ def type_of(value: Any) -> str:
 def has_type(value: Any, kind: str) -> bool:
     actual = type_of(value)
     return actual == kind or (kind == "number" and actual == "integer")
+
+
+FORMAT_SHAPES = {  # the shapes SchemaConverter writes for these formats
+    "date": r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])",
+    "time": r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{3})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])",
+    "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+}
+FORMAT_SHAPES["date-time"] = FORMAT_SHAPES["date"] + "T" + FORMAT_SHAPES["time"]
+
+
+def _string_admits(schema: dict, value: str) -> bool:
+    if not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value)):
+        return False
+    if "format" in schema and not re.fullmatch(FORMAT_SHAPES[schema["format"]], value):
+        return False
+    try:
+        return "pattern" not in schema or re.search(schema["pattern"], value) is not None
+    except re.error:
+        return True
 
 
 def key_of(value: Any) -> str:
@@ -120,7 +140,7 @@ class Combiner:
         for one, other in ((a, b), (b, a)):
             if "const" in one or "enum" in one:
                 values = [one["const"]] if "const" in one else one["enum"]
-                kept = [v for v in values if self.admits(other, v, path)]
+                kept = [v for v in values if self.admits(other, v)]
                 if not kept:
                     return NEVER
                 return {"const": kept[0]} if len(kept) == 1 else {"enum": kept}
@@ -140,32 +160,41 @@ class Combiner:
             return self.intersect_arrays(a, b, path)
         return a
 
-    def admits(self, schema: Any, value: Any, path: tuple) -> bool:
-        """Whether the canonical `schema` allows `value` (types and shapes, not every bound)."""
+    def admits(self, schema: Any, value: Any) -> bool:
+        """Whether `value` is valid against the canonical `schema`, read as JSON Schema (an
+        absent additionalProperties allows extra members). A definition still being built
+        admits everything: the caller keeps the value, a superset."""
         schema = self.inline(schema)
-        if schema == ANY:
-            return True
-        if "$ref" in schema:
+        if schema is NEVER or schema is False:
+            return False
+        if schema is True or schema == ANY or "$ref" in schema:
             return True
         if "anyOf" in schema:
-            return any(self.admits(s, value, path) for s in schema["anyOf"])
+            return any(self.admits(s, value) for s in schema["anyOf"])
         if "const" in schema:
             return key_of(schema["const"]) == key_of(value)
         if "enum" in schema:
             return key_of(value) in {key_of(v) for v in schema["enum"]}
-        if not has_type(value, schema["type"]):
+        kind = schema["type"]
+        if not has_type(value, kind):
             return False
-        if set(schema) - {"type"}:
-            try:
-                import jsonschema
-
-                return jsonschema.Draft202012Validator({**schema, "$defs": self.finished_defs()}).is_valid(value)
-            except Exception:  # noqa: BLE001 - a definition still being built: keep the value
-                self.loosen(path, "enum")
+        if kind in ("integer", "number"):
+            return value >= schema.get("minimum", value)
+        if kind == "string":
+            return _string_admits(schema, value)
+        if kind == "array":
+            if not schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", len(value)):
+                return False
+            if "prefixItems" in schema:
+                return all(self.admits(s, v) for s, v in zip(schema["prefixItems"], value))
+            return all(self.admits(schema["items"], v) for v in value)
+        if kind == "object":
+            properties = schema.get("properties", {})
+            extra = schema.get("additionalProperties", True)
+            if any(name not in value for name in schema.get("required", [])):
+                return False
+            return all(self.admits(properties.get(k, extra), v) for k, v in value.items())
         return True
-
-    def finished_defs(self) -> dict:
-        return {n: (ANY if d is NEVER else d) for n, d in self.defs.items() if n not in self.in_progress}
 
     def intersect_strings(self, a: dict, b: dict, path: tuple) -> Any:
         out = {"type": "string"}
