@@ -60,10 +60,10 @@ def test_a_property_with_only_a_description_is_served(anthropic_client, tool_cho
 
 
 def test_claude_codes_own_tool_list_is_served_streamed(anthropic_client):
-    """All twelve captured Claude Code tools (their descriptions cut short to keep the
-    prompt small; the schemas as sent), streamed, a call forced."""
+    """All twelve captured Claude Code tools, streamed, a call forced. The schemas are as
+    sent except that every description is cut short, to keep the prompt (and the test) small."""
     captured = json.loads(CAPTURE.read_text())["body"]["tools"]
-    tools = [{**t, "description": t["description"][:80]} for t in captured]
+    tools = [_short_descriptions(t) for t in captured]
     schemas = {t["name"]: t["input_schema"] for t in tools}
     with anthropic_client.messages.stream(
         model="claude-local", max_tokens=64, messages=ASK, tools=tools,
@@ -74,6 +74,13 @@ def test_claude_codes_own_tool_list_is_served_streamed(anthropic_client):
     [block] = [b for b in final.content if b.type == "tool_use"]
     assert block.name == "Workflow"
     assert_valid_input(schemas["Workflow"], block.input, cut_off=final.stop_reason == "max_tokens")
+
+
+def _short_descriptions(value):
+    if isinstance(value, dict):
+        return {k: (v[:24] if k == "description" and isinstance(v, str) else _short_descriptions(v))
+                for k, v in value.items()}
+    return [_short_descriptions(v) for v in value] if isinstance(value, list) else value
 
 
 @pytest.mark.parametrize("stream", [False, True])
