@@ -171,26 +171,3 @@ def test_anthropic_tool_result_round_trip(anthropic_client):
     uses = [b for b in message.content if b.type == "tool_use"]
     for i, block in enumerate(uses):
         assert_valid_call(block.name, block.input, cut_off=message.stop_reason == "max_tokens" and i == len(uses) - 1)
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_a_schema_llama_cpp_cannot_compile_is_a_400_before_any_stream(real_server, stream):
-    """A form feed in a const: the converter writes it raw and llama.cpp's grammar parser
-    refuses it. The engine compiles the grammar up front, so this is a 400, not an error
-    in the middle of a 200 stream."""
-    import httpx
-
-    schema = {"type": "object", "properties": {"a": {"const": "x\fy"}}, "required": ["a"]}
-    openai = httpx.post(f"{real_server}/v1/chat/completions", timeout=60, json={
-        "model": "m", "max_tokens": 8, "stream": stream, "messages": [{"role": "user", "content": "hi"}],
-        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}})
-    assert openai.status_code == 400, openai.text
-    assert openai.json()["error"]["type"] == "invalid_request_error"
-    assert "grammar" in openai.json()["error"]["message"]
-    anthropic = httpx.post(f"{real_server}/v1/messages", timeout=60, json={
-        "model": "m", "max_tokens": 8, "stream": stream, "messages": [{"role": "user", "content": "hi"}],
-        "tools": [{"name": "f", "input_schema": schema}], "tool_choice": {"type": "any"}})
-    assert anthropic.status_code == 400, anthropic.text
-    assert anthropic.json()["error"]["type"] == "invalid_request_error"
-    health = httpx.get(f"{real_server}/health").json()
-    assert health["generating"] is False and health["queue_depth"] == 0

@@ -250,29 +250,33 @@ def test_refs_unions_arrays_and_nested_objects_compile(checker):
     "parameters,where",
     [
         ({"type": "object", "properties": {"a": {"type": "date"}}}, "tool 'bad' parameters.properties.a.type"),
-        ({"type": "object", "properties": {"a": {"$ref": "https://example.com/s.json"}}}, "properties.a.$ref"),
-        ({"type": "object", "properties": {"a": True}}, "properties.a"),
-        ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "tool 'bad' parameters"),
+        ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, "parameters.properties.a.$ref: '#/$defs/missing' points nowhere"),
+        ({"type": "object", "properties": {"a": {"$ref": "#nowhere"}}}, "properties.a.$ref: '#nowhere' names no $anchor"),
         # shapes the converter crashed on (500s before) or turned into an empty grammar
         ({"type": "object", "properties": [1, 2]}, "parameters.properties: must be an object"),
         ({"type": "object", "properties": "abc"}, "parameters.properties: must be an object"),
         ({"anyOf": 5}, "parameters.anyOf: must be a non-empty array"),
         ({"anyOf": []}, "parameters.anyOf: must be a non-empty array"),
         ({"type": {"a": 1}}, "parameters.type: unknown type"),
-        ({"type": "object", "properties": {"a": {"enum": []}}}, "properties.a.enum: must be a non-empty array"),
-        ({"type": "array", "items": {"enum": {}}}, "items.enum: must be a non-empty array"),
+        ({"type": "array", "items": {"enum": {}}}, "items.enum: must be an array"),
+        ({"type": "object", "properties": {"a": {"minLength": "3"}}}, "properties.a.minLength: must be a non-negative integer"),
+        ({"type": "object", "properties": {"a": {"maxItems": -1}}}, "properties.a.maxItems: must be a non-negative integer"),
+        ({"type": "object", "properties": {"a": {"items": 3}}}, "properties.a.items: must be a schema"),
+        ({"type": "object", "additionalProperties": "no"}, "parameters.additionalProperties: must be a schema"),
+        ({"$defs": {"x": {"type": "text"}}, "type": "object"}, "parameters.$defs.x.type: unknown type 'text'"),
+        ({"type": "object", "properties": {"a": {"pattern": 5}}}, "properties.a.pattern: must be a string"),
         ({"type": "object", "required": "a"}, "parameters.required: must be an array"),
     ],
 )
-def test_schemas_that_cannot_be_grammars_name_the_part(parameters, where):
+def test_malformed_schemas_are_errors_that_name_the_keyword(parameters, where):
     with pytest.raises(ToolSchemaError) as error:
         plan([ToolSpec("bad", "", parameters)], ToolChoice("required"))
     assert where in str(error.value)
 
 
 def test_strict_response_format_refuses_keywords_the_grammar_cannot_enforce():
-    schema = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}}}
-    with pytest.raises(ToolSchemaError, match=r"response_format schema\.properties\.age\.minimum"):
+    schema = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 150}}}
+    with pytest.raises(ToolSchemaError, match=r"response_format schema\.properties\.age\.maximum"):
         plan([], ToolChoice("none"), response_format={"type": "json_schema", "schema": schema, "strict": True})
     assert plan([], ToolChoice("none"), response_format={"type": "json_schema", "schema": schema}).grammar
 
