@@ -252,6 +252,11 @@ class Engine:
             raise ContextOverflow(len(prompt.tokens), self.n_ctx)
         return prompt
 
+    def expected_reuse(self, prompt: Prompt) -> int:
+        """How many of the prompt's tokens the KV cache would reuse if it ran now: a forecast
+        for headers sent before the engine is ours (the `Done` event has the real count)."""
+        return 0
+
     def clamp_max_tokens(self, requested: int, prompt: Prompt) -> int:
         return max(1, min(requested, self.n_ctx - len(prompt.tokens)))
 

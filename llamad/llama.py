@@ -251,6 +251,14 @@ class LlamaEngine(Engine):
         except GrammarError as exc:
             raise GrammarRejected(str(exc)) from None
 
+    def expected_reuse(self, prompt: Prompt) -> int:
+        llm = self.llm
+        if llm is None:
+            return 0
+        # Read without the engine: a forecast; at least one token is always evaluated again.
+        live = common_prefix(llm.input_ids[: llm.n_tokens].tolist(), prompt.tokens)
+        return max(0, min(live, len(prompt.tokens) - 1))
+
     def count_tokens(self, text: str) -> int:
         assert self.llm is not None
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
