@@ -78,6 +78,12 @@ def cmd_check(args: argparse.Namespace) -> int:
             chosen_by=choice.reason,
             chat_template=engine.info.get("chat_template"),
             gpu_layers_offloaded=engine.info.get("gpu_layers_offloaded"),
+            n_ctx=engine.info.get("n_ctx"),
+            n_ctx_train=engine.info.get("n_ctx_train"),
+            # What the configured context costs in memory, as llama.cpp allocated it.
+            kv_cache_mib=engine.info.get("kv_cache_mib"),
+            kv_cache_type=engine.info.get("kv_cache_type"),
+            flash_attn=engine.info.get("flash_attn"),
             prompt_tokens=len(prompt.tokens),
             generated_tokens=finish.usage.completion_tokens if finish else 0,
             load_s=round(loaded_s, 3),
