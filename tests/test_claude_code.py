@@ -31,6 +31,27 @@ def captured(turn: int, tools: bool = False) -> dict[str, Any]:
     return body
 
 
+def captured_tools_compile() -> bool:
+    """Whether llamad turns every tool schema Claude Code sends into a grammar (issue 10 §1:
+    its Workflow tool has a property with only a description, i.e. any value)."""
+    from llamad import tools
+    from llamad.chat import ToolSpec
+
+    specs = [ToolSpec(t["name"], t.get("description", ""), t["input_schema"]) for t in captured(1, tools=True)["tools"]]
+    try:
+        tools.plan(specs, tools.ToolChoice("auto"))
+    except ValueError:
+        return False
+    return True
+
+
+# Tests that send Claude Code's whole tool list fail until every valid schema compiles; they
+# then run as usual (strict: an unexpected pass is reported).
+NEEDS_ALL_SCHEMAS = pytest.mark.xfail(
+    not captured_tools_compile(), strict=True, reason="Claude Code's Workflow tool schema does not compile yet (issue 10 §1)"
+)
+
+
 def with_billing_nonce(body: dict[str, Any], nonce: str) -> dict[str, Any]:
     """The request as the builds that add a per-request `cch=` nonce send it."""
     body = copy.deepcopy(body)
@@ -154,10 +175,7 @@ async def test_claude_codes_other_fields_are_accepted_and_thinking_display_is_ho
     assert engine.generations[0].max_tokens <= 1024
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs every valid tool schema to compile (issue 10 §1, branch `schema`): remove this mark once merged",
-)
+@NEEDS_ALL_SCHEMAS
 async def test_the_captured_requests_with_all_their_tools_are_served_in_event_order():
     async with serve(FakeEngine(n_ctx=65536)) as client:
         for turn in (1, 2):
