@@ -76,7 +76,8 @@ clean:
 # sm_87, the default) or JETPACK=5 (Xavier and Orin, sm_72;87).
 JETPACK ?= 6
 SYSTEM_TEST_TOOLS := systemd-analyze:systemd debootstrap:debootstrap systemd-nspawn:systemd-container \
-	dpkg-buildpackage:dpkg-dev dh:debhelper dh_virtualenv:dh-virtualenv lintian:lintian fakeroot:fakeroot
+	dpkg-buildpackage:dpkg-dev dh:debhelper dh_virtualenv:dh-virtualenv lintian:lintian fakeroot:fakeroot \
+	node:nodejs npm:npm
 
 .PHONY: deb deb-jetson test-deps
 
@@ -86,7 +87,8 @@ deb:
 deb-jetson:
 	JETSON=$(JETPACK) packaging/build-deb.sh
 
-# Tools the systemd-unit and .deb tests use; installed with apt when missing (root only).
+# Tools the systemd-unit and .deb tests use, and npm for the coding-agent tests (which install
+# the pinned Claude Code and Codex CLIs with it); installed with apt when missing (root only).
 test-deps:
 	@missing=""; for pair in $(SYSTEM_TEST_TOOLS); do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
