@@ -188,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=3, help="runs per measurement (default 3)")
     bench.add_argument("--concurrency", type=int, default=4, help="parallel streams (default 4; 0 skips)")
     bench.add_argument("--prefix-tokens", type=int, default=1500, help="shared prefix for the cache case (0 skips)")
+    bench.add_argument("--agent", help="a captured agent request (JSON) to time cold and on its next turn")
     bench.add_argument("--json", help="also write the results as JSON to this file")
     for name in ("config", "check", "bench", "serve"):
         sub.choices[name].add_argument("--config", dest="config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

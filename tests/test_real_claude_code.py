@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,7 +25,7 @@ from httpx_sse import connect_sse
 from agents import Agents, AgentsUnavailable, claude_command, install_agents
 from conftest import RunningServer, start_server
 from test_anthropic import assert_valid_stream
-from test_claude_code import NEEDS_ALL_SCHEMAS, captured
+from test_claude_code import CAPTURES, NEEDS_ALL_SCHEMAS, captured
 from test_real_load import metric
 
 pytestmark = pytest.mark.real
@@ -59,6 +60,7 @@ def stream(base: str, body: dict[str, Any]) -> list[tuple[str, dict]]:
 
 
 @NEEDS_ALL_SCHEMAS
+@pytest.mark.timeout(900)  # a ~12,000-token prompt on two CPU cores
 def test_claude_code_answers_through_llamad(agents: Agents, agent_server: RunningServer, tmp_path: Path):
     argv, environment = claude_command(
         agents, agent_server.url, tmp_path / "home", extra={"CLAUDE_CODE_MAX_CONTEXT_TOKENS": "32768"}
@@ -71,7 +73,7 @@ def test_claude_code_answers_through_llamad(agents: Agents, agent_server: Runnin
         cwd=workdir,
         capture_output=True,
         text=True,
-        timeout=500,
+        timeout=800,
         stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, f"stdout: {result.stdout}\nstderr: {result.stderr}\nllamad: {agent_server.log()[-3000:]}"
@@ -79,23 +81,38 @@ def test_claude_code_answers_through_llamad(agents: Agents, agent_server: Runnin
 
 
 @NEEDS_ALL_SCHEMAS
-def test_captured_requests_stream_in_the_order_claude_codes_sdk_checks(agent_server: RunningServer):
-    for turn in (1, 2):
-        events = stream(agent_server.url, captured(turn, tools=True))
+@pytest.mark.timeout(900)
+def test_captured_turns_stream_in_order_and_the_second_reuses_the_first_ones_prompt(agent_server: RunningServer):
+    first = stream(agent_server.url, captured(1, tools=True))
+    reused_before = metric(agent_server.url, "llamad_prompt_cache_tokens_total")
+    second = stream(agent_server.url, captured(2, tools=True))
+    for events in (first, second):
         assert_valid_stream(events)
-        start, final = events[0][1]["message"], events[-2][1]
-        assert start["usage"]["input_tokens"] + start["usage"]["cache_read_input_tokens"] > 10_000
-        assert final["delta"]["stop_reason"] in ("end_turn", "max_tokens", "tool_use")
+        assert events[-2][1]["delta"]["stop_reason"] in ("end_turn", "max_tokens", "tool_use")
+    start, final = second[0][1]["message"]["usage"], second[-2][1]["usage"]
+    prompt_tokens = final["input_tokens"] + final["cache_read_input_tokens"]
+    assert prompt_tokens > 10_000
+    assert final["cache_read_input_tokens"] >= 0.9 * prompt_tokens
+    # The forecast in message_start matches, with nothing else running in between.
+    assert start["cache_read_input_tokens"] == final["cache_read_input_tokens"]
+    assert metric(agent_server.url, "llamad_prompt_cache_tokens_total") - reused_before == final["cache_read_input_tokens"]
 
 
 @NEEDS_ALL_SCHEMAS
-def test_the_second_request_reuses_the_first_ones_prompt(agent_server: RunningServer):
-    stream(agent_server.url, captured(1, tools=True))
-    reused_before = metric(agent_server.url, "llamad_prompt_cache_tokens_total")
-    events = stream(agent_server.url, captured(2, tools=True))
-    final = events[-2][1]["usage"]
-    prompt_tokens = final["input_tokens"] + final["cache_read_input_tokens"]
-    assert final["cache_read_input_tokens"] >= 0.9 * prompt_tokens
-    # The forecast in message_start matches, with nothing else running in between.
-    assert events[0][1]["message"]["usage"]["cache_read_input_tokens"] == final["cache_read_input_tokens"]
-    assert metric(agent_server.url, "llamad_prompt_cache_tokens_total") - reused_before == final["cache_read_input_tokens"]
+@pytest.mark.timeout(900)
+def test_bench_times_claude_codes_request_cold_and_on_its_next_turn(agent_server: RunningServer, tmp_path: Path):
+    out, config = tmp_path / "bench.json", tmp_path / "llamad.toml"
+    config.write_text("")
+    capture = sorted(CAPTURES.glob("*_post_v1_messages.json"))[0]
+    result = subprocess.run(
+        [sys.executable, "-m", "llamad.cli", "--config", str(config), "bench", "--url", agent_server.url,
+         "--runs", "1", "--tokens", "8", "--concurrency", "0", "--prefix-tokens", "0",
+         "--agent", str(capture), "--json", str(out)],
+        capture_output=True, text=True, timeout=850,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "agent request" in result.stdout
+    agent = json.loads(out.read_text())["agent"]
+    assert agent["turn1_prompt_tokens"] > 10_000
+    assert agent["turn2_cache_read_tokens"] >= 0.9 * agent["turn2_prompt_tokens"]
+    assert 0 < agent["turn2_ttft_s"] < agent["turn1_ttft_s"]
