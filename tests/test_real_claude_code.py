@@ -30,7 +30,7 @@ from test_real_load import metric
 
 pytestmark = pytest.mark.real
 
-# The demo's context (etc/llamad.toml) holds Claude Code's ~12,500-token first request; short
+# The demo's context (etc/llamad.toml) holds Claude Code's ~12,000-token first request; short
 # answers keep the test quick (the demo model seldom stops by itself).
 AGENT_TOML = "[model]\nn_ctx = 32768\n[limits]\nmax_tokens_hard_cap = 24\n"
 
