@@ -69,15 +69,16 @@ clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
 # --- Debian package and system test tools (packaging/README-service.md) -------------------
-# `make deb`: the .deb for this machine's architecture into packaging/out/ (reuses pip's
-# cached llama-cpp-python wheel; PORTABLE=1 compiles llama.cpp with GGML_NATIVE=OFF for a
-# release that runs on any CPU of the architecture).
-# `make deb-jetson`: the same, run ON the Jetson (arm64), with CUDA: JETPACK=6 (Orin,
-# sm_87, the default) or JETPACK=5 (Xavier and Orin, sm_72;87).
+# `make deb`: the .deb for this machine's architecture into packaging/out/, with the
+# llama-cpp-python wheel packaging/llama-wheel.sh builds for target host (the one `make
+# install` uses, so usually no compile); PORTABLE=1: target portable, a release that runs
+# on any CPU of the architecture.
+# `make deb-jetson`: the same, run ON the Jetson (arm64), with CUDA: JETPACK=6 (target
+# jetson6, Orin, the default) or JETPACK=5 (target jetson5, Xavier and Orin).
 JETPACK ?= 6
 SYSTEM_TEST_TOOLS := systemd-analyze:systemd debootstrap:debootstrap systemd-nspawn:systemd-container \
 	dpkg-buildpackage:dpkg-dev dh:debhelper dh_virtualenv:dh-virtualenv lintian:lintian fakeroot:fakeroot \
-	node:nodejs npm:npm
+	haproxy:haproxy node:nodejs npm:npm
 
 .PHONY: deb deb-jetson test-deps
 

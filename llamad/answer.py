@@ -101,8 +101,10 @@ async def answer_events(
     generation: Generation,
     keep_reasoning: bool,
     parser: ToolParser | None = None,
+    split_reasoning: bool = True,
 ) -> AsyncIterator[AnswerEvent]:
-    splitter = ReasoningSplitter(starts_in_reasoning=generation.prompt.opens_reasoning)
+    """split_reasoning=False: the output is all text, `<think>` included (raw completions)."""
+    splitter = ReasoningSplitter(starts_in_reasoning=generation.prompt.opens_reasoning) if split_reasoning else None
     parser = parser or PlainText()
 
     def route(pieces: list[tuple[str, str]]) -> list[AnswerEvent]:
@@ -118,14 +120,14 @@ async def answer_events(
     async with aclosing(engine.stream(generation)) as events:
         async for event in events:
             if isinstance(event, Token):
-                for item in route(splitter.feed(event.text)):
+                for item in route(splitter.feed(event.text) if splitter else [("text", event.text)]):
                     yield item
             elif isinstance(event, Waiting):
                 yield Keepalive()
             elif isinstance(event, Started):
                 continue
             elif isinstance(event, Done):
-                for item in route(splitter.finish()):
+                for item in route(splitter.finish() if splitter else []):
                     yield item
                 for item in parser.finish():
                     yield item

@@ -383,7 +383,7 @@ def plan_tools(req: MessagesRequest, chat: Chat, engine: Engine) -> Plan:
         choice,
         parallel=not getattr(choice_in, "disable_parallel_tool_use", False),
         response_format=response_format_of(req),
-        template_supports_tools=getattr(engine, "template_supports_tools", False),
+        template_supports_tools=engine.template_supports_tools,
         id_prefix="toolu_",
     )
     return Plan(grammar=grammar, parser=parser)

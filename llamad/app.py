@@ -16,7 +16,7 @@ from llamad import openai
 from llamad.auth import ApiKeys, AuthMiddleware
 from llamad.config import Config, api_keys
 from llamad.engine import Engine
-from llamad.errors import anthropic_body, family_of, from_exception, openai_body
+from llamad.errors import body_of, family_of, from_exception
 from llamad.metrics import Metrics
 from llamad.observe import ObserveMiddleware, record_of
 
@@ -33,17 +33,19 @@ def error_handler(request: Request, exc: Exception) -> Response:
     headers = dict(error.headers)
     if record.request_id == "-":  # no route matched (404/405), so the observer never ran
         headers["request-id"] = "req_" + secrets.token_hex(12)
-    body = anthropic_body(error) if family == "anthropic" else openai_body(error)
-    return Response(body, status_code=error.status, headers=headers)
+    return Response(body_of(error, family), status_code=error.status, headers=headers)
 
 
 @get("/health", sync_to_thread=False)
 def health(request: Request) -> Response:
     engine: Engine = request.app.state.engine
+    # A drain (SIGTERM) is a 503 at once, so a load balancer stops sending new requests
+    # while the running ones finish.
+    state = "draining" if engine.scheduler.closed and engine.state == "ready" else engine.state
     body: dict[str, Any] = {
-        "status": "ok" if engine.state == "ready" else engine.state,
+        "status": "ok" if state == "ready" else state,
         "model": engine.model_id,
-        "state": engine.state,
+        "state": state,
         "generating": engine.generating,
         "queue_depth": engine.scheduler.queue_depth,
         "max_queue": engine.scheduler.max_queue,
@@ -52,7 +54,10 @@ def health(request: Request) -> Response:
         body["model_info"] = engine.info
     if engine.error:
         body["error"] = engine.error
-    return Response(body, status_code=200 if engine.state == "ready" else 503)
+    embedder: Engine | None = request.app.state.embedder
+    if embedder is not None:  # a dedicated embedding model: its own state, not the server's
+        body["embedding_model"] = {"model": embedder.model_id, "state": embedder.state, "error": embedder.error}
+    return Response(body, status_code=200 if state == "ready" else 503)
 
 
 @get("/metrics", sync_to_thread=False, media_type="text/plain; version=0.0.4")
@@ -66,8 +71,20 @@ def root(request: Request) -> dict[str, Any]:
     return {"name": "llamad", "model": request.app.state.engine.model_id}
 
 
-def create_app(config: Config, engine: Engine, load_engine: bool = True, metrics_registry: Metrics | None = None) -> Litestar:
+def create_app(
+    config: Config,
+    engine: Engine,
+    load_engine: bool = True,
+    metrics_registry: Metrics | None = None,
+    embedder: Engine | None = None,
+) -> Litestar:
+    """`embedder`: the engine of a dedicated embedding model ([embeddings] path); None: the
+    chat engine embeds."""
     metrics_registry = metrics_registry or Metrics()
+    if embedder is None and config.embeddings.path:
+        from llamad.llama_embed import EmbeddingEngine
+
+        embedder = EmbeddingEngine(config)
     keys = ApiKeys(api_keys(config), require_for_metrics=config.server.metrics_require_key)
 
     @asynccontextmanager
@@ -77,14 +94,25 @@ def create_app(config: Config, engine: Engine, load_engine: bool = True, metrics
                 await engine.load()
             except Exception as exc:  # keep serving /health with the reason
                 log.error("model_load_failed", error=str(exc))
+        if load_engine and embedder is not None and embedder.state == "loading":
+            try:
+                await embedder.load()
+            except Exception as exc:  # embeddings answer 503 with the reason; chat still works
+                log.error("embedding_model_load_failed", error=str(exc))
         try:
             yield
         finally:
+            if embedder is not None:
+                embedder.close()
             engine.close()
             if app.state.engine is not engine:  # swapped in by a reload
                 app.state.engine.close()
 
+    from llamad import completions, embeddings, infill, ollama, ollama_models, tokens
+
     route_handlers: list[Any] = [health, metrics, root, openai.router]
+    route_handlers += [completions.router, infill.router, embeddings.router, tokens.router]
+    route_handlers += [ollama.router, ollama_models.router]
     try:
         from llamad import anthropic
     except ImportError:
@@ -96,7 +124,7 @@ def create_app(config: Config, engine: Engine, load_engine: bool = True, metrics
         route_handlers=route_handlers,
         lifespan=[lifespan],
         # api_keys: a holder, so `systemctl reload` can swap keys (llamad.systemd.reload_service).
-        state=State({"engine": engine, "config": config, "metrics": metrics_registry, "api_keys": keys}),
+        state=State({"engine": engine, "embedder": embedder, "config": config, "metrics": metrics_registry, "api_keys": keys}),
         exception_handlers={Exception: error_handler},
         middleware=[
             DefineMiddleware(ObserveMiddleware, write_timeout=config.server.write_timeout, metrics=metrics_registry),

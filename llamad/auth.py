@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import structlog
 
-from llamad.errors import ApiError, anthropic_body, family_of, openai_body
+from llamad.errors import ApiError, body_of, family_of
 
 log = structlog.get_logger("llamad.auth")
 
@@ -114,7 +114,7 @@ async def _refuse(send: Any, family: str, reason: str) -> None:
     else:
         message = "invalid API key"
     error = ApiError(401, message, "authentication", code="invalid_api_key" if family == "openai" else None)
-    body = json.dumps(anthropic_body(error) if family == "anthropic" else openai_body(error)).encode()
+    body = json.dumps(body_of(error, family)).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

@@ -397,6 +397,22 @@ def bench_hangup(client: Http, prefix_tokens: int) -> dict[str, Any]:
 # -- orchestration -----------------------------------------------------------------------------
 
 
+def bench_embeddings(client: Http, inputs: int) -> dict[str, Any]:
+    """Inputs/s of /v1/embeddings: `inputs` sentences in one request (batched in the engine)."""
+    texts = [f"Sentence {i}: the quick brown fox jumps over the lazy dog." for i in range(inputs)]
+    client.post("/v1/embeddings", {"input": texts[:1]})  # warm-up: creates the embedding context
+    status, data, elapsed = client.post("/v1/embeddings", {"input": texts})
+    if status != 200:
+        raise RuntimeError(f"/v1/embeddings answered {status}: {data}")
+    return {
+        "inputs": inputs,
+        "prompt_tokens": data["usage"]["prompt_tokens"],
+        "seconds": elapsed,
+        "inputs_per_s": inputs / elapsed,
+        "width": len(data["data"][0]["embedding"]),
+    }
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -446,6 +462,8 @@ def run_bench(loaded: LoadedConfig, args: argparse.Namespace) -> int:
         if args.prefix_tokens > 0:
             results["prompt_cache"] = bench_cache(client, args.prefix_tokens)
         results["hangup"] = bench_hangup(client, args.prefix_tokens)
+        if getattr(args, "embed_inputs", 0) > 0:
+            results["embeddings"] = bench_embeddings(client, args.embed_inputs)
         if args.agent:
             results["agent"] = bench_agent(client, Path(args.agent), max(4, min(args.tokens, 16)))
     finally:
@@ -508,6 +526,12 @@ def render_table(r: dict[str, Any]) -> str:
             ("hang-up to next request's first token: decoding", f"{g['decode_to_next_first_token_s'] * 1000:.0f} ms"),
             ("  during prompt evaluation", f"{g['prompt_to_next_first_token_s'] * 1000:.0f} ms"),
         ]
+    if "embeddings" in r:
+        m = r["embeddings"]
+        rows.append((
+            f"embeddings: {m['inputs']} inputs in one request",
+            f"{m['inputs_per_s']:.2f} inputs/s ({m['prompt_tokens']} tokens, {m['seconds']:.1f} s)",
+        ))
     if "agent" in r:
         a = r["agent"]
         rows += [

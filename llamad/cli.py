@@ -104,10 +104,12 @@ class Server:
         from llamad.llama import LlamaEngine
 
         self.loaded = loaded
+        # The one place that names the engine class: the start and every reload build with it.
+        self.engine_factory = LlamaEngine
         config = loaded.config
         choice = resolve_model(loaded)
         log.info("model_selected", path=str(choice.path), chosen_by=choice.reason, candidates=len(choice.candidates))
-        self.engine = LlamaEngine(config, choice.path)
+        self.engine = self.engine_factory(config, choice.path)
         self.app = create_app(config, self.engine)
         self.uvicorn = uvicorn.Server(
             uvicorn.Config(
@@ -140,14 +142,19 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self) -> None:
+        from llamad.reload import reload_service
         from llamad.systemd import supervise
 
         self._loop = asyncio.get_running_loop()
+
+        def reload() -> Any:
+            return reload_service(
+                self.app.state, self.loaded.file, engine_factory=self.engine_factory, set_log_level=logsetup.set_level
+            )
+
         # sd_notify READY/STATUS/WATCHDOG/STOPPING and SIGHUP reload (no-ops outside systemd
         # apart from the reload).
-        hooks = asyncio.ensure_future(
-            supervise(self.uvicorn, self.app.state, self.loaded.file, set_log_level=logsetup.set_level)
-        )
+        hooks = asyncio.ensure_future(supervise(self.uvicorn, self.app.state, reload=reload))
         try:
             await self.uvicorn.serve()
         finally:
@@ -188,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=3, help="runs per measurement (default 3)")
     bench.add_argument("--concurrency", type=int, default=4, help="parallel streams (default 4; 0 skips)")
     bench.add_argument("--prefix-tokens", type=int, default=1500, help="shared prefix for the cache case (0 skips)")
+    bench.add_argument("--embed-inputs", type=int, default=32, help="inputs in the embeddings case (default 32; 0 skips)")
     bench.add_argument("--agent", help="a captured agent request (JSON) to time cold and on its next turn")
     bench.add_argument("--json", help="also write the results as JSON to this file")
     for name in ("config", "check", "bench", "serve"):

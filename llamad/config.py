@@ -78,11 +78,27 @@ class LoggingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     log_content: bool = False
 
 
+class EmbeddingsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Empty: embeddings come from the chat model. A GGUF path: a dedicated embedding model,
+    # loaded beside the chat model, with its own queue.
+    path: str = ""
+    # mean | cls | last | model (what the GGUF declares; mean when it declares none)
+    pooling: str = "model"
+    normalize: bool = True
+    # Tokens per batch, and so the longest input (the compute buffer grows with it).
+    batch_tokens: int = 512
+    n_threads: int = 0
+
+
+EMBEDDING_POOLINGS = ("model", "mean", "cls", "last")
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    embeddings: EmbeddingsConfig = msgspec.field(default_factory=EmbeddingsConfig)
 
 
 SECTIONS: dict[str, type[msgspec.Struct]] = {
@@ -90,6 +106,7 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "model": ModelConfig,
     "limits": LimitsConfig,
     "logging": LoggingConfig,
+    "embeddings": EmbeddingsConfig,
 }
 
 # The seed server's environment names, kept so old deployments keep working.
@@ -308,6 +325,12 @@ def validate(loaded: LoadedConfig) -> None:
     _check(c.limits.max_messages >= 1, loaded, "limits.max_messages", c.limits.max_messages, "at least 1")
     _check(c.logging.level in LOG_LEVELS, loaded, "logging.level", c.logging.level, "one of " + ", ".join(LOG_LEVELS))
     _check(c.logging.format in LOG_FORMATS, loaded, "logging.format", c.logging.format, "one of " + ", ".join(LOG_FORMATS))
+    e = c.embeddings
+    _check(e.pooling in EMBEDDING_POOLINGS, loaded, "embeddings.pooling", e.pooling, "one of " + ", ".join(EMBEDDING_POOLINGS))
+    _check(e.batch_tokens >= 8, loaded, "embeddings.batch_tokens", e.batch_tokens, "at least 8")
+    _check(e.n_threads >= 0, loaded, "embeddings.n_threads", e.n_threads, "0 (all cores) or more")
+    if e.path:
+        _check(Path(e.path).expanduser().is_file(), loaded, "embeddings.path", e.path, "an existing .gguf file")
     if c.server.api_key_file:
         key_file = Path(c.server.api_key_file)
         _check(key_file.is_file(), loaded, "server.api_key_file", c.server.api_key_file, "a readable file of keys")
@@ -385,6 +408,16 @@ def resolve_model(loaded: LoadedConfig) -> ModelChoice:
         ) from None
     _check(magic == GGUF_MAGIC, loaded, key, str(path), "a GGUF file (it must start with the bytes 'GGUF')")
     return ModelChoice(path=path, reason=reason, candidates=candidates)
+
+
+def file_identity(path: Path) -> tuple[str, int, int] | None:
+    """Which file `path` is now (path, size, mtime), or None if it cannot be read: the engine
+    records it at load, and a reload swaps the model when resolve_model's file differs."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (str(path), stat.st_size, stat.st_mtime_ns)
 
 
 def to_toml_data(config: Config) -> dict[str, Any]:

@@ -15,12 +15,14 @@ import concurrent.futures
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator, Union
+from typing import Any, AsyncIterator, Callable, Iterator, TypeVar, Union
 
 import anyio
 
 from llamad.chat import Chat
 from llamad.scheduler import Overloaded, QueueTimeout, Scheduler, ShuttingDown
+
+T = TypeVar("T")
 
 __all__ = [
     "Engine",
@@ -76,6 +78,13 @@ class Prompt:
     template_stops: list[str] = field(default_factory=list)
     # The template opened a <think> block, so the answer starts inside reasoning.
     opens_reasoning: bool = False
+
+
+@dataclass
+class FimTokens:
+    prefix: int
+    suffix: int
+    middle: int
 
 
 @dataclass
@@ -211,6 +220,50 @@ class Engine:
     def count_tokens(self, text: str) -> int:
         raise NotImplementedError
 
+    # -- raw text and tokens (legacy completions, fill-in-the-middle, /tokenize, Ollama's raw
+    # generate); a subclass that cannot supply one leaves it raising NotImplementedError.
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Text -> token ids, no chat template. `add_special` adds the model's BOS (when
+        its vocabulary wants one); `parse_special` reads "<start_of_turn>" as one token."""
+        raise NotImplementedError
+
+    def token_pieces(self, tokens: list[int]) -> list[bytes]:
+        """Each token's bytes (a piece may hold part of a multi-byte character)."""
+        raise NotImplementedError
+
+    @property
+    def n_vocab(self) -> int:
+        raise NotImplementedError
+
+    def fim_tokens(self) -> FimTokens | None:
+        """The vocabulary's fill-in-the-middle tokens, or None when it has none."""
+        return None
+
+    @property
+    def embed_max_tokens(self) -> int:
+        """The longest input `embed` takes, in tokens."""
+        return self.n_ctx
+
+    def describe(self) -> dict[str, Any]:
+        """What the GGUF says about itself, for model listings (Ollama's /api/show):
+        architecture, parameter_count, size_label, quantization, embedding_length,
+        context_length, chat_template (the template text, or "")."""
+        return {}
+
+    def _embed(self, batch: list[list[int]]) -> list[list[float]]:
+        """One pooled, L2-normalised vector per token sequence, computed in batches (runs on
+        the worker thread, with the engine held)."""
+        raise NotImplementedError
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.token_pieces(tokens)).decode("utf-8", errors="replace")
+
+    @property
+    def template_supports_tools(self) -> bool:
+        """Whether the chat template renders the offered tools itself; when it does not, the
+        API faces put llamad's own tool prompt into the system message."""
+        return False
+
     # -- lifecycle --------------------------------------------------------------------------
     async def load(self) -> None:
         loop = asyncio.get_running_loop()
@@ -256,6 +309,58 @@ class Engine:
         """How many of the prompt's tokens the KV cache would reuse if it ran now: a forecast
         for headers sent before the engine is ours (the `Done` event has the real count)."""
         return 0
+
+    async def prepare_tokens(self, tokens: list[int], text: str = "", grammar: str | None = None) -> Prompt:
+        """A prompt given as token ids (raw text, or fill-in-the-middle): no chat template.
+        Raises TokenOutOfRange for an id the vocabulary does not have."""
+        self._require_ready()
+        if not tokens:
+            raise PromptError("the prompt is empty: send at least one token")
+        check_token_ids(tokens, self.n_vocab)
+        if grammar is not None:
+            await asyncio.to_thread(self._check_grammar, grammar)
+        if len(tokens) >= self.n_ctx:
+            raise ContextOverflow(len(tokens), self.n_ctx)
+        return Prompt(text=text, tokens=tokens)
+
+    async def prepare_text(self, text: str, add_special: bool = True, grammar: str | None = None) -> Prompt:
+        """Raw prompt text (no chat template) -> Prompt."""
+        self._require_ready()
+        tokens = await asyncio.to_thread(self.tokenize, text, add_special, True)
+        return await self.prepare_tokens(tokens, text, grammar)
+
+    async def embed(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Pooled vectors for token sequences, behind the same queue as generation (the
+        model is one; an embedding request waits its turn like a chat does)."""
+        self._require_ready()
+        for tokens in sequences:
+            check_token_ids(tokens, self.n_vocab)
+        return await self.exclusively(lambda: self._embed(sequences))
+
+    async def exclusively(self, work: Callable[[], T]) -> T:
+        """Runs `work` on the worker thread while holding the engine (queued FIFO with
+        generations, bounded by max_queue and queue_timeout like them)."""
+        self._require_ready()
+        queued_at = time.monotonic()
+        waiter = None if self.scheduler.try_acquire() else self.scheduler.enqueue()
+        admitted = waiter is None
+        try:
+            if waiter is not None:
+                remaining = self.scheduler.deadline() - time.monotonic()
+                done, _ = await asyncio.wait({waiter}, timeout=max(remaining, 0))
+                if not done:
+                    raise QueueTimeout(time.monotonic() - queued_at)
+                waiter.result()
+                admitted = True
+            future = asyncio.get_running_loop().run_in_executor(self._worker, work)
+            # The engine is handed on only once the worker is done with the model.
+            with anyio.CancelScope(shield=True):
+                return await future
+        finally:
+            if admitted:
+                self.scheduler.release()
+            elif waiter is not None:
+                self.scheduler.abandon(waiter)
 
     def clamp_max_tokens(self, requested: int, prompt: Prompt) -> int:
         return max(1, min(requested, self.n_ctx - len(prompt.tokens)))
@@ -417,6 +522,18 @@ class Engine:
                 decode_s=(now - first_token_at) if first_token_at else 0.0,
             )
         )
+
+
+class TokenOutOfRange(ValueError):
+    """A token id the model's vocabulary does not have (-> 400)."""
+
+
+def check_token_ids(tokens: list[int], n_vocab: int) -> None:
+    for index, token in enumerate(tokens):
+        if not 0 <= token < n_vocab:
+            raise TokenOutOfRange(
+                f"token id {token} at position {index} is out of range: this model's vocabulary has ids 0..{n_vocab - 1}"
+            )
 
 
 def _find_stop(text: str, stops: list[str]) -> tuple[int, str] | None:

@@ -10,7 +10,15 @@ from dataclasses import dataclass, field
 
 from litestar.exceptions import HTTPException
 
-from llamad.engine import ContextOverflow, EngineNotReady, GrammarRejected, Overloaded, PromptError, ShuttingDown
+from llamad.engine import (
+    ContextOverflow,
+    EngineNotReady,
+    GrammarRejected,
+    Overloaded,
+    PromptError,
+    ShuttingDown,
+    TokenOutOfRange,
+)
 
 
 @dataclass
@@ -64,9 +72,11 @@ ANTHROPIC_TYPES = {
 
 
 def family_of(path: str, anthropic_version: bool) -> str:
-    """Which API family's error shape a request gets: Anthropic clients call /v1/messages…
-    and `HEAD /`, OpenAI's /v1/chat/…; on any other path (/v1/models, or a route llamad
+    """Which API family's error shape a request gets: Ollama's clients call /api/… (without
+    an anthropic-version header), Anthropic clients /v1/messages… and `HEAD /`, OpenAI's /v1/chat/…; on any other path (/v1/models, or a route llamad
     does not have, such as Claude Code's telemetry) the `anthropic-version` header tells."""
+    if path.startswith("/api/"):  # Claude Code posts telemetry under /api/ too
+        return "anthropic" if anthropic_version else "ollama"
     if path == "/" or path == "/v1/messages" or path.startswith("/v1/messages/"):
         return "anthropic"
     if path.startswith("/v1/chat/"):
@@ -83,6 +93,8 @@ def from_exception(exc: BaseException, family: str) -> ApiError:
     if isinstance(exc, GrammarRejected):
         message = f"{exc}: simplify the tool parameters or response schema"
         return ApiError(400, message, "invalid_request")
+    if isinstance(exc, TokenOutOfRange):
+        return ApiError(400, str(exc), "invalid_request", param="prompt")
     if isinstance(exc, PromptError):
         return ApiError(400, str(exc), "invalid_request", param="messages")
     if isinstance(exc, Overloaded):
@@ -110,6 +122,19 @@ def openai_body(error: ApiError) -> dict:
             "code": error.code,
         }
     }
+
+
+def ollama_body(error: ApiError) -> dict:
+    """Ollama's error shape: one string (its clients read `error` and raise it)."""
+    return {"error": error.message}
+
+
+def body_of(error: ApiError, family: str) -> dict:
+    if family == "anthropic":
+        return anthropic_body(error)
+    if family == "ollama":
+        return ollama_body(error)
+    return openai_body(error)
 
 
 def anthropic_body(error: ApiError) -> dict:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import msgspec
 import structlog
 
 from llamad.chat import (
@@ -28,8 +29,8 @@ from llamad.chat import (
     ChatTemplate,
     named_formatter,
 )
-from llamad.config import KV_CACHE_TYPES, Config
-from llamad.engine import Cancelled, Engine, Generation, GrammarRejected, Prompt, PromptError
+from llamad.config import KV_CACHE_TYPES, Config, file_identity
+from llamad.engine import Cancelled, Engine, FimTokens, Generation, GrammarRejected, Prompt, PromptError
 from llamad.prompt_cache import PromptStateCache, common_prefix
 from llamad.tools_sampling import GrammarConstraint, GrammarError, check_grammar
 
@@ -103,6 +104,10 @@ def offloaded_layers(lines: list[str]) -> str | None:
     return None
 
 FALLBACK_FORMAT = "chatml"
+# GGUF general.file_type -> the quantization name Ollama's clients show.
+FILE_TYPES = {"0": "F32", "1": "F16", "2": "Q4_0", "3": "Q4_1", "7": "Q8_0", "8": "Q5_0", "9": "Q5_1", "10": "Q2_K",
+              "11": "Q3_K_S", "12": "Q3_K_M", "13": "Q3_K_L", "14": "Q4_K_S", "15": "Q4_K_M", "16": "Q5_K_S",
+              "17": "Q5_K_M", "18": "Q6_K", "32": "BF16"}
 CPU_PROMPT_STEP = 128
 
 
@@ -121,6 +126,7 @@ class LlamaEngine(Engine):
         self.prompt_step = config.model.n_batch  # set at load: tokens per prompt step
         # The file as loaded (path, size, mtime): a reload swaps the model when it changes.
         self.model_identity: tuple[str, int, int] | None = None
+        self.embedder = None  # llamad.llama_embed.Embedder, made on the first embedding request
         capacity = config.model.prompt_cache_bytes
         self.prompt_cache = PromptStateCache(capacity) if capacity > 0 else None
 
@@ -132,7 +138,6 @@ class LlamaEngine(Engine):
     def _load(self) -> None:
         import llama_cpp
 
-        from llamad.systemd import file_identity
 
         m = self.config.model
         threads = m.n_threads or os.cpu_count() or 1
@@ -278,6 +283,72 @@ class LlamaEngine(Engine):
     def count_tokens(self, text: str) -> int:
         assert self.llm is not None
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    # -- raw text, tokens, fill-in-the-middle, embeddings ----------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        assert self.llm is not None
+        # llama.cpp adds BOS only when the vocabulary asks for it (add_bos_token).
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)
+
+    def token_pieces(self, tokens: list[int]) -> list[bytes]:
+        import llama_cpp
+
+        assert self.llm is not None
+        vocab = self.llm._model.vocab  # noqa: SLF001
+        buffer = ctypes.create_string_buffer(256)
+        # special=True: a control token shows as its text ("<start_of_turn>"), not as nothing.
+        pieces = []
+        for token in tokens:
+            n = llama_cpp.llama_token_to_piece(vocab, token, buffer, 256, 0, True)
+            pieces.append(buffer.raw[: max(n, 0)])
+        return pieces
+
+    @property
+    def n_vocab(self) -> int:
+        assert self.llm is not None
+        return self.llm.n_vocab()
+
+    def fim_tokens(self) -> FimTokens | None:
+        import llama_cpp
+
+        assert self.llm is not None
+        vocab = self.llm._model.vocab  # noqa: SLF001
+        ids = (llama_cpp.llama_vocab_fim_pre(vocab), llama_cpp.llama_vocab_fim_suf(vocab), llama_cpp.llama_vocab_fim_mid(vocab))
+        if any(i < 0 for i in ids):  # LLAMA_TOKEN_NULL: the GGUF names no such token
+            return None
+        return FimTokens(*ids)
+
+    def describe(self) -> dict[str, object]:
+        import llama_cpp
+
+        llm = self.llm
+        assert llm is not None
+        metadata = llm.metadata
+        buffer = ctypes.create_string_buffer(128)
+        llama_cpp.llama_model_desc(llm._model.model, buffer, 128)  # noqa: SLF001  "gemma3 270M Q4_K - Medium"
+        description = buffer.value.decode("utf-8", errors="replace")
+        return {
+            "architecture": metadata.get("general.architecture", "unknown"),
+            "parameter_count": llm._model.n_params(),  # noqa: SLF001
+            "size_label": metadata.get("general.size_label", ""),
+            "quantization": FILE_TYPES.get(metadata.get("general.file_type", ""), description.split(" ", 2)[-1]),
+            "embedding_length": llm.n_embd(),
+            "context_length": llm._model.n_ctx_train(),  # noqa: SLF001
+            "chat_template": metadata.get("tokenizer.chat_template", ""),
+        }
+
+    @property
+    def embed_max_tokens(self) -> int:
+        return min(self.n_ctx, self.config.embeddings.batch_tokens)
+
+    def _embed(self, batch: list[list[int]]) -> list[list[float]]:
+        from llamad.llama_embed import Embedder
+
+        assert self.llm is not None
+        if self.embedder is None:  # made on first use: a chat-only server pays nothing
+            settings = msgspec.structs.replace(self.config.embeddings, batch_tokens=self.embed_max_tokens)
+            self.embedder = Embedder(self.llm._model, settings, n_threads=int(self.info.get("n_threads", 1)))  # noqa: SLF001
+        return self.embedder.embed(batch)
 
     # -- generation ------------------------------------------------------------------------
     def _evaluate_prompt(self, tokens: list[int], cancel: threading.Event) -> int:

@@ -391,7 +391,7 @@ async def complete(request: Request, keep_reasoning: bool) -> Response:
         tool_choice_of(req),
         parallel=req.parallel_tool_calls,
         response_format=response_format,
-        template_supports_tools=getattr(engine, "template_supports_tools", False),
+        template_supports_tools=engine.template_supports_tools,
         id_prefix="call_",
     )
     record = record_of(request)

@@ -45,6 +45,11 @@ class Scheduler:
         return self._busy
 
     @property
+    def closed(self) -> bool:
+        """True once shutdown began (SIGTERM): nothing new is admitted."""
+        return self._closed
+
+    @property
     def queue_depth(self) -> int:
         return sum(1 for w in self._waiters if not w.done())
 

@@ -4,10 +4,7 @@
 sockets written with a leading '@') without libsystemd. Outside systemd every call is a
 no-op, so the serve loop calls it unconditionally.
 
-`reload_service` is what `systemctl reload llamad` (SIGHUP) runs: it re-reads the TOML and
-applies what can change live; a model change loads the new model beside the old one and
-swaps it in, the old engine finishing the requests it already holds. A config with an
-error is refused with one log line and the running configuration stays.
+On SIGHUP (`systemctl reload llamad`) `supervise` runs `llamad.reload.reload_service`.
 """
 
 from __future__ import annotations
@@ -17,13 +14,9 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 import structlog
-
-from llamad.config import Config, ConfigError, LoadedConfig, api_keys, load_config, resolve_model
 
 log = structlog.get_logger("llamad.systemd")
 
@@ -116,30 +109,47 @@ def status_line(engine: Any) -> str:
     return f"ready, {busy}; served {stats.requests} requests; {queue} queued; model {engine.model_id}"
 
 
+async def notify_reload(notifier: Notifier, state: Any, reload: Callable[[], Awaitable[Any]]) -> Any:
+    """Runs one reload inside sd_notify's reload protocol: RELOADING=1 before, READY=1 after
+    whatever happened (or `systemctl reload` waits for its timeout), then a fresh STATUS=."""
+    notifier.reloading()
+    try:
+        return await reload()
+    finally:
+        notifier.send("READY=1")
+        notifier.status(status_line(getattr(state, "engine", None)))
+
+
 async def supervise(
     server: Any,
     state: Any,
-    config_path: str | os.PathLike[str] | None,
     *,
-    set_log_level: Callable[[str], None] | None = None,
+    reload: Callable[[], Awaitable[Any]] | None = None,
     notifier: Notifier | None = None,
 ) -> None:
     """Runs beside `uvicorn.Server.serve()` until cancelled: keeps the start alive while the
     model loads, sends READY=1 once the model is loaded and the socket is bound, pings the
-    watchdog, keeps STATUS= current, reloads on SIGHUP and says STOPPING=1 on shutdown.
+    watchdog, keeps STATUS= current, runs `reload` on SIGHUP and says STOPPING=1 on shutdown.
 
-    `state` is the app's state (`.engine`, `.config`, `.api_keys`), which a reload updates."""
+    `state` is the app's state (`.engine`, `.config`, `.api_keys`), which a reload updates;
+    `reload` is the CLI's (llamad.reload.reload_service with the engine class bound)."""
     notifier = notifier or Notifier()
     loop = asyncio.get_running_loop()
     reload_lock = asyncio.Lock()
 
-    async def reload() -> None:
+    async def reload_once() -> None:
         async with reload_lock:  # a second SIGHUP waits for the first reload to finish
-            await reload_service(state, config_path, set_log_level=set_log_level, notifier=notifier)
+            try:
+                await notify_reload(notifier, state, reload)
+            except Exception:
+                log.exception("reload_failed", kept="running configuration")
 
     def on_sighup() -> None:
-        log.info("reload_requested", signal="SIGHUP", config_file=str(config_path or "default"))
-        task = asyncio.ensure_future(reload())
+        if reload is None:
+            log.warning("reload_unavailable", signal="SIGHUP")
+            return
+        log.info("reload_requested", signal="SIGHUP")
+        task = asyncio.ensure_future(reload_once())
         _background.add(task)
         task.add_done_callback(_background.discard)
 
@@ -179,175 +189,6 @@ async def supervise(
     finally:
         watchdog.cancel()
         loop.remove_signal_handler(signal.SIGHUP)
-
-
-# -- reload -------------------------------------------------------------------------------
-
-# Settings only a restart can apply (the socket is bound, the app is built).
-RESTART_ONLY = (
-    "server.host",
-    "server.port",
-    "server.max_body_bytes",
-    "server.write_timeout",  # the response observer and uvicorn took their values at start
-    "server.shutdown_grace",
-    "logging.format",
-)
-
-
-def _flat(config: Config) -> dict[str, Any]:
-    import msgspec
-
-    out: dict[str, Any] = {}
-    for section, values in msgspec.to_builtins(config).items():
-        for key, value in values.items():
-            out[f"{section}.{key}"] = value
-    return out
-
-
-def changed_keys(old: Config, new: Config) -> list[str]:
-    before, after = _flat(old), _flat(new)
-    return sorted(key for key in after if before.get(key) != after.get(key))
-
-
-@dataclass
-class ReloadResult:
-    ok: bool
-    message: str
-    changed: list[str] = field(default_factory=list)
-    model_swapped: bool = False
-    needs_restart: list[str] = field(default_factory=list)
-
-
-EngineFactory = Callable[[Config, Path], Any]
-
-
-def default_engine_factory(config: Config, model_path: Path) -> Any:
-    from llamad.llama import LlamaEngine
-
-    return LlamaEngine(config, model_path)
-
-
-def file_identity(path: Path) -> tuple[str, int, int] | None:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return (str(path), stat.st_size, stat.st_mtime_ns)
-
-
-def _model_file_changed(engine: Any, loaded: LoadedConfig) -> bool:
-    """Whether the configuration now resolves to another model file than the engine serves."""
-    served = getattr(engine, "model_identity", None)
-    if served is None:
-        return False
-    try:
-        choice = resolve_model(loaded)
-    except (ConfigError, OSError):
-        return True  # let the model path of the reload report what is wrong
-    return file_identity(choice.path) != served
-
-
-async def retire_engine(engine: Any, poll_s: float = 0.2) -> None:
-    """Closes a swapped-out engine once the requests it holds (running, queued, or still
-    reading their body and preparing their prompt) are done."""
-    while engine.scheduler.busy or engine.scheduler.queue_depth or getattr(engine, "holders", 0):
-        await asyncio.sleep(poll_s)
-    await asyncio.to_thread(engine.close)
-    log.info("engine_retired", model=getattr(engine, "model_id", "?"))
-
-
-async def reload_service(
-    state: Any,
-    config_path: str | os.PathLike[str] | None,
-    *,
-    engine_factory: EngineFactory = default_engine_factory,
-    set_log_level: Callable[[str], None] | None = None,
-    notifier: Notifier | None = None,
-    env: Mapping[str, str] | None = None,
-) -> ReloadResult:
-    """Re-reads the configuration into `state` (the app's state: `.loaded` or `.config`,
-    `.engine`, optional `.api_keys` holder). Nothing changes unless everything checks out."""
-    notifier = notifier or Notifier(env)
-    notifier.reloading()
-    try:
-        result = await _reload(state, config_path, engine_factory, set_log_level, env)
-    finally:
-        notifier.send("READY=1")
-    notifier.status(status_line(getattr(state, "engine", None)))
-    return result
-
-
-def _current_config(state: Any) -> Config:
-    loaded = getattr(state, "loaded", None)
-    if isinstance(loaded, LoadedConfig):
-        return loaded.config
-    return state.config
-
-
-async def _reload(state, config_path, engine_factory, set_log_level, env) -> ReloadResult:
-    old = _current_config(state)
-    try:
-        loaded = load_config(config_path, env=env)
-        keys = api_keys(loaded.config)
-    except (ConfigError, OSError) as exc:
-        log.error("reload_refused", error=str(exc), kept="running configuration")
-        return ReloadResult(ok=False, message=str(exc))
-    new = loaded.config
-    changed = changed_keys(old, new)
-    needs_restart = [key for key in changed if key in RESTART_ONLY]
-    model_changed = any(key.startswith("model.") for key in changed) or getattr(state, "engine", None) is None
-    if not model_changed and _model_file_changed(getattr(state, "engine", None), loaded):
-        # Same settings, other file: a new .gguf in model.dir, or the served file replaced.
-        model_changed = True
-        changed = changed + ["model file"]
-
-    new_engine = None
-    if model_changed:
-        try:
-            choice = resolve_model(loaded)
-        except (ConfigError, OSError) as exc:
-            log.error("reload_refused", error=str(exc), kept="running configuration and model")
-            return ReloadResult(ok=False, message=str(exc), changed=changed)
-        log.info("reload_loading_model", path=str(choice.path), reason=choice.reason)
-        new_engine = engine_factory(new, choice.path)
-        try:
-            await new_engine.load()
-        except Exception as exc:
-            log.error("reload_refused", error=f"new model failed to load: {exc}", kept="running model")
-            await asyncio.to_thread(new_engine.close)
-            return ReloadResult(ok=False, message=str(exc), changed=changed)
-
-    # Everything checked out: apply it all at once (no awaits from here on until the swap).
-    old_engine = getattr(state, "engine", None)
-    if new_engine is not None:
-        state.engine = new_engine
-    elif old_engine is not None:
-        old_engine.scheduler.reconfigure(new.server.max_queue, new.server.queue_timeout)
-    if isinstance(getattr(state, "loaded", None), LoadedConfig):
-        state.loaded = loaded
-    if hasattr(state, "config"):
-        state.config = new
-    holder = getattr(state, "api_keys", None)
-    if holder is not None and hasattr(holder, "replace"):
-        holder.replace(keys, require_for_metrics=new.server.metrics_require_key)
-    if set_log_level is not None and old.logging.level != new.logging.level:
-        set_log_level(new.logging.level)
-
-    if needs_restart:
-        log.warning("reload_needs_restart", keys=needs_restart, hint="systemctl restart llamad applies them")
-    log.info("reload_applied", changed=changed, model_swapped=new_engine is not None)
-    if new_engine is not None and old_engine is not None:
-        # Requests already holding the old engine finish on it; then it is freed.
-        task = asyncio.ensure_future(retire_engine(old_engine))
-        _background.add(task)
-        task.add_done_callback(_background.discard)
-    return ReloadResult(
-        ok=True,
-        message="applied",
-        changed=changed,
-        model_swapped=new_engine is not None,
-        needs_restart=needs_restart,
-    )
 
 
 _background: set[asyncio.Task[None]] = set()

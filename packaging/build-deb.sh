@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Builds the llamad .deb for the host architecture into packaging/out/.
 #
-#   packaging/build-deb.sh                 host build (reuses pip's cached llama-cpp-python wheel)
-#   PORTABLE=1 packaging/build-deb.sh      release build: llama.cpp compiled with GGML_NATIVE=OFF,
-#                                          so it runs on any CPU of the architecture
-#   JETSON=6 packaging/build-deb.sh        on a Jetson (JetPack 6): CUDA for Orin (sm_87)
-#   JETSON=5 packaging/build-deb.sh        on a Jetson (JetPack 5): CUDA for Xavier and Orin
+#   packaging/build-deb.sh                 llama.cpp for this machine (target host)
+#   PORTABLE=1 packaging/build-deb.sh      release build for any CPU of the architecture (portable)
+#   JETSON=6 packaging/build-deb.sh        on a Jetson (JetPack 6): CUDA for Orin (jetson6)
+#   JETSON=5 packaging/build-deb.sh        on a Jetson (JetPack 5): CUDA for Xavier and Orin (jetson5)
 #   DEB_COMPRESS="-Zgzip -z1" ...          faster, larger package (the tests use this)
+#
+# llama.cpp's compile flags are not chosen here: packaging/llama-wheel.sh builds (or finds in
+# its cache) the llama-cpp-python wheel for the target, and dh_virtualenv installs exactly
+# that wheel. It never compiles llama.cpp itself and never takes a wheel from pip's cache.
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
-out="$root/packaging/out"
+out="${LLAMAD_DEB_OUT:-$root/packaging/out}"
 version="$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$root/pyproject.toml" | head -n1)"
 src="$out/src/llamad-$version"
 
@@ -25,29 +28,35 @@ if ((${#missing[@]})); then
     exit 1
 fi
 
-pip_args=()
 case "${JETSON:-}" in
-    "") ;;
-    6) export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=87}"
+    "") target="$([[ -n "${PORTABLE:-}" ]] && echo portable || echo host)" ;;
+    6) target=jetson6
        export LLAMAD_CUDA_DEPENDS="${LLAMAD_CUDA_DEPENDS:-cuda-cudart-12-6 | cuda-cudart-12-2, libcublas-12-6 | libcublas-12-2}" ;;
-    5) export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=72;87}"
+    5) target=jetson5
        export LLAMAD_CUDA_DEPENDS="${LLAMAD_CUDA_DEPENDS:-cuda-cudart-11-4, libcublas-11-4}" ;;
     *) echo "build-deb: JETSON must be 5 or 6 (the JetPack major version)" >&2; exit 2 ;;
 esac
-if [[ -n "${JETSON:-}" ]]; then
-    # nvcc is not on PATH by default on JetPack.
-    export PATH="/usr/local/cuda/bin:$PATH"
-    export CUDACXX="${CUDACXX:-/usr/local/cuda/bin/nvcc}"
-fi
-if [[ -n "${PORTABLE:-}" ]]; then
-    export CMAKE_ARGS="${CMAKE_ARGS:+$CMAKE_ARGS }-DGGML_NATIVE=OFF"
+if [[ -n "${JETSON:-}" && -n "${PORTABLE:-}" ]]; then
+    echo "build-deb: PORTABLE=1 and JETSON=$JETSON are two different builds; choose one" >&2
+    exit 2
 fi
 if [[ -n "${CMAKE_ARGS:-}" ]]; then
-    # pip's wheel cache ignores CMAKE_ARGS: a cached CPU wheel would silently be reused.
-    pip_args+=(--no-binary=llama-cpp-python --no-cache-dir)
-    echo "build-deb: compiling llama.cpp with CMAKE_ARGS=$CMAKE_ARGS (takes a while)"
+    echo "build-deb: CMAKE_ARGS is not read here: llama.cpp's flags come from packaging/llama-wheel.sh" >&2
+    echo "  (target $target; see README 'Build flags'). Put extra CMake flags in LLAMAD_CMAKE_ARGS." >&2
+    exit 2
 fi
-export LLAMAD_PIP_ARGS="${pip_args[*]:-}"
+
+# pip for the wheel build: a venv of the Python the package is built for (Debian's own
+# python3 may lack pip).
+builder="$out/wheel-builder"
+[[ -x "$builder/bin/python" ]] || /usr/bin/python3 -m venv "$builder"
+echo "build-deb: llama-cpp-python for target '$target':"
+"$root/packaging/llama-wheel.sh" flags "$target" | sed 's/^/    /'
+wheel="$("$root/packaging/llama-wheel.sh" build "$target" "$builder/bin/python")"
+echo "build-deb: using $wheel"
+# The only llama-cpp-python pip may install is that wheel (PyPI has only the source).
+export LLAMAD_PIP_ARGS="--find-links=$(dirname "$wheel") --only-binary=llama-cpp-python"
+unset CMAKE_ARGS
 export LLAMAD_DEB_COMPRESS="${DEB_COMPRESS:--Zxz}"
 
 rm -rf "$out/src"

@@ -6,6 +6,8 @@
 #   packaging/llama-wheel.sh flags TARGET            print the flags, one VAR=value a line
 #   packaging/llama-wheel.sh build TARGET [PYTHON]   build the wheel once per set of flags and
 #                                                    print its path
+#   packaging/llama-wheel.sh dir TARGET              print the cache folder for TARGET's flags
+#                                                    (rm -rf it to force a rebuild)
 #
 # Why the flags:
 # - x86-64, every target: -mno-amx-tile -mno-amx-int8 -mno-amx-bf16. On a CPU with AMX,
@@ -44,12 +46,18 @@ flags() {
     echo "CXXFLAGS=$cflags"
 }
 
-build() {
-    local target="$1" python="${2:-python3}"
-    local spec key dir wheel
+cache_dir() {
+    local target="$1" spec key
     spec="$(flags "$target")"
     key="$(printf '%s\n%s\n%s\n' "$version" "$(uname -m)" "$spec" | sha256sum | cut -c1-12)"
-    dir="${LLAMAD_WHEEL_CACHE:-$HOME/.cache/llamad/wheels}/llama-cpp-python-$version-$target-$key"
+    echo "${LLAMAD_WHEEL_CACHE:-$HOME/.cache/llamad/wheels}/llama-cpp-python-$version-$target-$key"
+}
+
+build() {
+    local target="$1" python="${2:-python3}"
+    local spec dir wheel
+    spec="$(flags "$target")"
+    dir="$(cache_dir "$target")"
     wheel="$(ls "$dir"/llama_cpp_python-"$version"-*.whl 2>/dev/null | head -n1 || true)"
     if [[ -z "$wheel" ]]; then
         mkdir -p "$dir"
@@ -73,5 +81,6 @@ build() {
 case "${1:-}" in
     flags) flags "${2:-host}" ;;
     build) build "${2:-host}" "${3:-python3}" ;;
-    *) echo "usage: $0 flags|build [host|portable|jetson6|jetson5] [PYTHON]" >&2; exit 2 ;;
+    dir) cache_dir "${2:-host}" ;;
+    *) echo "usage: $0 flags|build|dir [host|portable|jetson6|jetson5] [PYTHON]" >&2; exit 2 ;;
 esac

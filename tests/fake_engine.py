@@ -9,7 +9,7 @@ import zlib
 from typing import Callable, Iterator
 
 from llamad.chat import Chat, messages_as_text
-from llamad.engine import Engine, Generation, Prompt
+from llamad.engine import Engine, FimTokens, Generation, Prompt
 from llamad.prompt_cache import common_prefix
 
 Script = Callable[[Generation], list[str]]
@@ -32,8 +32,11 @@ class FakeEngine(Engine):
         max_queue: int = 16,
         queue_timeout: float = 60.0,
         prefix_reuse: bool = False,
+        fim: bool = False,
+        template_supports_tools: bool = False,
     ):
         super().__init__(model_id=model_id, n_ctx=n_ctx, max_queue=max_queue, queue_timeout=queue_timeout)
+        self.native_tools = template_supports_tools
         self.script = script or (lambda g: ["Hello", " from", " the", " fake", " model."])
         self.token_delay = token_delay
         self.prompt_delay = prompt_delay  # seconds of "prompt evaluation" before the first token
@@ -44,9 +47,43 @@ class FakeEngine(Engine):
         # prefix shared with the last prompt, as the real engine's live context does.
         self.prefix_reuse = prefix_reuse
         self.live_tokens: list[int] = []
+        self.fim = fim
+        self.embedded: list[list[list[int]]] = []  # each _embed call's batch
+
+    # Raw text: one token per character (id = code point), BOS = 1; ids 1..5 are specials.
+    SPECIALS = {1: b"<s>", 3: b"<PRE>", 4: b"<SUF>", 5: b"<MID>"}
+    EMBED_WIDTH = 8
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return ([1] if add_special else []) + [ord(c) for c in text if ord(c) < self.n_vocab]
+
+    def token_pieces(self, tokens: list[int]) -> list[bytes]:
+        return [self.SPECIALS.get(t) or chr(t).encode() for t in tokens]
+
+    @property
+    def n_vocab(self) -> int:
+        return 65536
+
+    def fim_tokens(self) -> FimTokens | None:
+        return FimTokens(3, 4, 5) if self.fim else None
+
+    def _embed(self, batch: list[list[int]]) -> list[list[float]]:
+        self.embedded.append(batch)
+        vectors = []
+        for tokens in batch:
+            vector = [0.0] * self.EMBED_WIDTH
+            for t in tokens:
+                vector[t % self.EMBED_WIDTH] += 1.0
+            norm = sum(v * v for v in vector) ** 0.5 or 1.0
+            vectors.append([v / norm for v in vector])
+        return vectors
 
     def _load(self) -> None:
         pass
+
+    @property
+    def template_supports_tools(self) -> bool:
+        return self.native_tools
 
     def render(self, chat: Chat) -> str:
         lines = [f"<{m['role']}>{m['content']}" for m in messages_as_text(chat, template_has_tools=False)]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from llamad.config import ConfigError, load_config, resolve_model
+from llamad.config import ConfigError, file_identity, load_config, resolve_model
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -162,6 +162,16 @@ def test_model_dir_without_gguf(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="at least one .gguf"):
         resolve_model(load_config(write(tmp_path, ""), env={"MODEL_DIR": str(tmp_path / "empty")}))
+
+
+def test_file_identity_tells_a_replaced_model_file_apart(tmp_path):
+    """What a reload compares: the same path holding another file is another model."""
+    path = gguf(tmp_path, "m.gguf")
+    before = file_identity(path)
+    assert before is not None and before[0] == str(path) and file_identity(path) == before
+    path.write_bytes(b"GGUF" + b"\1" * 64)  # replaced: other size and mtime
+    assert file_identity(path) != before
+    assert file_identity(tmp_path / "gone.gguf") is None
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -5,7 +5,10 @@ Slow (a few minutes; the first run also debootstraps a bookworm chroot, cached u
 ~/.cache/llamad/chroot). Every part that cannot run here says why and skips only itself:
 - no root, no dpkg-buildpackage/dh-virtualenv: the build (and so everything) skips;
 - no lintian: only the lintian test skips;
-- no debootstrap/systemd-nspawn, or the container does not boot: only the boot test skips.
+- no debootstrap/systemd-nspawn, no mirror, or the container does not boot: only the boot
+  test skips.
+With CI=true each of these is a failure instead (tests/must_run.py): a green CI run means
+the package was built, checked and run.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from must_run import require_tools, skip_or_fail
 
 # Building the .deb (~1 min), lintian and a first debootstrap (minutes) run in this
 # module's fixtures, so its tests get a longer bound than the default.
@@ -49,10 +54,8 @@ def _run(cmd, timeout=600, check=True, **kw) -> subprocess.CompletedProcess[str]
 @pytest.fixture(scope="module")
 def deb() -> Path:
     if os.geteuid() != 0:
-        pytest.skip("building and installing the .deb needs root")
-    missing = [t for t in ("dpkg-buildpackage", "dh", "dh_virtualenv") if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not installed (`make test-deps` installs them)")
+        skip_or_fail("building and installing the .deb needs root")
+    require_tools("dpkg-buildpackage", "dh", "dh_virtualenv")
     started = time.monotonic()
     # gzip -1: the test needs a package, not a small one.
     env = dict(os.environ, DEB_COMPRESS="-Zgzip -z1")
@@ -83,8 +86,7 @@ def test_deb_contents(deb):
 
 
 def test_lintian_finds_no_errors(deb):
-    if shutil.which("lintian") is None:
-        pytest.skip("lintian not installed (`make test-deps` installs it)")
+    require_tools("lintian")
     result = _run(["lintian", "--fail-on", "error", "--tag-display-limit", "0", str(deb)], timeout=900, check=False)
     errors = [line for line in result.stdout.splitlines() if line.startswith("E:")]
     assert result.returncode == 0 and not errors, result.stdout[-4000:] + result.stderr[-2000:]
@@ -97,8 +99,7 @@ def _base_chroot() -> Path:
     base = CHROOT_CACHE / BASE_NAME
     if (base / ".llamad-base-complete").exists():
         return base
-    if shutil.which("debootstrap") is None:
-        pytest.skip("debootstrap not installed (`make test-deps` installs it): cannot build the test system")
+    require_tools("debootstrap", hint="`make test-deps` installs it; it builds the test system")
     CHROOT_CACHE.mkdir(parents=True, exist_ok=True)
     partial = CHROOT_CACHE / (BASE_NAME + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -109,7 +110,7 @@ def _base_chroot() -> Path:
     )
     if result.returncode != 0:
         shutil.rmtree(partial, ignore_errors=True)
-        pytest.skip(f"debootstrap failed (no mirror reachable?): {result.stdout[-800:]}{result.stderr[-800:]}")
+        skip_or_fail(f"debootstrap failed (no mirror reachable?): {result.stdout[-800:]}{result.stderr[-800:]}")
     (partial / ".llamad-base-complete").write_text(BASE_PACKAGES + "\n")
     shutil.rmtree(base, ignore_errors=True)
     partial.rename(base)
@@ -217,16 +218,15 @@ def _message(port: int, headers: dict | None = None):
 def test_installed_service_in_a_booted_debian(deb):
     model = os.environ.get("LLAMAD_TEST_MODEL")
     if not model or not Path(model).is_file():
-        pytest.skip("LLAMAD_TEST_MODEL is not set to the demo GGUF (`make test` sets it)")
-    if shutil.which("systemd-nspawn") is None or shutil.which("nsenter") is None:
-        pytest.skip("systemd-nspawn not installed (`make test-deps` installs systemd-container): boot test skipped")
+        skip_or_fail("LLAMAD_TEST_MODEL is not set to the demo GGUF (`make test` sets it)")
+    require_tools("systemd-nspawn", "nsenter", hint="`make test-deps` installs systemd-container")
     base = _base_chroot()
     started = time.monotonic()
     box = Container(base, Path(model).resolve())
     try:
         why = box.wait_booted()
         if why is not None:
-            pytest.skip(f"systemd-nspawn cannot boot a container on this machine, boot test skipped: {why}")
+            skip_or_fail(f"systemd-nspawn cannot boot a container on this machine: {why}")
         shutil.copy(deb, box.root / "root/llamad.deb")
 
         # Install: enabled, not started, since no model is configured yet.

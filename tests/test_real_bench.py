@@ -28,7 +28,8 @@ def test_bench_runs_every_phase_and_writes_json(tmp_path: Path) -> None:
     config.write_text("")
     result = subprocess.run(
         [sys.executable, "-m", "llamad.cli", "--config", str(config), "bench",
-         "--runs", "1", "--tokens", "24", "--concurrency", "2", "--prefix-tokens", "300", "--json", str(out)],
+         "--runs", "1", "--tokens", "24", "--concurrency", "2", "--prefix-tokens", "300", "--embed-inputs", "8",
+         "--json", str(out)],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -47,9 +48,11 @@ def test_bench_runs_every_phase_and_writes_json(tmp_path: Path) -> None:
         data["streamed_over_engine"],
         data["streamed_over_non_streamed_end_to_end"],
         data["streamed_read_late_over_non_streamed"],
+        data["embeddings"]["inputs_per_s"],
     ]
     assert all(isinstance(x, float) and math.isfinite(x) and x > 0 for x in positive), positive
     assert data["http"]["completion_tokens"] == 24
     assert data["concurrency"]["ok"] == 2
+    assert data["embeddings"]["width"] == 640 and data["embeddings"]["inputs"] == 8
     # The second turn found the first turn's prefix in the cache.
     assert data["prompt_cache"]["turn2_cached_tokens"] > 200

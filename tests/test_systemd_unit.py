@@ -17,18 +17,19 @@ import pytest
 from llamad.auth import ApiKeys
 from llamad.config import load_config
 from llamad.engine import Done, Generation, Prompt
-from llamad.systemd import Notifier, reload_service, status_line, supervise, watchdog_loop
+from llamad.reload import reload_service
+from llamad.systemd import Notifier, notify_reload, status_line, supervise, watchdog_loop
 from fake_engine import FakeEngine
+from must_run import require_tools
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "etc" / "llamad.service"
 DROPIN = ROOT / "etc" / "llamad-devices.conf"
 MAX_EXPOSURE = 2.0
 
-needs_analyze = pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None,
-    reason="systemd-analyze is not installed (`make test-deps` installs it)",
-)
+
+def needs_analyze() -> None:
+    require_tools("systemd-analyze", hint="`make test-deps` installs systemd")
 
 
 def _verify_root(tmp_path: Path, *units: Path) -> Path:
@@ -62,16 +63,16 @@ def _analyze_verify(root: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-@needs_analyze
 def test_unit_verifies_without_any_warning(tmp_path):
+    needs_analyze()
     result = _analyze_verify(_verify_root(tmp_path))
     # verify exits 0 on unknown keys and typos, so any output at all is a failure.
     assert result.returncode == 0 and result.stdout + result.stderr == "", result.stdout + result.stderr
 
 
-@needs_analyze
 def test_verify_catches_a_typo(tmp_path):
     """Guards the check above: it would notice a misspelt key."""
+    needs_analyze()
     root = _verify_root(tmp_path)
     unit = root / "etc/systemd/system/llamad.service"
     unit.write_text(unit.read_text().replace("ProtectHome=yes", "ProtectHomes=yes"))
@@ -79,8 +80,8 @@ def test_verify_catches_a_typo(tmp_path):
     assert "ProtectHomes" in result.stdout + result.stderr
 
 
-@needs_analyze
 def test_devices_dropin_verifies(tmp_path):
+    needs_analyze()
     result = _analyze_verify(_verify_root(tmp_path, DROPIN))
     assert result.returncode == 0 and result.stdout + result.stderr == "", result.stdout + result.stderr
 
@@ -97,8 +98,8 @@ def _exposure(unit: Path) -> float:
     return float(match.group(1))
 
 
-@needs_analyze
 def test_hardening_exposure_is_at_most_2(tmp_path):
+    needs_analyze()
     score = _exposure(UNIT)
     assert score <= MAX_EXPOSURE, f"exposure {score} > {MAX_EXPOSURE}: hardening was weakened"
 
@@ -200,7 +201,7 @@ async def test_loading_extends_the_start_timeout_until_ready(notify_socket, monk
     await engine.load()
     state = SimpleNamespace(engine=engine, api_keys=ApiKeys())
     server = SimpleNamespace(started=False, should_exit=False)
-    task = asyncio.create_task(supervise(server, state, None, notifier=Notifier({"NOTIFY_SOCKET": address})))
+    task = asyncio.create_task(supervise(server, state, notifier=Notifier({"NOTIFY_SOCKET": address})))
     await asyncio.sleep(0.4)  # "loading"
     server.started = True
     await asyncio.sleep(0.3)
@@ -287,7 +288,9 @@ async def test_reload_refuses_a_broken_config_and_keeps_running(tmp_path, notify
     state = await _state(path)
     engine = state.engine
     path.write_text(path.read_text() + "[limits]\nmax_tokens_hard_cap = 'lots'\n")  # invalid TOML
-    result = await reload_service(state, path, engine_factory=_factory([]), notifier=Notifier({"NOTIFY_SOCKET": address}))
+    result = await notify_reload(
+        Notifier({"NOTIFY_SOCKET": address}), state, lambda: reload_service(state, path, engine_factory=_factory([]))
+    )
     assert not result.ok and "not valid TOML" in result.message
     assert state.config.limits.max_tokens_hard_cap == 50 and state.engine is engine
     # systemd is told the reload finished either way, or `systemctl reload` would hang.
@@ -361,7 +364,7 @@ async def test_reload_swaps_in_a_new_file_in_the_model_dir(tmp_path):
     path = tmp_path / "llamad.toml"
     path.write_text(f'[model]\ndir = "{models}"\n')
     state = await _state(path)
-    from llamad.systemd import file_identity
+    from llamad.config import file_identity
 
     state.engine.model_identity = file_identity(models / "b.gguf")  # as LlamaEngine records at load
     created = []
@@ -404,7 +407,8 @@ async def test_ready_only_once_the_socket_is_bound_then_reload_on_sighup(tmp_pat
     path = _write_config(tmp_path / "llamad.toml", model)
     state = await _state(path)
     server = SimpleNamespace(started=False, should_exit=False)
-    task = asyncio.create_task(supervise(server, state, path, notifier=Notifier({"NOTIFY_SOCKET": address})))
+    reload = lambda: reload_service(state, path, engine_factory=_factory([]), env={})  # noqa: E731
+    task = asyncio.create_task(supervise(server, state, reload=reload, notifier=Notifier({"NOTIFY_SOCKET": address})))
     await asyncio.sleep(0.3)
     assert not any("READY=1" in m for m in _drain(sock))  # model loaded, socket not yet bound
     server.started = True
@@ -418,6 +422,14 @@ async def test_ready_only_once_the_socket_is_bound_then_reload_on_sighup(tmp_pat
             break
         await asyncio.sleep(0.05)
     assert state.config.limits.max_tokens_hard_cap == 9
+    messages: list[str] = []
+    deadline = asyncio.get_running_loop().time() + 5
+    while "READY=1" not in messages and asyncio.get_running_loop().time() < deadline:
+        messages += _drain(sock)
+        await asyncio.sleep(0.05)
+    # The reload is wrapped in sd_notify's reload protocol, or `systemctl reload` would hang.
+    reloading = [i for i, m in enumerate(messages) if m.startswith("RELOADING=1\nMONOTONIC_USEC=")]
+    assert reloading and "READY=1" in messages[reloading[0] :], messages
 
     server.should_exit = True
     await asyncio.sleep(1.2)
@@ -434,7 +446,7 @@ async def test_a_model_that_failed_to_load_is_a_failed_start_under_systemd(notif
     engine.state, engine.error = "failed", "llama.cpp could not load /x.gguf"
     server = SimpleNamespace(started=True, should_exit=False)
     task = asyncio.create_task(
-        supervise(server, SimpleNamespace(engine=engine), None, notifier=Notifier({"NOTIFY_SOCKET": address}))
+        supervise(server, SimpleNamespace(engine=engine), notifier=Notifier({"NOTIFY_SOCKET": address}))
     )
     await asyncio.sleep(0.2)
     assert server.should_exit  # the process exits non-zero; Restart=on-failure retries

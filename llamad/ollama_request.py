@@ -1,0 +1,207 @@
+"""Ollama's /api/chat and /api/generate requests: schema, and translation into the shared
+Chat, sampling, limits and response format. Unknown fields are accepted (clients send
+extras); values the model cannot honour are refused with a message that says why."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Union
+
+import msgspec
+
+from llamad.chat import Chat, ChatMessage, ToolCall, ToolSpec
+from llamad.config import LimitsConfig
+from llamad.engine import Sampling
+from llamad.errors import bad_request
+
+
+class FunctionCall(msgspec.Struct):
+    name: str
+    # Ollama sends an object; a string (OpenAI habit) is accepted too.
+    arguments: Union[dict[str, Any], str, None] = None
+
+
+class ToolCallIn(msgspec.Struct):
+    function: FunctionCall
+    id: str = ""
+
+
+class Message(msgspec.Struct, kw_only=True):
+    role: str
+    content: str = ""
+    thinking: Union[str, None] = None
+    images: Union[list[Any], None] = None
+    tool_calls: Union[list[ToolCallIn], None] = None
+    tool_name: Union[str, None] = None
+    tool_call_id: Union[str, None] = None
+
+
+class Options(msgspec.Struct, kw_only=True):
+    temperature: Union[float, None] = None
+    top_p: Union[float, None] = None
+    top_k: Union[int, None] = None
+    min_p: Union[float, None] = None
+    repeat_penalty: Union[float, None] = None
+    presence_penalty: Union[float, None] = None
+    frequency_penalty: Union[float, None] = None
+    seed: Union[int, None] = None
+    num_predict: Union[int, None] = None
+    num_ctx: Union[int, None] = None
+    stop: Union[list[str], str, None] = None
+
+
+class FunctionDef(msgspec.Struct):
+    name: str
+    description: str = ""
+    parameters: Union[dict[str, Any], None] = None
+
+
+class ToolDef(msgspec.Struct):
+    function: FunctionDef
+    type: str = "function"
+
+
+class Common(msgspec.Struct, kw_only=True):
+    model: str = ""
+    stream: bool = True
+    options: Union[Options, None] = None
+    format: Union[str, dict[str, Any], None] = None
+    think: Union[bool, str, None] = None
+    keep_alive: Union[float, str, None] = None  # accepted: the one model stays loaded
+
+
+class ChatRequest(Common, kw_only=True):
+    messages: list[Message] = []
+    tools: Union[list[ToolDef], None] = None
+
+
+class GenerateRequest(Common, kw_only=True):
+    prompt: str = ""
+    suffix: Union[str, None] = None
+    system: Union[str, None] = None
+    template: Union[str, None] = None
+    raw: bool = False
+    images: Union[list[Any], None] = None
+    context: Union[list[int], None] = None
+
+
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+def to_chat(req: ChatRequest, max_messages: int) -> Chat:
+    if len(req.messages) > max_messages:
+        raise bad_request(f"too many messages: {len(req.messages)} (the limit is {max_messages})")
+    messages: list[ChatMessage] = []
+    for index, message in enumerate(req.messages):
+        if message.role not in ROLES:
+            raise bad_request(f"messages[{index}]: unknown role '{message.role}'; expected system, user, assistant or tool")
+        if message.images:
+            raise bad_request(f"messages[{index}]: images are not supported by this text-only model")
+        calls = []
+        for n, call in enumerate(message.tool_calls or []):
+            arguments = call.function.arguments
+            text = arguments if isinstance(arguments, str) else json.dumps(arguments or {}, ensure_ascii=False)
+            calls.append(ToolCall(id=call.id or f"call_{index}_{n}", name=call.function.name, arguments=text))
+        messages.append(
+            ChatMessage(
+                role=message.role,
+                content=message.content,
+                tool_calls=calls if message.role == "assistant" else [],
+                tool_call_id=message.tool_call_id if message.role == "tool" else None,
+                name=message.tool_name if message.role == "tool" else None,
+            )
+        )
+    tools = [
+        ToolSpec(
+            name=t.function.name,
+            description=t.function.description,
+            parameters=t.function.parameters or {"type": "object", "properties": {}},
+        )
+        for t in (req.tools or [])
+    ]
+    return Chat(messages=messages, tools=tools)
+
+
+def generate_chat(req: GenerateRequest) -> Chat:
+    """/api/generate without `raw`: the prompt is one user turn in the model's template."""
+    if req.images:
+        raise bad_request("images are not supported by this text-only model")
+    if req.template:
+        raise bad_request(
+            "a custom 'template' is not supported; render the prompt yourself and send it with \"raw\": true"
+        )
+    messages = [ChatMessage(role="system", content=req.system)] if req.system else []
+    messages.append(ChatMessage(role="user", content=req.prompt))
+    return Chat(messages=messages)
+
+
+def _check(value: float | int | None, name: str, low: float, high: float) -> None:
+    if value is not None and not (low <= value <= high):
+        raise bad_request(f"'options.{name}' must be between {low} and {high}, got {value}")
+
+
+def sampling_of(options: Options | None) -> Sampling:
+    o = options or Options()
+    _check(o.temperature, "temperature", 0, 2)
+    _check(o.top_p, "top_p", 0, 1)
+    _check(o.min_p, "min_p", 0, 1)
+    _check(o.top_k, "top_k", 0, 1_000_000)
+    _check(o.repeat_penalty, "repeat_penalty", 0, 10)
+    _check(o.presence_penalty, "presence_penalty", -2, 2)
+    _check(o.frequency_penalty, "frequency_penalty", -2, 2)
+    defaults = Sampling()
+    return Sampling(
+        temperature=defaults.temperature if o.temperature is None else o.temperature,
+        top_p=defaults.top_p if o.top_p is None else o.top_p,
+        top_k=defaults.top_k if o.top_k is None else o.top_k,
+        min_p=defaults.min_p if o.min_p is None else o.min_p,
+        repeat_penalty=defaults.repeat_penalty if o.repeat_penalty is None else o.repeat_penalty,
+        presence_penalty=o.presence_penalty or 0.0,
+        frequency_penalty=o.frequency_penalty or 0.0,
+        # Ollama's default seed -1 means "random".
+        seed=None if o.seed is None or o.seed < 0 else o.seed % (2**32),
+    )
+
+
+def stops_of(options: Options | None) -> list[str]:
+    stop = (options or Options()).stop
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 16:
+        raise bad_request("'options.stop' may hold at most 16 sequences")
+    return [s for s in stops if s]
+
+
+def max_tokens_of(options: Options | None, limits: LimitsConfig) -> int:
+    """num_predict: absent -> the server's default; -1 (endless) and -2 (fill the context)
+    -> the hard cap; otherwise capped by it."""
+    wanted = (options or Options()).num_predict
+    if wanted is None:
+        return min(limits.default_max_tokens, limits.max_tokens_hard_cap)
+    if wanted <= 0:
+        return limits.max_tokens_hard_cap
+    return min(wanted, limits.max_tokens_hard_cap)
+
+
+def context_of(options: Options | None, loaded: int) -> int:
+    """num_ctx bounds prompt + answer within the loaded context; a larger one cannot grow
+    it (the context is sized when the model loads), so the loaded size applies."""
+    wanted = (options or Options()).num_ctx
+    if wanted is None or wanted <= 0:
+        return loaded
+    return min(wanted, loaded)
+
+
+def response_format_of(fmt: str | dict[str, Any] | None) -> dict[str, Any] | None:
+    """format: "json" (any JSON object) or a JSON schema -> the tools layer's response_format."""
+    if fmt is None or fmt == "":
+        return None
+    if fmt == "json":
+        return {"type": "json_object"}
+    if isinstance(fmt, dict):
+        return {"type": "json_schema", "schema": fmt}
+    raise bad_request(f"'format' must be \"json\" or a JSON schema object, got {fmt!r}")
+
+
+def wants_thinking(think: bool | str | None) -> bool:
+    # gpt-oss style levels ("low", "medium", "high") also ask for the reasoning.
+    return bool(think) and think not in ("false", "none")

@@ -1,0 +1,158 @@
+"""Seams between llamad's modules: no import circles, the service side (systemd, reload)
+loads without llama.cpp, and the API faces ask the engine through its declared interface."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fake_engine import FakeEngine
+from llamad.reload import reload_service
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "llamad"
+
+
+def _imports_of(path: Path) -> set[str]:
+    """The llamad modules `path` imports anywhere, function-level (lazy) imports included:
+    a lazy import hides a circle from Python, not from the reader."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("llamad.")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("llamad"):
+            if node.module == "llamad":  # `from llamad import tools`
+                found |= {f"llamad.{alias.name}" for alias in node.names}
+            else:
+                found.add(node.module)
+    return found
+
+
+def _import_graph() -> dict[str, set[str]]:
+    graph = {}
+    for path in sorted(PACKAGE.glob("*.py")):
+        name = "llamad" if path.stem == "__init__" else f"llamad.{path.stem}"
+        graph[name] = _imports_of(path) - {name}
+    return graph
+
+
+def _a_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, str] = {}  # "open" while on the current path, "done" after
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = "open"
+        path = path + [node]
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt) :] + [nxt]
+            if nxt in graph and nxt not in state:
+                found = visit(nxt, path)
+                if found:
+                    return found
+        state[node] = "done"
+        return None
+
+    for node in graph:
+        if node not in state:
+            found = visit(node, [])
+            if found:
+                return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_lazy_circle():
+    """Guards the test below: the circle llama -> systemd -> llama that used to be here."""
+    assert _a_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) is not None
+    assert _a_cycle({"a": {"b"}, "b": {"c"}, "c": set(), "d": {"a"}}) is None
+
+
+def test_llamad_modules_import_each_other_without_a_circle():
+    cycle = _a_cycle(_import_graph())
+    assert cycle is None, "import circle (lazy imports count): " + " -> ".join(cycle or [])
+
+
+def test_the_service_side_never_names_the_llama_engine():
+    graph = _import_graph()
+    for module in ("llamad.systemd", "llamad.reload", "llamad.config"):
+        assert "llamad.llama" not in graph[module], f"{module} imports llamad.llama; the CLI injects the engine"
+    # No hidden default that builds a LlamaEngine: the caller must say which engine.
+    assert inspect.signature(reload_service).parameters["engine_factory"].default is inspect.Parameter.empty
+
+
+def test_systemd_and_reload_load_and_reload_without_llama_cpp(tmp_path):
+    """In a process where llama_cpp and llamad.llama cannot be imported, the service side
+    imports and runs a whole reload with an injected (fake) engine."""
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + b"\0" * 64)
+    config = tmp_path / "llamad.toml"
+    config.write_text(f'[model]\npath = "{model}"\nname = "before"\n')
+    script = f"""
+import asyncio, sys
+from types import SimpleNamespace
+sys.modules["llama_cpp"] = None      # any import of it raises ImportError
+sys.modules["llamad.llama"] = None
+sys.path.insert(0, {str(ROOT / "tests")!r})
+import llamad.systemd, llamad.reload
+from llamad.config import load_config
+from fake_engine import FakeEngine
+
+async def main():
+    loaded = load_config({str(config)!r}, env={{}})
+    state = SimpleNamespace(loaded=loaded, config=loaded.config, engine=FakeEngine(model_id="before"))
+    await state.engine.load()
+    with open({str(config)!r}, "a") as f:
+        f.write('n_ctx = 1024\\n')
+    result = await llamad.reload.reload_service(
+        state, {str(config)!r}, engine_factory=lambda c, p: FakeEngine(model_id="after"), env={{}}
+    )
+    assert result.ok and result.model_swapped and state.engine.model_id == "after", result
+    print("reloaded without llama_cpp")
+
+asyncio.run(main())
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reloaded without llama_cpp" in result.stdout
+
+
+# -- the engine interface the API faces use ----------------------------------------------
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+ROUTES = {
+    "openai": (
+        "/v1/chat/completions",
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "Weather in Paris?"}],
+            "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}],
+        },
+    ),
+    "anthropic": (
+        "/v1/messages",
+        {
+            "model": "m",
+            "max_tokens": 16,
+            "messages": [{"role": "user", "content": "Weather in Paris?"}],
+            "tools": [{"name": "get_weather", "input_schema": WEATHER}],
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(ROUTES))
+@pytest.mark.parametrize("native", [False, True])
+async def test_both_faces_ask_the_engine_whether_its_template_renders_tools(make_client, family, native):
+    """An engine whose template renders tools itself gets no tool prompt of llamad's; one
+    whose template cannot gets it in the system text."""
+    route, body = ROUTES[family]
+    engine = FakeEngine(template_supports_tools=native)
+    async with make_client(engine) as client:
+        response = await client.post(route, json=body)
+    assert response.status_code == 200, response.text
+    prompt = engine.generations[-1].prompt.text
+    assert ("<tools>" in prompt) is (not native), prompt
