@@ -106,7 +106,7 @@ def test_bench_times_claude_codes_request_cold_and_on_its_next_turn(agent_server
     capture = sorted(CAPTURES.glob("*_post_v1_messages.json"))[0]
     result = subprocess.run(
         [sys.executable, "-m", "llamad.cli", "--config", str(config), "bench", "--url", agent_server.url,
-         "--runs", "1", "--tokens", "8", "--concurrency", "0", "--prefix-tokens", "0",
+         "--runs", "1", "--tokens", "8", "--concurrency", "0", "--prefix-tokens", "0", "--embed-inputs", "0",
          "--agent", str(capture), "--json", str(out)],
         capture_output=True, text=True, timeout=850,
     )
