@@ -32,7 +32,8 @@ pytestmark = pytest.mark.real
 
 # The demo's context (etc/llamad.toml) holds Claude Code's ~12,000-token first request; short
 # answers keep the test quick (the demo model seldom stops by itself).
-AGENT_TOML = "[model]\nn_ctx = 32768\n[limits]\nmax_tokens_hard_cap = 24\n"
+HARD_CAP = 32
+AGENT_TOML = f"[model]\nn_ctx = 32768\n[limits]\nmax_tokens_hard_cap = {HARD_CAP}\n"
 
 
 @pytest.fixture(scope="module")
@@ -62,22 +63,32 @@ def stream(base: str, body: dict[str, Any]) -> list[tuple[str, dict]]:
 @NEEDS_ALL_SCHEMAS
 @pytest.mark.timeout(900)  # a ~12,000-token prompt on two CPU cores
 def test_claude_code_answers_through_llamad(agents: Agents, agent_server: RunningServer, tmp_path: Path):
-    argv, environment = claude_command(
-        agents, agent_server.url, tmp_path / "home", extra={"CLAUDE_CODE_MAX_CONTEXT_TOKENS": "32768"}
-    )
+    # The settings the README gives: without them Claude Code assumes a 1M window, reserves
+    # 32000 tokens for the answer, and compacts a 12k prompt "too long" for 32768 - 32000.
+    settings = {
+        "CLAUDE_CODE_MAX_CONTEXT_TOKENS": "32768",
+        "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(HARD_CAP),
+        "API_TIMEOUT_MS": "900000",  # its default, 600 s, is short for a cold 12k prompt on a busy CPU
+    }
+    argv, environment = claude_command(agents, agent_server.url, tmp_path / "home", extra=settings)
     workdir = tmp_path / "project"
     workdir.mkdir()
+    log_start = len(agent_server.log())
     result = subprocess.run(
-        argv + ["--max-turns", "2"],
-        env=environment,
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=800,
-        stdin=subprocess.DEVNULL,
+        argv, env=environment, cwd=workdir, capture_output=True, text=True, timeout=850, stdin=subprocess.DEVNULL
     )
-    assert result.returncode == 0, f"stdout: {result.stdout}\nstderr: {result.stderr}\nllamad: {agent_server.log()[-3000:]}"
-    assert result.stdout.strip()
+    served = [json.loads(line) for line in agent_server.log()[log_start:].splitlines() if line.startswith("{")]
+    statuses = [r["status"] for r in served if r.get("event") == "request" and r.get("route") == "/v1/messages"]
+    report = f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr}\nstatuses: {statuses}"
+    # Every request Claude Code made was served.
+    assert statuses and set(statuses) == {200}, report
+    if result.returncode != 0:
+        # The demo model (a base model) seldom ends its turn: each answer stops at the cap,
+        # and after its continuation attempts Claude Code reports its own output limit.
+        assert f"exceeded the {HARD_CAP} output token maximum" in result.stdout, report
+        assert len(statuses) > 1, report  # it did try to continue
+    else:
+        assert result.stdout.strip(), report
 
 
 @NEEDS_ALL_SCHEMAS
