@@ -78,7 +78,7 @@ clean:
 JETPACK ?= 6
 SYSTEM_TEST_TOOLS := systemd-analyze:systemd debootstrap:debootstrap systemd-nspawn:systemd-container \
 	dpkg-buildpackage:dpkg-dev dh:debhelper dh_virtualenv:dh-virtualenv lintian:lintian fakeroot:fakeroot \
-	haproxy:haproxy
+	haproxy:haproxy node:nodejs npm:npm
 
 .PHONY: deb deb-jetson test-deps
 
@@ -88,7 +88,8 @@ deb:
 deb-jetson:
 	JETSON=$(JETPACK) packaging/build-deb.sh
 
-# Tools the systemd-unit and .deb tests use; installed with apt when missing (root only).
+# Tools the systemd-unit and .deb tests use, and npm for the coding-agent tests (which install
+# the pinned Claude Code and Codex CLIs with it); installed with apt when missing (root only).
 test-deps:
 	@missing=""; for pair in $(SYSTEM_TEST_TOOLS); do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \

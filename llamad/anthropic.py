@@ -27,13 +27,25 @@ from llamad.anthropic_stream import MessageStream, WireEvent, cleaned, fold_mess
 from llamad.answer import AnswerEvent, Finish, Keepalive, PlainText, admitted, answer_events
 from llamad.config import LimitsConfig
 from llamad.engine import ContextOverflow, Engine, Generation
-from llamad.errors import anthropic_body, from_exception
+from llamad.errors import ApiError, anthropic_body, from_exception
 from llamad.observe import engine_of, record_of, with_content_logged
 from llamad.requests import decode_body, read_body, unless_disconnected
 
 log = structlog.get_logger("llamad.anthropic")
 
 # -- answers ---------------------------------------------------------------------------------
+
+
+def prompt_too_long(exc: ContextOverflow) -> ApiError:
+    """Anthropic's own wording, which Claude Code matches exactly (then it compacts the
+    conversation); the maximum leaves room for one generated token."""
+    return ApiError(
+        400,
+        f"prompt is too long: {exc.prompt_tokens} tokens > {exc.n_ctx - 1} maximum",
+        "invalid_request",
+        param="messages",
+        code="context_length_exceeded",
+    )
 
 
 async def wire_events(
@@ -80,7 +92,10 @@ async def create_message(request: Request, route: str) -> Response:
     prepared = prepare(req, engine, limits)
     keep_reasoning = route == "think" or (route == "messages" and wants_thinking(req))
 
-    prompt = await engine.prepare(prepared.chat, prepared.plan.grammar)
+    try:
+        prompt = await engine.prepare(prepared.chat, prepared.plan.grammar)
+    except ContextOverflow as exc:
+        raise prompt_too_long(exc) from None
     record_of(request).prompt_tokens = len(prompt.tokens)
     generation = Generation(
         prompt=prompt,
@@ -93,7 +108,10 @@ async def create_message(request: Request, route: str) -> Response:
     if route == "clean":
         events = cleaned(events)
     events = with_content_logged(request, prompt.text, events)
-    wire = wire_events(events, MessageStream(model=engine.model_id, input_tokens=len(prompt.tokens)), request)
+    message = MessageStream(
+        model=engine.model_id, input_tokens=len(prompt.tokens), expected_reuse=engine.expected_reuse(prompt)
+    )
+    wire = wire_events(events, message, request)
     if req.stream:
         return Stream(stream_frames(wire, request), media_type="text/event-stream", headers=sse.HEADERS)
     return Response(fold_message(await unless_disconnected(request, collect(wire))))

@@ -1,9 +1,22 @@
 """Anthropic Messages requests: the schema, and its translation into the shared Chat,
 sampling settings and tool plan. Pure functions of the request (and, for the tool plan,
-what the engine's template supports); the routes live in llamad.anthropic."""
+what the engine's template supports); the routes live in llamad.anthropic.
+
+What Claude Code sends, field by field, and what happens to it (README, "Claude Code"):
+- the system block `x-anthropic-billing-header: cc_version=…; cc_entrypoint=…; [cch=…;]`
+  is a billing tag, not instructions: left out of the prompt (it would change every request
+  with `cch` and break prefix reuse);
+- `role: "system"` messages after the conversation has begun stay where they stand (the
+  shared Chat renders them in place), so earlier turns keep the same prompt prefix;
+- `thinking` (`enabled` / `adaptive`, `display: "omitted"`): decides whether reasoning is
+  sent back; `context_management`, `output_config.effort`, `metadata`, `cache_control`,
+  `anthropic-beta`: accepted and ignored (the prompt cache works on prefixes by itself);
+- `max_tokens: 32000`: clamped to `limits.max_tokens_hard_cap` and to what the context has left.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -90,10 +103,11 @@ AnyToolChoice = Union[ToolChoiceAuto, ToolChoiceAny, ToolChoiceTool, ToolChoiceN
 
 class ThinkingEnabled(msgspec.Struct, tag="enabled", tag_field="type"):
     budget_tokens: Union[int, None] = None
+    display: Union[str, None] = None  # "summarized" | "omitted"
 
 
 class ThinkingAdaptive(msgspec.Struct, tag="adaptive", tag_field="type"):
-    pass
+    display: Union[str, None] = None
 
 
 class ThinkingDisabled(msgspec.Struct, tag="disabled", tag_field="type"):
@@ -107,6 +121,7 @@ class OutputFormat(msgspec.Struct, kw_only=True):
 
 class OutputConfig(msgspec.Struct, kw_only=True):
     format: Union[OutputFormat, None] = None
+    effort: Union[str, None] = None  # accepted; a local model has one effort
 
 
 class MessagesRequest(msgspec.Struct, kw_only=True):
@@ -127,6 +142,9 @@ class MessagesRequest(msgspec.Struct, kw_only=True):
     # Newer SDKs send the output schema as output_config.format (effort etc. ignored).
     output_config: Union[OutputConfig, None] = None
     metadata: Union[dict[str, Any], None] = None
+    # Claude Code's edits of older turns (clearing thinking, tool results): ignored, the
+    # client sends the history it wants seen.
+    context_management: Union[dict[str, Any], None] = None
 
 
 # -- translation ----------------------------------------------------------------------------
@@ -160,17 +178,34 @@ def _texts(content: Union[str, list[Any], None], where: str) -> str:
     return "\n".join(parts)
 
 
+# Claude Code's first system block: `x-anthropic-billing-header: cc_version=…; cc_entrypoint=…;`
+# and in some builds a per-request `cch=<nonce>;`.
+BILLING_HEADER = re.compile(r"^\s*x-anthropic-billing-header:[^\n]*(\n|$)")
+
+
+def is_billing_header(text: str) -> bool:
+    return BILLING_HEADER.match(text) is not None and not BILLING_HEADER.sub("", text, count=1).strip()
+
+
+def _system_text(system: Union[str, list[TextBlock], None]) -> str:
+    """The system prompt without Claude Code's billing tag, which is not meant for the model."""
+    if isinstance(system, str):
+        return BILLING_HEADER.sub("", system, count=1) if BILLING_HEADER.match(system) else system
+    return _texts([b for b in system or [] if not (isinstance(b, TextBlock) and is_billing_header(b.text))], "system")
+
+
 def _arguments(value: Any) -> str:
     return msgspec.json.encode(value if value is not None else {}).decode()
 
 
 def to_chat(req: MessagesRequest, max_messages: int) -> Chat:
-    """The request as the shared Chat; the system prompt and `role: system` turns folded."""
+    """The request as the shared Chat. The system prompt and `role: system` messages before
+    the first turn become one system message; later `role: system` messages stay in place."""
     if not req.messages:
         raise bad_request("'messages' must hold at least one message", param="messages")
     if len(req.messages) > max_messages:
         raise bad_request(f"too many messages: {len(req.messages)} (the limit is {max_messages})", param="messages")
-    system = [_texts(req.system, "system")] if req.system else []
+    system = [_system_text(req.system)]
     turns: list[ChatMessage] = []
     tool_names: dict[str, str] = {}
     for index, message in enumerate(req.messages):
@@ -180,19 +215,23 @@ def to_chat(req: MessagesRequest, max_messages: int) -> Chat:
                 f"messages[{index}] has no 'content': every message needs content, a string or a list of content blocks",
                 param=where,
             )
-        if message.role == "system":
+        if message.role == "system" and not turns:
             system.append(_texts(message.content, where))
+        elif message.role == "system":
+            text = _texts(message.content, where)
+            if text:
+                turns.append(ChatMessage(role="system", content=text))
         elif message.role == "assistant":
             turns.append(_assistant_turn(message, where, tool_names))
         elif message.role == "user":
             turns.extend(_user_turns(message, where, tool_names))
         else:
             raise bad_request(
-                f"unknown role '{message.role}'; expected user or assistant", param=f"messages[{index}].role"
+                f"unknown role '{message.role}'; expected user, assistant or system", param=f"messages[{index}].role"
             )
     system_text = "\n\n".join(s for s in system if s)
     messages = ([ChatMessage(role="system", content=system_text)] if system_text else []) + turns
-    if not turns:
+    if not any(turn.role != "system" for turn in turns):
         raise bad_request("'messages' must hold at least one user or assistant message", param="messages")
     return Chat(messages=messages, tools=tool_specs(req.tools))
 
@@ -306,7 +345,11 @@ def stop_sequences_of(req: MessagesRequest) -> list[str]:
 
 
 def wants_thinking(req: MessagesRequest) -> bool:
-    return isinstance(req.thinking, (ThinkingEnabled, ThinkingAdaptive))
+    """Reasoning goes back to the client when `thinking` asks for it and does not ask for
+    it to be omitted (`display: "omitted"`, which Claude Code sends: there is no signed
+    reasoning to hand back, so the block is left out)."""
+    thinking = req.thinking
+    return isinstance(thinking, (ThinkingEnabled, ThinkingAdaptive)) and thinking.display != "omitted"
 
 
 def response_format_of(req: MessagesRequest) -> dict[str, Any] | None:

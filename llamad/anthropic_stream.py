@@ -54,12 +54,14 @@ def stop_reason(finish: Finish) -> str:
     return STOP_REASONS.get(finish.reason, "end_turn")
 
 
-def _usage(input_tokens: int, output_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, output_tokens: int, reused_tokens: int) -> dict[str, int]:
+    """Anthropic's usage: `input_tokens` is the part of the prompt not read from the cache;
+    the prompt's KV states reused from an earlier request are `cache_read_input_tokens`."""
     return {
-        "input_tokens": input_tokens,
+        "input_tokens": prompt_tokens - reused_tokens,
         "output_tokens": output_tokens,
         "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
+        "cache_read_input_tokens": reused_tokens,
     }
 
 
@@ -68,7 +70,10 @@ class MessageStream:
     """One reply's stream state: feed answer events in, get wire events out."""
 
     model: str
-    input_tokens: int
+    input_tokens: int  # the whole prompt
+    # Prompt tokens the KV cache is expected to reuse: message_start goes out before the
+    # engine has evaluated the prompt; message_delta then carries the real count.
+    expected_reuse: int = 0
     message_id: str = field(default_factory=new_message_id)
     _index: int = -1
     _open: str | None = None  # kind of the open block: "thinking" | "text" | "tool_use"
@@ -84,7 +89,7 @@ class MessageStream:
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": _usage(self.input_tokens, 0),
+            "usage": _usage(self.input_tokens, 0, self.expected_reuse),
         }
         return [("message_start", {"type": "message_start", "message": message})]
 
@@ -129,7 +134,7 @@ class MessageStream:
                         "stop_reason": reason,
                         "stop_sequence": finish.stop_sequence if reason == "stop_sequence" else None,
                     },
-                    "usage": _usage(self.input_tokens, finish.usage.completion_tokens),
+                    "usage": _usage(self.input_tokens, finish.usage.completion_tokens, finish.usage.cached_tokens),
                 },
             )
         )

@@ -10,7 +10,10 @@ noisy, shared box. Phases:
   4. prompt cache: a second chat turn sharing a ~1,500-token prefix with the first;
   5. hang-up: a client disconnects while its answer is decoding, and while its long prompt
      is still being evaluated; the time from the disconnect to the first token of the
-     request queued behind it.
+     request queued behind it;
+  6. agent (with --agent FILE, a captured Claude Code request such as
+     tests/data/captures/claude_code/01_post_v1_messages.json): that request cold, then its
+     next turn (the answer and a new user message appended), time to first token of each.
 """
 
 from __future__ import annotations
@@ -300,6 +303,57 @@ def bench_cache(client: Http, prefix_tokens: int) -> dict[str, Any]:
     }
 
 
+def _anthropic_stream(client: Http, body: dict[str, Any]) -> dict[str, Any]:
+    """Streams one Anthropic message; returns its time to first token, text and final usage."""
+    connection = http.client.HTTPConnection(client.host, client.port, timeout=1800)
+    started = time.perf_counter()
+    headers = {"Content-Type": "application/json", "anthropic-version": "2023-06-01"}
+    connection.request("POST", "/v1/messages?beta=true", json.dumps({**body, "stream": True}), headers)
+    response = connection.getresponse()
+    first, text, usage = None, "", {}
+    for line in response:
+        if not line.startswith(b"data: "):
+            continue
+        event = json.loads(line[6:])
+        if event["type"] == "content_block_delta":
+            first = first or time.perf_counter()
+            text += event["delta"].get("text", "") or event["delta"].get("partial_json", "")
+        elif event["type"] == "message_delta":
+            usage = event["usage"]
+        elif event["type"] in ("message_stop", "error"):
+            break
+    connection.close()
+    return {"status": response.status, "ttft_s": (first - started) if first else float("nan"), "text": text, "usage": usage}
+
+
+def bench_agent(client: Http, request_file: Path, max_tokens: int) -> dict[str, Any]:
+    """A captured agent request cold, then its next turn sharing the prefix."""
+    captured = json.loads(request_file.read_text())
+    turn1 = {**captured.get("body", captured), "max_tokens": max_tokens}
+    # A nonce at the top keeps a repeated run (--url) from finding turn 1 in the cache.
+    turn1["system"] = [{"type": "text", "text": f"Session {secrets.token_hex(4)}."}] + list(turn1.get("system") or [])
+    first = _anthropic_stream(client, turn1)
+    turn2 = {
+        **turn1,
+        "messages": turn1["messages"]
+        + [{"role": "assistant", "content": first["text"] or "OK"}, {"role": "user", "content": "Thanks. Now say DONE."}],
+    }
+    second = _anthropic_stream(client, turn2)
+    if first["status"] != 200 or second["status"] != 200:
+        raise RuntimeError(
+            f"the agent request was refused (HTTP {first['status']} / {second['status']}): "
+            "is model.n_ctx large enough? Claude Code's first request is ~12,000 tokens (etc/llamad.toml: 32768)"
+        )
+    prompt = second["usage"].get("input_tokens", 0) + second["usage"].get("cache_read_input_tokens", 0)
+    return {
+        "turn1_prompt_tokens": first["usage"].get("input_tokens", 0) + first["usage"].get("cache_read_input_tokens", 0),
+        "turn1_ttft_s": first["ttft_s"],
+        "turn2_ttft_s": second["ttft_s"],
+        "turn2_prompt_tokens": prompt,
+        "turn2_cache_read_tokens": second["usage"].get("cache_read_input_tokens", 0),
+    }
+
+
 def bench_hangup(client: Http, prefix_tokens: int) -> dict[str, Any]:
     """Disconnect to the next request's first token, while decoding and during the prompt."""
     results: dict[str, Any] = {}
@@ -410,6 +464,8 @@ def run_bench(loaded: LoadedConfig, args: argparse.Namespace) -> int:
         results["hangup"] = bench_hangup(client, args.prefix_tokens)
         if getattr(args, "embed_inputs", 0) > 0:
             results["embeddings"] = bench_embeddings(client, args.embed_inputs)
+        if args.agent:
+            results["agent"] = bench_agent(client, Path(args.agent), max(4, min(args.tokens, 16)))
     finally:
         if process is not None:
             process.send_signal(signal.SIGTERM)
@@ -476,5 +532,14 @@ def render_table(r: dict[str, Any]) -> str:
             f"embeddings: {m['inputs']} inputs in one request",
             f"{m['inputs_per_s']:.2f} inputs/s ({m['prompt_tokens']} tokens, {m['seconds']:.1f} s)",
         ))
+    if "agent" in r:
+        a = r["agent"]
+        rows += [
+            (f"agent request ({a['turn1_prompt_tokens']} tokens): cold time to first token", f"{a['turn1_ttft_s']:.2f} s"),
+            (
+                "  next turn time to first token",
+                f"{a['turn2_ttft_s']:.2f} s ({a['turn2_cache_read_tokens']} of {a['turn2_prompt_tokens']} tokens reused)",
+            ),
+        ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

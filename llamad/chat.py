@@ -97,17 +97,25 @@ def messages_as_text(chat: Chat, template_has_tools: bool) -> list[dict[str, Any
     Templates without tool support get tool calls and tool results as plain text, so
     nothing the client sent is dropped: calls as `<tool_call>{json}</tool_call>` in the
     assistant turn, results as `<tool_response>…</tool_response>` in a user turn.
+    System messages at the start form the system prompt (with the tools' suffix); later
+    ones are rendered in place as `<system>…</system>` user text.
     """
     out: list[dict[str, Any]] = []
-    system_parts = [m.content for m in chat.messages if m.role == "system" and m.content]
+    leading = 0
+    while leading < len(chat.messages) and chat.messages[leading].role == "system":
+        leading += 1
+    system_parts = [m.content for m in chat.messages[:leading] if m.content]
     if chat.system_suffix:
         system_parts.append(chat.system_suffix)
     if system_parts:
         out.append({"role": "system", "content": "\n\n".join(system_parts)})
-    for message in chat.messages:
+    for message in chat.messages[leading:]:
         if message.role == "system":
-            continue
-        if message.role == "assistant":
+            # A system message after the conversation has begun stays where it stands, so
+            # the prompt before it is the same as last turn's and its KV cache is reused.
+            # Most templates accept a system role only first: it is written as user text.
+            out.append({"role": "user", "content": f"<system>\n{message.content}\n</system>"})
+        elif message.role == "assistant":
             entry: dict[str, Any] = {"role": "assistant", "content": message.content}
             if message.tool_calls:
                 if template_has_tools:

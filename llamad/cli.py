@@ -78,6 +78,12 @@ def cmd_check(args: argparse.Namespace) -> int:
             chosen_by=choice.reason,
             chat_template=engine.info.get("chat_template"),
             gpu_layers_offloaded=engine.info.get("gpu_layers_offloaded"),
+            n_ctx=engine.info.get("n_ctx"),
+            n_ctx_train=engine.info.get("n_ctx_train"),
+            # What the configured context costs in memory, as llama.cpp allocated it.
+            kv_cache_mib=engine.info.get("kv_cache_mib"),
+            kv_cache_type=engine.info.get("kv_cache_type"),
+            flash_attn=engine.info.get("flash_attn"),
             prompt_tokens=len(prompt.tokens),
             generated_tokens=finish.usage.completion_tokens if finish else 0,
             load_s=round(loaded_s, 3),
@@ -190,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", type=int, default=4, help="parallel streams (default 4; 0 skips)")
     bench.add_argument("--prefix-tokens", type=int, default=1500, help="shared prefix for the cache case (0 skips)")
     bench.add_argument("--embed-inputs", type=int, default=32, help="inputs in the embeddings case (default 32; 0 skips)")
+    bench.add_argument("--agent", help="a captured agent request (JSON) to time cold and on its next turn")
     bench.add_argument("--json", help="also write the results as JSON to this file")
     for name in ("config", "check", "bench", "serve"):
         sub.choices[name].add_argument("--config", dest="config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

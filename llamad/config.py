@@ -56,6 +56,11 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     chat_format: str = ""
     # Bytes of saved KV state kept for prompt-prefix reuse beyond the live context; 0 disables.
     prompt_cache_bytes: int = 256 * 1024 * 1024
+    # KV cache element types (llama.cpp's --cache-type-k / -v): "q8_0" takes about half the
+    # memory of "f16"; a quantized type_v needs flash_attn.
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: bool = False
 
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -126,6 +131,9 @@ LEGACY_ENV: dict[str, tuple[str, str]] = {
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# The KV cache types llama.cpp accepts (common/arg.cpp), each with its GGML type number.
+KV_CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "iq4_nl": 20, "q5_0": 6, "q5_1": 7}
+UNQUANTIZED_KV_TYPES = ("f32", "f16", "bf16")
 LOG_FORMATS = ("auto", "json", "console")
 
 
@@ -311,6 +319,14 @@ def validate(loaded: LoadedConfig) -> None:
     _check(c.model.n_gpu_layers >= -1, loaded, "model.n_gpu_layers", c.model.n_gpu_layers, "-1 (all) or more")
     _check(c.model.name != "", loaded, "model.name", c.model.name, "a non-empty model id")
     _check(c.model.prompt_cache_bytes >= 0, loaded, "model.prompt_cache_bytes", c.model.prompt_cache_bytes, "0 or more")
+    for key in ("type_k", "type_v"):
+        value = getattr(c.model, key)
+        _check(value in KV_CACHE_TYPES, loaded, f"model.{key}", value, "one of " + ", ".join(KV_CACHE_TYPES))
+    if c.model.type_v not in UNQUANTIZED_KV_TYPES and not c.model.flash_attn:
+        raise ConfigError(
+            f"'model.type_v' = {c.model.type_v!r} ({loaded.source('model.type_v')}): a quantized V cache needs "
+            "flash attention: set model.flash_attn = true, or type_v = \"f16\""
+        )
     _check(c.limits.max_tokens_hard_cap >= 1, loaded, "limits.max_tokens_hard_cap", c.limits.max_tokens_hard_cap, "at least 1")
     _check(c.limits.default_max_tokens >= 1, loaded, "limits.default_max_tokens", c.limits.default_max_tokens, "at least 1")
     _check(c.limits.max_messages >= 1, loaded, "limits.max_messages", c.limits.max_messages, "at least 1")

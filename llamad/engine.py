@@ -337,6 +337,11 @@ class Engine:
             raise ContextOverflow(len(prompt.tokens), self.n_ctx)
         return prompt
 
+    def expected_reuse(self, prompt: Prompt) -> int:
+        """How many of the prompt's tokens the KV cache would reuse if it ran now: a forecast
+        for headers sent before the engine is ours (the `Done` event has the real count)."""
+        return 0
+
     async def prepare_tokens(self, tokens: list[int], text: str = "", grammar: str | None = None) -> Prompt:
         """A prompt given as token ids (raw text, or fill-in-the-middle): no chat template.
         Raises TokenOutOfRange for an id the vocabulary does not have."""

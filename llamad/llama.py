@@ -29,7 +29,7 @@ from llamad.chat import (
     ChatTemplate,
     named_formatter,
 )
-from llamad.config import Config, file_identity
+from llamad.config import KV_CACHE_TYPES, Config, file_identity
 from llamad.engine import Cancelled, Engine, FimTokens, Generation, GrammarRejected, Prompt, PromptError
 from llamad.prompt_cache import PromptStateCache, common_prefix
 from llamad.tools_sampling import GrammarConstraint, GrammarError, check_grammar
@@ -87,6 +87,13 @@ class NativeLog:
 
 
 native = NativeLog()
+
+
+def kv_cache_mib(lines: list[str]) -> float | None:
+    """llama.cpp's own figure for the KV cache it allocated: the sum of its
+    `llama_kv_cache: size = N MiB (...)` lines (a sliding-window model has two caches)."""
+    sizes = [float(m.group(1)) for line in lines if (m := re.search(r"llama_kv_cache: size =\s*([\d.]+) MiB", line))]
+    return round(sum(sizes), 2) if sizes else None
 
 
 def offloaded_layers(lines: list[str]) -> str | None:
@@ -156,6 +163,9 @@ class LlamaEngine(Engine):
                 n_threads=threads,
                 n_threads_batch=threads,
                 n_gpu_layers=m.n_gpu_layers,
+                type_k=KV_CACHE_TYPES[m.type_k],
+                type_v=KV_CACHE_TYPES[m.type_v],
+                flash_attn=m.flash_attn,
                 verbose=False,
             )
         except (ValueError, RuntimeError) as exc:
@@ -180,6 +190,9 @@ class LlamaEngine(Engine):
             "n_gpu_layers": m.n_gpu_layers,
             "gpu_layers_offloaded": offloaded or "0 (CPU build or none requested)",
             "prompt_step": self.prompt_step,
+            "kv_cache_mib": kv_cache_mib(load_lines),
+            "kv_cache_type": f"{m.type_k}/{m.type_v}",
+            "flash_attn": m.flash_attn,
         }
         log.info(
             "model_loaded",
@@ -190,6 +203,9 @@ class LlamaEngine(Engine):
             n_threads=threads,
             n_gpu_layers=m.n_gpu_layers,
             gpu_layers_offloaded=self.info["gpu_layers_offloaded"],
+            kv_cache_mib=self.info["kv_cache_mib"],
+            kv_cache_type=self.info["kv_cache_type"],
+            flash_attn=m.flash_attn,
             chat_template=self.template.source,
             load_s=round(time.monotonic() - started, 3),
         )
@@ -255,6 +271,14 @@ class LlamaEngine(Engine):
             check_grammar(self.llm._model.vocab, grammar)  # noqa: SLF001
         except GrammarError as exc:
             raise GrammarRejected(str(exc)) from None
+
+    def expected_reuse(self, prompt: Prompt) -> int:
+        llm = self.llm
+        if llm is None:
+            return 0
+        # Read without the engine: a forecast; at least one token is always evaluated again.
+        live = common_prefix(llm.input_ids[: llm.n_tokens].tolist(), prompt.tokens)
+        return max(0, min(live, len(prompt.tokens) - 1))
 
     def count_tokens(self, text: str) -> int:
         assert self.llm is not None

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import threading
 import time
+import zlib
 from typing import Callable, Iterator
 
 from llamad.chat import Chat, messages_as_text
 from llamad.engine import Engine, FimTokens, Generation, Prompt
+from llamad.prompt_cache import common_prefix
 
 Script = Callable[[Generation], list[str]]
 
@@ -29,6 +31,7 @@ class FakeEngine(Engine):
         prompt_delay: float = 0.0,
         max_queue: int = 16,
         queue_timeout: float = 60.0,
+        prefix_reuse: bool = False,
         fim: bool = False,
         template_supports_tools: bool = False,
     ):
@@ -40,6 +43,10 @@ class FakeEngine(Engine):
         self.generations: list[Generation] = []
         self.decoded_tokens = 0
         self.info = {"path": "/fake/model.gguf", "architecture": "fake", "chat_template": "fake"}
+        # With prefix_reuse, tokens stand for the prompt's words and the "KV cache" reuses the
+        # prefix shared with the last prompt, as the real engine's live context does.
+        self.prefix_reuse = prefix_reuse
+        self.live_tokens: list[int] = []
         self.fim = fim
         self.embedded: list[list[list[int]]] = []  # each _embed call's batch
 
@@ -84,7 +91,16 @@ class FakeEngine(Engine):
 
     def _prepare(self, chat: Chat) -> Prompt:
         text = self.render(chat)
-        return Prompt(text=text, tokens=list(range(self.count_tokens(text))), template_stops=["<end>"])
+        if self.prefix_reuse:
+            tokens = [zlib.crc32(word.encode()) for word in text.split()]
+        else:
+            tokens = list(range(self.count_tokens(text)))
+        return Prompt(text=text, tokens=tokens, template_stops=["<end>"])
+
+    def expected_reuse(self, prompt: Prompt) -> int:
+        if not self.prefix_reuse:
+            return 0
+        return max(0, min(common_prefix(self.live_tokens, prompt.tokens), len(prompt.tokens) - 1))
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
@@ -93,7 +109,8 @@ class FakeEngine(Engine):
         self.generations.append(generation)
         if self.prompt_delay:
             time.sleep(self.prompt_delay)
-        yield 0
+        yield self.expected_reuse(generation.prompt)
+        self.live_tokens = list(generation.prompt.tokens)
         for piece in self.script(generation):
             if cancel.is_set():
                 return
