@@ -147,16 +147,7 @@ async def count_tokens(request: Request) -> dict[str, int]:
     return {"input_tokens": len(prompt.tokens)}
 
 
-def error_response(request: Request, exc: Exception) -> Response:
-    error = from_exception(exc, "anthropic")
-    if error.kind == "server":
-        log.exception("request_failed", route=request.url.path)
-    record_of(request).fail(error)
-    return Response(anthropic_body(error), status_code=error.status, headers=error.headers)
-
-
 router = Router(
     path="/",
     route_handlers=[messages, messages_think, messages_clean, count_tokens],
-    exception_handlers={Exception: error_response},
 )

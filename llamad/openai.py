@@ -470,12 +470,6 @@ def model_card(engine: Engine) -> dict[str, Any]:
     }
 
 
-def error_response(request: Request, exc: Exception) -> Response:
-    error = from_exception(exc, "openai")
-    record_of(request).fail(error)
-    return Response(openai_body(error), status_code=error.status, headers=error.headers)
-
-
 router = Router(
     path="/",
     route_handlers=[chat_completions, chat_completions_think, list_models, get_model],

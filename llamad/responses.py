@@ -22,7 +22,7 @@ from llamad.answer import AnswerEvent, Finish, Keepalive, PlainText, admitted, a
 from llamad.chat import ChatMessage, ToolCall
 from llamad.config import LimitsConfig
 from llamad.engine import Engine, Generation, Sampling
-from llamad.errors import ApiError, from_exception, openai_body
+from llamad.errors import ApiError, from_exception
 from llamad.observe import engine_of, record_of
 from llamad.requests import decode_body, read_body, unless_disconnected
 from llamad.responses_request import ResponsesRequest, max_output_tokens_of, sampling_of, translate
@@ -201,16 +201,7 @@ async def delete_response(request: Request) -> dict[str, Any]:
     return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 
-def error_response(request: Request, exc: Exception) -> Response:
-    error = from_exception(exc, "openai")
-    if error.kind == "server":
-        log.exception("request_failed", route=request.url.path)
-    record_of(request).fail(error)
-    return Response(openai_body(error), status_code=error.status, headers=error.headers)
-
-
 router = Router(
     path="/",
     route_handlers=[responses, get_response, delete_response],
-    exception_handlers={Exception: error_response},
 )

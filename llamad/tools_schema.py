@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from llamad.tools_pattern import pattern_gbnf
-from llamad.tools_schema_merge import ANY, NEVER, Combiner, has_type, key_of, object_schema, tuple_schema
+from llamad.tools_schema_merge import ANY, NEVER, Combiner, key_of, object_schema, tuple_schema
 
 TYPES = ("null", "boolean", "object", "array", "number", "integer", "string")
 MAX_DEPTH = 40  # nesting past this is any value: deeper schemas are not worth the grammar
