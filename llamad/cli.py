@@ -50,12 +50,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     from llamad.answer import answer_events, fold
     from llamad.chat import Chat, ChatMessage
     from llamad.engine import Generation
-    from llamad.llama import LlamaEngine
+    from llamad.slots_llama import engine_for
 
     loaded = _load(args)
     logsetup.configure(loaded.config.logging.level, loaded.config.logging.format)
     choice = resolve_model(loaded)
-    engine = LlamaEngine(loaded.config, choice.path)
+    engine = engine_for(loaded.config, choice.path)
 
     async def run() -> int:
         started = time.monotonic()
@@ -95,13 +95,13 @@ class Server:
         import uvicorn
 
         from llamad.app import create_app
-        from llamad.llama import LlamaEngine
+        from llamad.slots_llama import engine_for
 
         self.loaded = loaded
         config = loaded.config
         choice = resolve_model(loaded)
         log.info("model_selected", path=str(choice.path), chosen_by=choice.reason, candidates=len(choice.candidates))
-        self.engine = LlamaEngine(config, choice.path)
+        self.engine = engine_for(config, choice.path)
         self.app = create_app(config, self.engine)
         self.uvicorn = uvicorn.Server(
             uvicorn.Config(

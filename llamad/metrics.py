@@ -94,6 +94,12 @@ class Metrics:
         metric("llamad_prompt_cache_hit_ratio", "gauge", "Share of generations that reused a cached prefix.", [f"llamad_prompt_cache_hit_ratio {hit_rate:.4f}"])
         metric("llamad_queue_depth", "gauge", "Requests waiting for the engine.", [f"llamad_queue_depth {engine.scheduler.queue_depth}"])
         metric("llamad_generation_active", "gauge", "1 while a generation holds the engine.", [f"llamad_generation_active {int(engine.generating)}"])
+        scheduler = engine.scheduler
+        metric("llamad_slots_total", "gauge", "Requests the engine decodes together (server.parallel).", [f"llamad_slots_total {scheduler.capacity}"])
+        metric("llamad_slots_busy", "gauge", "Slots holding a request now.", [f"llamad_slots_busy {scheduler.active}"])
+        # Sampled tokens the grammar rejected, sampled again among the allowed ones (batched engine).
+        fallbacks = getattr(engine, "grammar_fallbacks", 0)
+        metric("llamad_grammar_fallbacks_total", "counter", "Sampled tokens a grammar rejected and that were sampled again.", [f"llamad_grammar_fallbacks_total {fallbacks}"])
         metric("llamad_requests_in_flight", "gauge", "HTTP requests being served.", [f"llamad_requests_in_flight {self.requests_in_flight}"])
         metric("llamad_generations_cancelled_total", "counter", "Generations stopped because the client went away.", [f"llamad_generations_cancelled_total {engine.stats.cancelled}"])
         states = ("loading", "ready", "failed")

@@ -222,9 +222,9 @@ EngineFactory = Callable[[Config, Path], Any]
 
 
 def default_engine_factory(config: Config, model_path: Path) -> Any:
-    from llamad.llama import LlamaEngine
+    from llamad.slots_llama import engine_for
 
-    return LlamaEngine(config, model_path)
+    return engine_for(config, model_path)
 
 
 def file_identity(path: Path) -> tuple[str, int, int] | None:
@@ -295,7 +295,9 @@ async def _reload(state, config_path, engine_factory, set_log_level, env) -> Rel
     new = loaded.config
     changed = changed_keys(old, new)
     needs_restart = [key for key in changed if key in RESTART_ONLY]
-    model_changed = any(key.startswith("model.") for key in changed) or getattr(state, "engine", None) is None
+    # server.parallel shapes the engine's context: a change loads a new engine, like a model change.
+    model_changed = any(key.startswith("model.") or key == "server.parallel" for key in changed)
+    model_changed = model_changed or getattr(state, "engine", None) is None
     if not model_changed and _model_file_changed(getattr(state, "engine", None), loaded):
         # Same settings, other file: a new .gguf in model.dir, or the served file replaced.
         model_changed = True
