@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=3, help="runs per measurement (default 3)")
     bench.add_argument("--concurrency", type=int, default=4, help="parallel streams (default 4; 0 skips)")
     bench.add_argument("--prefix-tokens", type=int, default=1500, help="shared prefix for the cache case (0 skips)")
+    bench.add_argument("--streams", default="1,2,4,8", help="parallel-stream counts for the batching table (default 1,2,4,8; empty skips)")
+    bench.add_argument("--llama-server", help="run llamad side by side with this llama-server binary (-np 1 and -np 4) instead")
     bench.add_argument("--json", help="also write the results as JSON to this file")
     for name in ("config", "check", "bench", "serve"):
         sub.choices[name].add_argument("--config", dest="config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

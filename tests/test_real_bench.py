@@ -28,7 +28,7 @@ def test_bench_runs_every_phase_and_writes_json(tmp_path: Path) -> None:
     config.write_text("")
     result = subprocess.run(
         [sys.executable, "-m", "llamad.cli", "--config", str(config), "bench",
-         "--runs", "1", "--tokens", "24", "--concurrency", "2", "--prefix-tokens", "300", "--json", str(out)],
+         "--runs", "1", "--tokens", "24", "--concurrency", "2", "--streams", "1,2", "--prefix-tokens", "300", "--json", str(out)],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -51,5 +51,6 @@ def test_bench_runs_every_phase_and_writes_json(tmp_path: Path) -> None:
     assert all(isinstance(x, float) and math.isfinite(x) and x > 0 for x in positive), positive
     assert data["http"]["completion_tokens"] == 24
     assert data["concurrency"]["ok"] == 2
+    assert [(c["streams"], c["ok"]) for c in data["parallel"]] == [(1, 1), (2, 2)]
     # The second turn found the first turn's prefix in the cache.
     assert data["prompt_cache"]["turn2_cached_tokens"] > 200
