@@ -469,7 +469,7 @@ class SlotsMixin:
         try:
             while True:
                 try:
-                    item = seq.out.get(timeout=0.25)
+                    item = seq.out.get(timeout=0.05)
                 except queue.Empty:
                     if cancel.is_set():
                         return

@@ -30,8 +30,9 @@ from llamad.tools_sampling import GrammarConstraint
 
 log = structlog.get_logger("llamad.engine")
 
-# The `Llama` object only tokenizes and renders templates once the shared context exists.
-HELPER_CONTEXT = 256
+# The `Llama` object only tokenizes and renders templates; its own context (and compute
+# buffer, n_batch x n_vocab logits) stays tiny.
+HELPER_CONTEXT = 32
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
