@@ -155,8 +155,7 @@ class Plan:
 @dataclass
 class SlotStats:
     steps: int = 0
-    grammar_fallbacks: int = 0
-    kv_full: int = 0
+    kv_full: int = 0  # decodes llama.cpp refused for want of KV cells
 
 
 class StepLoop:
@@ -210,15 +209,17 @@ class StepLoop:
     # -- the loop ----------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._closing:
+            self._wake.clear()  # before the step: a submit during it wakes the next wait
             try:
                 worked = self.step()
             except Exception as exc:  # never let the thread die with sequences waiting on it
                 log.exception("step_failed")
+                for slot in self.slots:
+                    self._clear(slot)  # what the KV holds is no longer known
                 self._end_all(RuntimeError(f"decoding failed: {exc}"))
                 worked = False
             if not worked:
                 self._wake.wait(timeout=0.1)
-                self._wake.clear()
 
     def step(self) -> bool:
         """One batch decoded; False when there was nothing to decode."""
@@ -457,10 +458,6 @@ class SlotsMixin:
     def _start_slots(self, backend: Backend, prompt_cache: PromptStateCache | None = None) -> None:
         self.loop = StepLoop(backend, prompt_cache)
         self.loop.start()
-
-    @property
-    def slots_busy(self) -> int:
-        return self.loop.busy if self.loop is not None else 0
 
     def _decode(self, generation: Generation, cancel: threading.Event) -> Iterator[str | int]:
         assert self.loop is not None
