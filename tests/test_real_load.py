@@ -111,7 +111,7 @@ def test_more_requests_than_the_queue_get_fast_overload_errors(tmp_path):
         def long_request() -> None:
             r = httpx.post(
                 base + CHAT,
-                json={"messages": [{"role": "user", "content": "Write an essay."}], "max_tokens": 200, "temperature": 0},
+                json={"messages": [{"role": "user", "content": "Write an essay."}], "max_tokens": 120, "temperature": 0},
                 timeout=600,
             )
             long_results.append(r)
