@@ -33,7 +33,7 @@ log = structlog.get_logger("llamad.slots")
 
 # A prompt chunk evaluated beside running streams makes their step longer; the chunk is
 # sized so that such a step costs at most this many plain decode steps.
-GAP_FACTOR = 2.5
+GAP_FACTOR = 2.0
 MIN_PREFILL_CHUNK = 8
 # A new prompt goes to the slot with the longest shared prefix only when that prefix is
 # at least this share of the prompt; otherwise to the least recently used slot, so a

@@ -223,7 +223,10 @@ class LlamaSlotsEngine(SlotsMixin, LlamaEngine):
         assert self.llm is not None
         m = self.config.model
         threads = int(self.info.get("n_threads") or 1)
-        self.backend = LlamaSlotsBackend(self.llm, self.parallel, m.n_ctx, m.n_batch, self.prompt_step, threads)
+        # A prompt read alone goes in n_batch steps: in 128-token steps a cold 2,300-token
+        # prompt took 1.7x llama-server's time here. Beside running streams, chunks are
+        # sized by the step loop.
+        self.backend = LlamaSlotsBackend(self.llm, self.parallel, m.n_ctx, m.n_batch, m.n_batch, threads)
         self.info["parallel"] = self.parallel
         self.info["kv_tokens"] = self.parallel * m.n_ctx
         log.info("slots_ready", parallel=self.parallel, n_ctx_per_slot=m.n_ctx, kv_tokens=self.parallel * m.n_ctx)
