@@ -24,6 +24,8 @@ def test_bench_runs_every_phase_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMAD_", "MODEL_", "N_", "PORT", "HOST"))}
     env["MODEL_PATH"] = TEST_MODEL
+    # The hang-up phase times a request queued behind the running one: one slot.
+    env["PARALLEL"] = "1"
     config = tmp_path / "llamad.toml"
     config.write_text("")
     result = subprocess.run(
