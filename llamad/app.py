@@ -51,6 +51,7 @@ def health(request: Request) -> Response:
         "generating": engine.generating,
         "queue_depth": engine.scheduler.queue_depth,
         "max_queue": engine.scheduler.max_queue,
+        "slots": {"total": engine.scheduler.capacity, "busy": engine.scheduler.active},
     }
     if engine.info:
         body["model_info"] = engine.info

@@ -143,8 +143,9 @@ class Http:
         connection.close()
         return response.status, data, time.perf_counter() - started
 
-    def stream(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Streams one OpenAI answer; returns timings of the content chunks and usage."""
+    def stream(self, path: str, body: dict[str, Any], times: list[float] | None = None) -> dict[str, Any]:
+        """Streams one OpenAI answer; returns timings of the content chunks and usage
+        (`times`, when given, gets the arrival time of every content chunk)."""
         connection = http.client.HTTPConnection(self.host, self.port, timeout=600)
         started = time.perf_counter()
         connection.request(
@@ -155,6 +156,7 @@ class Http:
         )
         response = connection.getresponse()
         first = last = None
+        chunks = 0
         usage: dict[str, Any] = {}
         status = response.status
         while True:
@@ -169,7 +171,10 @@ class Http:
                 now = time.perf_counter()
                 first = first or now
                 last = now
-            elif b'"usage":{' in line:
+                chunks += 1
+                if times is not None:
+                    times.append(now)
+            if b'"usage":{' in line:
                 usage = json.loads(line[6:])["usage"]
             elif line.startswith(b"data: [DONE]"):
                 break
@@ -181,7 +186,8 @@ class Http:
             "first": first,
             "last": last,
             "total_s": end - started,
-            "completion_tokens": usage.get("completion_tokens", 0),
+            # A server that sends no usage: one content chunk per token.
+            "completion_tokens": usage.get("completion_tokens", chunks),
             "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
         }
 
@@ -459,6 +465,9 @@ def run_bench(loaded: LoadedConfig, args: argparse.Namespace) -> int:
         results["engine"] = engine.close() if engine else None
         if args.concurrency > 0:
             results["concurrency"] = bench_concurrency(client, args.concurrency, max(16, args.tokens // 2))
+        streams = [int(n) for n in args.streams.split(",") if n.strip()] if args.streams else []
+        if streams:
+            results["parallel"] = [bench_concurrency(client, n, args.tokens) for n in streams]
         if args.prefix_tokens > 0:
             results["prompt_cache"] = bench_cache(client, args.prefix_tokens)
         results["hangup"] = bench_hangup(client, args.prefix_tokens)
@@ -514,6 +523,11 @@ def render_table(r: dict[str, Any]) -> str:
             (f"{c['streams']} parallel streams: aggregate", f"{c['aggregate_tokens_per_s']:.1f} tok/s ({c['ok']} ok)"),
             ("  time to first token p50 / p90 / max", f"{c['ttft_p50_s']:.2f} / {c['ttft_p90_s']:.2f} / {c['ttft_max_s']:.2f} s"),
         ]
+    for c in r.get("parallel", []):
+        rows.append((
+            f"{c['streams']} parallel streams: aggregate tok/s; TTFT p50 / p90 / max",
+            f"{c['aggregate_tokens_per_s']:.1f}; {c['ttft_p50_s']:.2f} / {c['ttft_p90_s']:.2f} / {c['ttft_max_s']:.2f} s",
+        ))
     if "prompt_cache" in r:
         p = r["prompt_cache"]
         rows += [

@@ -50,12 +50,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     from llamad.answer import answer_events, fold
     from llamad.chat import Chat, ChatMessage
     from llamad.engine import Generation
-    from llamad.llama import LlamaEngine
+    from llamad.slots_llama import engine_for
 
     loaded = _load(args)
     logsetup.configure(loaded.config.logging.level, loaded.config.logging.format)
     choice = resolve_model(loaded)
-    engine = LlamaEngine(loaded.config, choice.path)
+    engine = engine_for(loaded.config, choice.path)
 
     async def run() -> int:
         started = time.monotonic()
@@ -101,11 +101,12 @@ class Server:
         import uvicorn
 
         from llamad.app import create_app
-        from llamad.llama import LlamaEngine
+        from llamad.slots_llama import engine_for
 
         self.loaded = loaded
-        # The one place that names the engine class: the start and every reload build with it.
-        self.engine_factory = LlamaEngine
+        # The one place that names the engine factory: the start and every reload build with it
+        # (one llama.cpp sequence, or slots decoded together when server.parallel > 1).
+        self.engine_factory = engine_for
         config = loaded.config
         choice = resolve_model(loaded)
         log.info("model_selected", path=str(choice.path), chosen_by=choice.reason, candidates=len(choice.candidates))
@@ -174,10 +175,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from llamad.bench import run_bench
-
     loaded = _load(args)
     logsetup.configure("warning", loaded.config.logging.format)
+    if args.llama_server:  # llamad beside llama-server in one run (llamad.bench_slots)
+        from llamad.bench_slots import run_side_by_side
+
+        return run_side_by_side(loaded, args)
+    from llamad.bench import run_bench
+
     return run_bench(loaded, args)
 
 
@@ -197,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prefix-tokens", type=int, default=1500, help="shared prefix for the cache case (0 skips)")
     bench.add_argument("--embed-inputs", type=int, default=32, help="inputs in the embeddings case (default 32; 0 skips)")
     bench.add_argument("--agent", help="a captured agent request (JSON) to time cold and on its next turn")
+    bench.add_argument("--streams", default="1,2,4,8", help="parallel-stream counts for the batching table (default 1,2,4,8; empty skips)")
+    bench.add_argument("--llama-server", help="run llamad side by side with this llama-server binary (-np 1 and -np 4) instead")
     bench.add_argument("--json", help="also write the results as JSON to this file")
     for name in ("config", "check", "bench", "serve"):
         sub.choices[name].add_argument("--config", dest="config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -39,6 +39,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     api_keys: list[str] = []
     api_key_file: str = ""
     metrics_require_key: bool = False
+    # Requests decoded together in one llama.cpp context (continuous batching); each slot
+    # holds up to model.n_ctx tokens of KV. 1: one request at a time.
+    parallel: int = 4
 
 
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -128,6 +131,7 @@ LEGACY_ENV: dict[str, tuple[str, str]] = {
     "PORT": ("server", "port"),
     "HOST": ("server", "host"),
     "LLAMAD_API_KEY": ("server", "api_keys"),
+    "PARALLEL": ("server", "parallel"),
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -312,6 +316,7 @@ def validate(loaded: LoadedConfig) -> None:
     _check(c.server.queue_timeout > 0, loaded, "server.queue_timeout", c.server.queue_timeout, "seconds > 0")
     _check(c.server.max_body_bytes >= 1024, loaded, "server.max_body_bytes", c.server.max_body_bytes, "at least 1024")
     _check(c.server.write_timeout > 0, loaded, "server.write_timeout", c.server.write_timeout, "seconds > 0")
+    _check(1 <= c.server.parallel <= 64, loaded, "server.parallel", c.server.parallel, "from 1 to 64 slots")
     _check(c.server.shutdown_grace >= 0, loaded, "server.shutdown_grace", c.server.shutdown_grace, "seconds >= 0")
     _check(c.model.n_ctx >= 64, loaded, "model.n_ctx", c.model.n_ctx, "at least 64")
     _check(c.model.n_threads >= 0, loaded, "model.n_threads", c.model.n_threads, "0 (all cores) or more")

@@ -158,7 +158,7 @@ class LlamaEngine(Engine):
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(self.model_path),
-                n_ctx=m.n_ctx,
+                n_ctx=self._llama_n_ctx(),
                 n_batch=m.n_batch,
                 n_threads=threads,
                 n_threads_batch=threads,
@@ -209,6 +209,10 @@ class LlamaEngine(Engine):
             chat_template=self.template.source,
             load_s=round(time.monotonic() - started, 3),
         )
+
+    def _llama_n_ctx(self) -> int:
+        """The context of the `Llama` object itself (the batched engine decodes elsewhere)."""
+        return self.config.model.n_ctx
 
     def _choose_template(self) -> ChatTemplate:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter

@@ -110,6 +110,12 @@ class Metrics:
         metric("llamad_prompt_shared_head_tokens", "gauge", "Tokens every prompt starts with (BOS, template opening); reusing only these is no hit.", [f"llamad_prompt_shared_head_tokens {engine.shared_head}"])
         metric("llamad_queue_depth", "gauge", "Requests waiting for the engine.", [f"llamad_queue_depth {engine.scheduler.queue_depth}"])
         metric("llamad_generation_active", "gauge", "1 while a generation holds the engine.", [f"llamad_generation_active {int(engine.generating)}"])
+        scheduler = engine.scheduler
+        metric("llamad_slots_total", "gauge", "Requests the engine decodes together (server.parallel).", [f"llamad_slots_total {scheduler.capacity}"])
+        metric("llamad_slots_busy", "gauge", "Slots holding a request now.", [f"llamad_slots_busy {scheduler.active}"])
+        # Sampled tokens the grammar rejected, sampled again among the allowed ones (batched engine).
+        fallbacks = getattr(engine, "grammar_fallbacks", 0)
+        metric("llamad_grammar_fallbacks_total", "counter", "Sampled tokens a grammar rejected and that were sampled again.", [f"llamad_grammar_fallbacks_total {fallbacks}"])
         metric("llamad_requests_in_flight", "gauge", "HTTP requests being served.", [f"llamad_requests_in_flight {self.requests_in_flight}"])
         counter("llamad_generations_cancelled_total", "Generations stopped early because the client went away (hang-up, stalled reader, shutdown).", "cancelled")
         counter("llamad_generations_failed_total", "Generations stopped by an error.", "failed")

@@ -74,11 +74,17 @@ class PromptStateCache:
         written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0)
         if written <= 0:
             return
+        self.put(tokens, bytes(buffer[:written]))
+
+    def put(self, tokens: list[int], data: bytes) -> None:
+        """Keeps `data`, the saved KV state of one sequence holding `tokens`."""
+        if len(data) > self.capacity_bytes:
+            return
         key = tuple(tokens)
         # A saved state that is a prefix of this one is superseded by it.
         for old in [k for k in self._states if common_prefix(k, key) == len(k)]:
             self.size_bytes -= len(self._states.pop(old).data)
-        state = SavedState(tokens=key, data=bytes(buffer[:written]))
+        state = SavedState(tokens=key, data=data)
         self._states[key] = state
         self.size_bytes += len(state.data)
         self.saves += 1

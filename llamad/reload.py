@@ -4,7 +4,7 @@ A model change loads the new model beside the old one and swaps it in, the old e
 finishing the requests it already holds. A config with an error is refused with one log
 line and the running configuration stays.
 
-The engine class comes from the caller (the CLI passes LlamaEngine), so neither this
+The engine class comes from the caller (the CLI passes llamad.slots_llama.engine_for), so neither this
 module nor llamad.systemd imports llama.cpp; the sd_notify side of a reload (RELOADING=1,
 READY=1) is llamad.systemd's.
 """
@@ -59,7 +59,7 @@ class ReloadResult:
     needs_restart: list[str] = field(default_factory=list)
 
 
-# Builds the engine for a configuration and a model file (LlamaEngine itself, or a fake).
+# Builds the engine for a configuration and a model file (llamad.slots_llama.engine_for, or a fake).
 EngineFactory = Callable[[Config, Path], Engine]
 
 
@@ -104,7 +104,9 @@ async def reload_service(
     new = loaded.config
     changed = changed_keys(old, new)
     needs_restart = [key for key in changed if key in RESTART_ONLY]
-    model_changed = any(key.startswith("model.") for key in changed) or getattr(state, "engine", None) is None
+    # server.parallel shapes the engine's context: a change loads a new engine, like a model change.
+    model_changed = any(key.startswith("model.") or key == "server.parallel" for key in changed)
+    model_changed = model_changed or getattr(state, "engine", None) is None
     if not model_changed and _model_file_changed(getattr(state, "engine", None), loaded):
         # Same settings, other file: a new .gguf in model.dir, or the served file replaced.
         model_changed = True

@@ -1,4 +1,5 @@
-"""The engine's lock: one generation at a time, waiters served in arrival order.
+"""The engine's lock: `capacity` generations at a time (1 unless the engine decodes
+several sequences together, see llamad.slots), waiters served in arrival order.
 
 The queue is bounded (`max_queue`) and a waiter gives up after `queue_timeout` seconds, so
 overload is a fast, clear error instead of a hang. A waiter that is cancelled (its client
@@ -33,16 +34,17 @@ class ShuttingDown(Overloaded):
 
 
 class Scheduler:
-    def __init__(self, max_queue: int = 16, queue_timeout: float = 60.0):
+    def __init__(self, max_queue: int = 16, queue_timeout: float = 60.0, capacity: int = 1):
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
-        self._busy = False
+        self.capacity = capacity
+        self.active = 0  # generations holding the engine
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
 
     @property
     def busy(self) -> bool:
-        return self._busy
+        return self.active > 0
 
     @property
     def closed(self) -> bool:
@@ -60,8 +62,8 @@ class Scheduler:
     def try_acquire(self) -> bool:
         if self._closed:
             raise ShuttingDown()
-        if not self._busy and not self._waiters:
-            self._busy = True
+        if self.active < self.capacity and not self._waiters:
+            self.active += 1
             return True
         return False
 
@@ -92,7 +94,7 @@ class Scheduler:
             if not waiter.done():
                 waiter.set_result(None)
                 return
-        self._busy = False
+        self.active -= 1
 
     def close(self) -> None:
         """Stop accepting; every waiter gets ShuttingDown."""

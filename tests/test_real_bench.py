@@ -24,12 +24,14 @@ def test_bench_runs_every_phase_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMAD_", "MODEL_", "N_", "PORT", "HOST"))}
     env["MODEL_PATH"] = TEST_MODEL
+    # The hang-up phase times a request queued behind the running one: one slot.
+    env["PARALLEL"] = "1"
     config = tmp_path / "llamad.toml"
     config.write_text("")
     result = subprocess.run(
         [sys.executable, "-m", "llamad.cli", "--config", str(config), "bench",
-         "--runs", "1", "--tokens", "24", "--concurrency", "2", "--prefix-tokens", "300", "--embed-inputs", "8",
-         "--json", str(out)],
+         "--runs", "1", "--tokens", "24", "--concurrency", "2", "--streams", "1,2", "--prefix-tokens", "300",
+         "--embed-inputs", "8", "--json", str(out)],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -54,5 +56,6 @@ def test_bench_runs_every_phase_and_writes_json(tmp_path: Path) -> None:
     assert data["http"]["completion_tokens"] == 24
     assert data["concurrency"]["ok"] == 2
     assert data["embeddings"]["width"] == 640 and data["embeddings"]["inputs"] == 8
+    assert [(c["streams"], c["ok"]) for c in data["parallel"]] == [(1, 1), (2, 2)]
     # The second turn found the first turn's prefix in the cache.
     assert data["prompt_cache"]["turn2_cached_tokens"] > 200

@@ -259,21 +259,24 @@ def test_more_requests_than_the_queue_get_fast_overload_errors(tmp_path):
     with start_server(tmp_path, "[server]\nmax_queue = 2\n") as server:
         base = server.url
         first_done = threading.Event()
-        first_result = {}
+        long_results: list[httpx.Response] = []
+        # One long request per slot (server.parallel) holds the whole engine.
+        slots = httpx.get(base + "/health").json()["slots"]["total"]
 
         def long_request() -> None:
             r = httpx.post(
                 base + CHAT,
-                json={"messages": [{"role": "user", "content": "Write an essay."}], "max_tokens": 400, "temperature": 0},
-                timeout=300,
+                json={"messages": [{"role": "user", "content": "Write an essay."}], "max_tokens": 120, "temperature": 0},
+                timeout=600,
             )
-            first_result["response"] = r
+            long_results.append(r)
             first_done.set()
 
-        thread = threading.Thread(target=long_request)
-        thread.start()
+        threads = [threading.Thread(target=long_request) for _ in range(slots)]
+        for thread in threads:
+            thread.start()
         deadline = time.monotonic() + 60
-        while not httpx.get(base + "/health").json()["generating"]:
+        while httpx.get(base + "/health").json()["slots"]["busy"] < slots:
             assert time.monotonic() < deadline
             time.sleep(0.02)
 
@@ -299,8 +302,9 @@ def test_more_requests_than_the_queue_get_fast_overload_errors(tmp_path):
                 overload_seen_while_busy.append(not first_done.is_set())
             for i, future in queued.items():
                 results[i] = future.result()
-        thread.join()
-        assert first_result["response"].status_code == 200
+        for thread in threads:
+            thread.join()
+        assert [r.status_code for r in long_results] == [200] * slots
         for i in (0, 1):
             assert results[i].status_code == 200, results[i].text
         for i in range(2, 8):
@@ -344,10 +348,11 @@ def test_second_turn_reuses_the_prompt_cache(real_server):
 def test_sigterm_during_generation_finishes_it_and_exits_cleanly(tmp_path):
     with start_server(tmp_path, "[server]\nshutdown_grace = 60\n") as server:
         base = server.url
-        lines: list[str] = []
-        done = threading.Event()
+        # One running stream per slot (server.parallel), so the next request queues.
+        slots = httpx.get(base + "/health").json()["slots"]["total"]
+        streams: list[list[str]] = [[] for _ in range(slots)]
 
-        def stream() -> None:
+        def stream(lines: list[str]) -> None:
             with httpx.stream(
                 "POST",
                 base + CHAT,
@@ -356,11 +361,12 @@ def test_sigterm_during_generation_finishes_it_and_exits_cleanly(tmp_path):
             ) as response:
                 for line in response.iter_lines():
                     lines.append(line)
-            done.set()
 
-        thread = threading.Thread(target=stream)
-        thread.start()
-        wait_until(lambda: any(has_content(l) for l in list(lines)), "the stream's first token")
+        threads = [threading.Thread(target=stream, args=(lines,)) for lines in streams]
+        for thread in threads:
+            thread.start()
+        for lines in streams:
+            wait_until(lambda lines=lines: any(has_content(l) for l in list(lines)), "every stream's first token")
         queued = {}
 
         def queued_request() -> None:
@@ -372,11 +378,13 @@ def test_sigterm_during_generation_finishes_it_and_exits_cleanly(tmp_path):
         waiter.start()
         wait_until(lambda: httpx.get(base + "/health", timeout=5).json()["queue_depth"] >= 1, "a request is queued")
         server.process.send_signal(signal.SIGTERM)
-        thread.join(timeout=120)
+        for thread in threads:
+            thread.join(timeout=120)
         waiter.join(timeout=60)
         code = server.process.wait(timeout=60)
         assert code == 0, server.log()
-        assert [l for l in lines if l][-1] == "data: [DONE]"  # the running answer was finished, not cut
+        for lines in streams:
+            assert [l for l in lines if l][-1] == "data: [DONE]"  # the running answers were finished, not cut
         assert queued["r"].status_code == 503  # the waiting one got a retryable error
         assert "retry-after" in queued["r"].headers
         assert "Traceback" not in server.log()

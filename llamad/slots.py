@@ -1,0 +1,484 @@
+"""Continuous batching: N sequences decode together, one `llama_decode` per step.
+
+One thread (the step loop) owns the backend's context. Each step builds one batch: the
+next token of every sequence that is generating, then chunks of the prompts still being
+evaluated, within a token budget, so a long prompt arriving mid-stream only slows the
+running streams instead of freezing them (chunked prefill). A sequence lives in a slot;
+a slot keeps the KV of the tokens its last sequence fed, and a new request goes to the
+idle slot whose tokens share the longest prefix with its prompt.
+
+The loop knows nothing about llama.cpp: it talks to a `Backend` (llamad.slots_llama for
+the real one, a scripted one in the fast tests). The engine side (`SlotsMixin`) turns a
+sequence's output queue back into the `_decode` iterator the Engine base consumes, so
+stop strings, token limits, events and keep-alives are the Engine's own.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
+
+import structlog
+
+from llamad.engine import Generation
+from llamad.prompt_cache import PromptStateCache, common_prefix
+from llamad.scheduler import Scheduler
+
+log = structlog.get_logger("llamad.slots")
+
+# A prompt chunk evaluated beside running streams makes their step longer; the chunk is
+# sized so that such a step costs at most this many plain decode steps.
+GAP_FACTOR = 2.0
+MIN_PREFILL_CHUNK = 8
+# A new prompt goes to the slot with the longest shared prefix only when that prefix is
+# at least this share of the prompt; otherwise to the least recently used slot, so a
+# shared chat-template header does not evict another conversation's cache.
+SLOT_SIMILARITY = 0.1
+
+
+class Backend(Protocol):
+    """What the step loop needs from a model. Slots are numbered 0..n_slots-1 and are the
+    backend's sequence ids."""
+
+    n_slots: int
+    n_ctx: int  # tokens one sequence may hold
+    n_batch: int  # tokens one decode may carry
+    prompt_step: int  # prompt tokens per step when no stream is waiting on it
+
+    def new_sampler(self, generation: Generation) -> Any: ...
+
+    def free_sampler(self, sampler: Any) -> None: ...
+
+    def forget(self, slot: int, keep: int) -> bool:
+        """Drops the slot's tokens from position `keep` on; False if only all can go."""
+        ...
+
+    def decode(self, tokens: list[int], positions: list[int], slots: list[int], outputs: list[bool]) -> int:
+        """0: done; 1: no KV room (nothing changed); anything else: failed."""
+        ...
+
+    def sample(self, sampler: Any, index: int) -> int:
+        """A token from the logits of batch entry `index` (one marked as an output)."""
+        ...
+
+    def is_eog(self, token: int) -> bool: ...
+
+    def accept(self, sampler: Any, token: int) -> str:
+        """Advances the sequence's grammar and UTF-8 decoder; the token's text."""
+        ...
+
+    def save_state(self, slot: int) -> bytes | None: ...
+
+    def load_state(self, slot: int, data: bytes) -> bool: ...
+
+
+class KvFull(RuntimeError):
+    pass
+
+
+@dataclass
+class Sequence:
+    """One request inside the step loop. `out` carries what `_decode` yields: the cached
+    token count (an int) once the prompt is evaluated, text pieces, then None (or an
+    exception)."""
+
+    generation: Generation
+    cancel: threading.Event = field(default_factory=threading.Event)
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    stopped: threading.Event = field(default_factory=threading.Event)
+    slot: "Slot | None" = None
+    sampler: Any = None
+    n_past: int = 0  # tokens of this sequence in the slot's KV
+    cached: int = 0  # prompt tokens reused from the slot (or the state cache)
+    generated: int = 0
+    next_token: int | None = None  # sampled, not yet fed
+    ended: bool = False
+    order: int = 0  # admission order: prompts are evaluated first come, first served
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.generation.prompt.tokens
+
+    @property
+    def prefilling(self) -> bool:
+        return self.next_token is None
+
+    @property
+    def gone(self) -> bool:
+        return self.stopped.is_set() or self.cancel.is_set()
+
+    def end(self, item: Any = None) -> None:
+        if not self.ended:
+            self.ended = True
+            self.out.put(item)
+
+
+@dataclass
+class Slot:
+    id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV this slot holds
+    sequence: Sequence | None = None
+    last_used: float = float("-inf")
+
+
+@dataclass
+class Plan:
+    tokens: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    outputs: list[bool] = field(default_factory=list)
+    # (sequence, tokens fed, batch index of its output or -1)
+    parts: list[tuple[Sequence, list[int], int]] = field(default_factory=list)
+    generating: int = 0
+    prefill: int = 0
+
+    def add(self, seq: Sequence, tokens: list[int], wants_output: bool) -> None:
+        assert seq.slot is not None
+        start = seq.n_past
+        for offset, token in enumerate(tokens):
+            self.tokens.append(token)
+            self.positions.append(start + offset)
+            self.slots.append(seq.slot.id)
+            self.outputs.append(False)
+        index = -1
+        if wants_output:
+            index = len(self.tokens) - 1
+            self.outputs[index] = True
+        self.parts.append((seq, tokens, index))
+
+
+@dataclass
+class SlotStats:
+    steps: int = 0
+    kv_full: int = 0  # decodes llama.cpp refused for want of KV cells
+
+
+class StepLoop:
+    def __init__(self, backend: Backend, prompt_cache: PromptStateCache | None = None):
+        self.backend = backend
+        self.slots = [Slot(i) for i in range(backend.n_slots)]
+        self.prompt_cache = prompt_cache
+        self.stats = SlotStats()
+        self._inbox: collections.deque[Sequence] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._pending: collections.deque[Sequence] = collections.deque()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        # Learned costs (seconds): one decode-only step, and one prompt token.
+        self._step_s: float | None = None
+        self._token_s: float | None = None
+        # After a KV-full decode, no new prompt starts until a sequence ends.
+        self._hold_admission = False
+        self._admissions = 0
+
+    # -- from other threads -----------------------------------------------------------------
+    def submit(self, seq: Sequence) -> None:
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("the engine is shutting down")
+            self._inbox.append(seq)
+        self._wake.set()
+
+    def stop(self, seq: Sequence) -> None:
+        seq.stopped.set()
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="llamad-steps", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._end_all(RuntimeError("the engine was closed"))
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for slot in self.slots if slot.sequence is not None)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._closing:
+            self._wake.clear()  # before the step: a submit during it wakes the next wait
+            try:
+                worked = self.step()
+            except Exception as exc:  # never let the thread die with sequences waiting on it
+                log.exception("step_failed")
+                for slot in self.slots:
+                    self._clear(slot)  # what the KV holds is no longer known
+                self._end_all(RuntimeError(f"decoding failed: {exc}"))
+                worked = False
+            if not worked:
+                self._wake.wait(timeout=0.1)
+
+    def step(self) -> bool:
+        """One batch decoded; False when there was nothing to decode."""
+        self._take_inbox()
+        self._retire_gone()
+        self._admit()
+        plan = self._plan()
+        if not plan.tokens:
+            return False
+        started = time.perf_counter()
+        code = self.backend.decode(plan.tokens, plan.positions, plan.slots, plan.outputs)
+        elapsed = time.perf_counter() - started
+        if code == 1:
+            self._no_room(plan)
+            return True
+        if code != 0:
+            for seq, _, _ in plan.parts:
+                self._clear(seq.slot)
+                self._retire(seq, RuntimeError(f"llama_decode failed with code {code}"))
+            return True
+        self.stats.steps += 1
+        self._learn(plan, elapsed)
+        self._commit(plan)
+        return True
+
+    def _take_inbox(self) -> None:
+        with self._lock:
+            while self._inbox:
+                self._pending.append(self._inbox.popleft())
+
+    def _retire_gone(self) -> None:
+        for slot in self.slots:
+            seq = slot.sequence
+            if seq is not None and seq.gone:
+                self._retire(seq)
+
+    def _retire(self, seq: Sequence, item: Any = None) -> None:
+        slot = seq.slot
+        if slot is not None:
+            slot.sequence = None
+            slot.last_used = time.monotonic()
+            seq.slot = None
+            self._hold_admission = False
+        if seq.sampler is not None:
+            self.backend.free_sampler(seq.sampler)
+            seq.sampler = None
+        seq.end(item)
+
+    def _end_all(self, error: BaseException) -> None:
+        for slot in self.slots:
+            if slot.sequence is not None:
+                self._retire(slot.sequence, error)
+        with self._lock:
+            waiting = list(self._pending) + list(self._inbox)
+            self._pending.clear()
+            self._inbox.clear()
+        for seq in waiting:
+            seq.end(error)
+
+    # -- admission ---------------------------------------------------------------------------
+    def _admit(self) -> None:
+        while self._pending and not self._hold_admission:
+            seq = self._pending[0]
+            if seq.gone:
+                self._pending.popleft()
+                seq.end()
+                continue
+            idle = [slot for slot in self.slots if slot.sequence is None]
+            if not idle:
+                return
+            self._pending.popleft()
+            self._place(seq, self._choose(idle, seq.tokens))
+
+    def _choose(self, idle: list[Slot], tokens: list[int]) -> Slot:
+        best = max(idle, key=lambda slot: (common_prefix(slot.cached, tokens), -slot.id))
+        shared = common_prefix(best.cached, tokens)
+        if shared > 0 and shared >= SLOT_SIMILARITY * len(tokens):
+            return best
+        # Empty slots first (lowest id), then the least recently used.
+        return min(idle, key=lambda slot: (slot.last_used, slot.id))
+
+    def _place(self, seq: Sequence, slot: Slot) -> None:
+        tokens = seq.tokens
+        # At least the last prompt token is evaluated again: sampling needs its logits.
+        keep = min(common_prefix(slot.cached, tokens), len(tokens) - 1)
+        cache = self.prompt_cache
+        if cache is not None:
+            if len(slot.cached) - keep > max(keep, 32):
+                # Most of this slot is about to be overwritten: keep it for a later turn.
+                self._save(slot)
+            saved, saved_prefix = cache.best(tokens)
+            if saved is not None and min(saved_prefix, len(tokens) - 1) > keep + 16:
+                self._clear(slot)
+                if self.backend.load_state(slot.id, saved.data):
+                    slot.cached = list(saved.tokens)
+                    cache.restores += 1
+                    keep = min(saved_prefix, len(tokens) - 1)
+        if keep < len(slot.cached) and not self.backend.forget(slot.id, keep):
+            self._clear(slot)
+            keep = 0
+        del slot.cached[keep:]
+        slot.sequence = seq
+        seq.slot = slot
+        self._admissions += 1
+        seq.order = self._admissions
+        seq.n_past = seq.cached = keep
+        seq.sampler = self.backend.new_sampler(seq.generation)
+
+    def _save(self, slot: Slot) -> None:
+        cache = self.prompt_cache
+        assert cache is not None
+        if len(slot.cached) < cache.MIN_TOKENS or cache.covers(slot.cached):
+            return
+        data = self.backend.save_state(slot.id)
+        if data:
+            cache.put(slot.cached, data)
+
+    def _clear(self, slot: Slot | None) -> None:
+        if slot is not None:
+            self.backend.forget(slot.id, 0)
+            slot.cached.clear()
+
+    # -- one batch ---------------------------------------------------------------------------
+    def _plan(self) -> Plan:
+        plan = Plan()
+        active = [slot.sequence for slot in self.slots if slot.sequence is not None]
+        for seq in active:
+            if not seq.prefilling:
+                plan.add(seq, [seq.next_token], wants_output=True)
+                plan.generating += 1
+        budget = self._prefill_budget(plan.generating)
+        for seq in sorted((s for s in active if s.prefilling), key=lambda s: s.order):
+            if budget <= 0:
+                break
+            rest = seq.tokens[seq.n_past :]
+            chunk = rest[:budget]
+            plan.add(seq, chunk, wants_output=len(chunk) == len(rest))
+            plan.prefill += len(chunk)
+            budget -= len(chunk)
+        return plan
+
+    def _prefill_budget(self, generating: int) -> int:
+        b = self.backend
+        room = b.n_batch - generating
+        if generating == 0:
+            return min(room, b.prompt_step)
+        if self._step_s is None or not self._token_s:
+            chunk = MIN_PREFILL_CHUNK * 4
+        else:
+            chunk = int((GAP_FACTOR - 1) * self._step_s / self._token_s)
+        return max(0, min(room, b.prompt_step, max(MIN_PREFILL_CHUNK, chunk)))
+
+    def _learn(self, plan: Plan, elapsed: float) -> None:
+        if plan.prefill == 0:
+            self._step_s = elapsed if self._step_s is None else 0.8 * self._step_s + 0.2 * elapsed
+        elif plan.generating == 0 or self._step_s is not None:
+            base = self._step_s if plan.generating and self._step_s else 0.0
+            per_token = max(elapsed - base, 0.0) / plan.prefill
+            if per_token > 0:
+                self._token_s = per_token if self._token_s is None else 0.8 * self._token_s + 0.2 * per_token
+
+    def _commit(self, plan: Plan) -> None:
+        b = self.backend
+        for seq, fed, index in plan.parts:
+            slot = seq.slot
+            assert slot is not None
+            slot.cached.extend(fed)
+            seq.n_past += len(fed)
+            if index < 0:
+                continue
+            if seq.gone:
+                self._retire(seq)
+                continue
+            if seq.prefilling:
+                seq.out.put(seq.cached)  # the prompt is evaluated
+            token = b.sample(seq.sampler, index)
+            seq.next_token = token
+            if b.is_eog(token):
+                self._retire(seq)
+                continue
+            seq.generated += 1
+            seq.out.put(b.accept(seq.sampler, token))
+            if seq.generated >= seq.generation.max_tokens or len(seq.tokens) + seq.generated >= b.n_ctx:
+                self._retire(seq)
+
+    def _no_room(self, plan: Plan) -> None:
+        """llama_decode found no KV cells for the batch (nothing was written)."""
+        self.stats.kv_full += 1
+        idle = [slot for slot in self.slots if slot.sequence is None and slot.cached]
+        if idle:
+            for slot in idle:
+                if self.prompt_cache is not None:
+                    self._save(slot)
+                self._clear(slot)
+            log.info("kv_full_freed_idle_slots", slots=len(idle))
+            return
+        prefilling = [seq for seq, _, _ in plan.parts if seq.prefilling]
+        if prefilling:
+            # The running streams go first; these prompts wait until one of them ends.
+            for seq in reversed(prefilling):
+                slot = seq.slot
+                self._clear(slot)
+                if slot is not None:
+                    slot.sequence = None
+                seq.slot = None
+                if seq.sampler is not None:
+                    self.backend.free_sampler(seq.sampler)
+                    seq.sampler = None
+                seq.n_past = seq.cached = 0
+                self._pending.appendleft(seq)
+            self._hold_admission = True
+            log.warning("kv_full_admission_waits", waiting=len(prefilling))
+            return
+        # Only running streams and still no room: end the newest so the others go on.
+        newest = max((seq for seq, _, _ in plan.parts), key=lambda s: s.order)
+        log.warning("kv_full_stream_ended", slot=newest.slot.id if newest.slot else None)
+        self._clear(newest.slot)
+        self._retire(newest, KvFull("the KV cache is full; retry the request, or lower server.parallel"))
+
+
+class SlotsMixin:
+    """Engine glue: N requests hold the scheduler at once, each feeding the step loop.
+
+    Mixed in before an Engine subclass; call `_use_slots(n)` in `__init__` and
+    `_start_slots(backend)` at the end of `_load`."""
+
+    loop: StepLoop | None = None
+
+    def _use_slots(self, n: int, max_queue: int, queue_timeout: float) -> None:
+        self.parallel = n
+        self.scheduler = Scheduler(max_queue=max_queue, queue_timeout=queue_timeout, capacity=n)
+        # Each admitted request runs the Engine's text handling in a thread of its own; the
+        # step loop only decodes.
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=n, thread_name_prefix="llamad-seq")
+
+    def _start_slots(self, backend: Backend, prompt_cache: PromptStateCache | None = None) -> None:
+        self.loop = StepLoop(backend, prompt_cache)
+        self.loop.start()
+
+    def _decode(self, generation: Generation, cancel: threading.Event) -> Iterator[str | int]:
+        assert self.loop is not None
+        seq = Sequence(generation=generation, cancel=cancel)
+        self.loop.submit(seq)
+        try:
+            while True:
+                try:
+                    item = seq.out.get(timeout=0.05)
+                except queue.Empty:
+                    if cancel.is_set():
+                        return
+                    continue
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.loop.stop(seq)
+
+    def _stop_slots(self) -> None:
+        if self.loop is not None:
+            self.loop.close()

@@ -1,0 +1,85 @@
+"""A scripted backend for the step loop (llamad.slots): the same interface as the llama.cpp
+one, with KV bookkeeping that checks what the loop feeds it (positions in order, logits
+read only where the batch asked for them) and an optional limit on KV cells."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from llamad.engine import Generation
+
+EOG = 0
+
+
+@dataclass
+class FakeSampler:
+    script: list[int]
+    emitted: int = 0
+
+
+@dataclass
+class FakeBackend:
+    n_slots: int = 2
+    n_ctx: int = 256
+    n_batch: int = 64
+    prompt_step: int = 16
+    kv_cells: int | None = None  # total KV cells; None: unlimited
+    decode_delay: float = 0.0
+    # The tokens a generation produces (EOG appended); default: five tokens.
+    script: Callable[[Generation], list[int]] = lambda g: [101, 102, 103, 104, 105]
+    kv: dict[int, list[int]] = field(default_factory=dict)  # slot -> positions held
+    batches: list[dict] = field(default_factory=list)
+    grammar_fallbacks: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.kv = {slot: [] for slot in range(self.n_slots)}
+        self._outputs: set[int] = set()
+
+    def new_sampler(self, generation: Generation) -> FakeSampler:
+        return FakeSampler(script=list(self.script(generation)) + [EOG])
+
+    def free_sampler(self, sampler: FakeSampler) -> None:
+        pass
+
+    def forget(self, slot: int, keep: int) -> bool:
+        self.kv[slot] = [p for p in self.kv[slot] if p < max(keep, 0)]
+        return True
+
+    def used(self) -> int:
+        return sum(len(held) for held in self.kv.values())
+
+    def decode(self, tokens: list[int], positions: list[int], slots: list[int], outputs: list[bool]) -> int:
+        assert len(tokens) <= self.n_batch, f"batch of {len(tokens)} > n_batch {self.n_batch}"
+        if self.kv_cells is not None and self.used() + len(tokens) > self.kv_cells:
+            return 1
+        for position, slot in zip(positions, slots):
+            assert position == len(self.kv[slot]), f"slot {slot}: position {position} after {len(self.kv[slot])} cells"
+            self.kv[slot].append(position)
+        self.batches.append({"tokens": list(tokens), "slots": list(slots), "outputs": list(outputs)})
+        self._outputs = {i for i, wanted in enumerate(outputs) if wanted}
+        if self.decode_delay:
+            time.sleep(self.decode_delay)
+        return 0
+
+    def sample(self, sampler: FakeSampler, index: int) -> int:
+        assert index in self._outputs, f"logits read at {index}, which asked for none"
+        token = sampler.script[min(sampler.emitted, len(sampler.script) - 1)]
+        sampler.emitted += 1
+        return token
+
+    def is_eog(self, token: int) -> bool:
+        return token == EOG
+
+    def accept(self, sampler: FakeSampler, token: int) -> str:
+        return f"t{token} "
+
+    def save_state(self, slot: int) -> bytes | None:
+        return bytes(len(self.kv[slot]))
+
+    def load_state(self, slot: int, data: bytes) -> bool:
+        self.kv[slot] = list(range(len(data)))
+        return True
