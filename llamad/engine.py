@@ -1,5 +1,6 @@
 """The engine: one model, its lock, and generation as a stream of typed events.
 
+The request and event types live in llamad.engine_types (and are importable from here).
 `Engine` holds everything that does not depend on llama.cpp: the scheduler (the lock and
 its bounded FIFO queue), the worker thread that keeps inference off the event loop,
 cancellation, stop sequences and token limits. A subclass supplies three things: `load`,
@@ -14,14 +15,33 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterator, TypeVar, Union
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
 
 import anyio
 
 from llamad.chat import Chat, ChatMessage
 from llamad.prompt_cache import common_prefix
+from llamad.engine_types import (  # the types are part of this module's interface too
+    EngineNotReady,
+    ContextOverflow,
+    PromptError,
+    GrammarRejected,
+    Cancelled,
+    Prompt,
+    FimTokens,
+    Sampling,
+    Generation,
+    Waiting,
+    Started,
+    Token,
+    Done,
+    EngineEvent,
+    TokenOutOfRange,
+    check_token_ids,
+)
 from llamad.scheduler import Overloaded, QueueTimeout, Scheduler, ShuttingDown
+from llamad.stops import find_stop, held_back
 
 T = TypeVar("T")
 
@@ -40,110 +60,13 @@ __all__ = [
     "Token",
     "Done",
     "EngineEvent",
+    "GrammarRejected",
+    "PromptError",
+    "TokenOutOfRange",
+    "check_token_ids",
 ]
 
 
-class EngineNotReady(Exception):
-    def __init__(self, state: str):
-        super().__init__(f"the model is not loaded (state: {state})")
-        self.state = state
-
-
-class ContextOverflow(Exception):
-    def __init__(self, prompt_tokens: int, n_ctx: int):
-        super().__init__(
-            f"this model's context is {n_ctx} tokens, but the prompt is {prompt_tokens} tokens; "
-            "shorten the messages"
-        )
-        self.prompt_tokens = prompt_tokens
-        self.n_ctx = n_ctx
-
-
-class PromptError(ValueError):
-    """The chat cannot be rendered into a prompt (the template refused it)."""
-
-
-class GrammarRejected(ValueError):
-    """llama.cpp cannot compile the grammar built from the request's schemas (-> 400)."""
-
-
-class Cancelled(Exception):
-    pass
-
-
-@dataclass
-class Prompt:
-    text: str
-    tokens: list[int]
-    # Strings the chat template ends a turn with; they end generation but are not reported.
-    template_stops: list[str] = field(default_factory=list)
-    # The template opened a <think> block, so the answer starts inside reasoning.
-    opens_reasoning: bool = False
-
-
-@dataclass
-class FimTokens:
-    prefix: int
-    suffix: int
-    middle: int
-
-
-@dataclass
-class Sampling:
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-
-
-@dataclass
-class Generation:
-    prompt: Prompt
-    max_tokens: int
-    sampling: Sampling = field(default_factory=Sampling)
-    stop: list[str] = field(default_factory=list)
-    # GBNF grammar that constrains the output (tool calls, JSON); None for free text.
-    grammar: str | None = None
-
-
-@dataclass
-class Waiting:
-    """Still queued for the engine (or processing the prompt): a keep-alive opportunity."""
-
-    position: int
-
-
-@dataclass
-class Started:
-    """The engine is ours and the prompt is evaluated; tokens follow."""
-
-    prompt_tokens: int
-    cached_tokens: int
-    queued_s: float
-    prompt_s: float
-
-
-@dataclass
-class Token:
-    text: str
-
-
-@dataclass
-class Done:
-    finish_reason: str  # "stop" | "length"
-    stop_sequence: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0
-    time_to_first_token_s: float | None = None
-    decode_s: float = 0.0
-
-
-EngineEvent = Union[Waiting, Started, Token, Done]
 
 KEEPALIVE_S = 5.0
 
@@ -523,7 +446,7 @@ class Engine:
                     first_token_at = time.monotonic()
                 pending += piece
                 if all_stops:
-                    hit = _find_stop(pending, all_stops)
+                    hit = find_stop(pending, all_stops)
                     if hit is not None:
                         index, matched = hit
                         if index:
@@ -531,7 +454,7 @@ class Engine:
                         pending = ""
                         stop_sequence = matched if matched in stops else None
                         break
-                    keep = _held_back(pending, all_stops, longest_stop)
+                    keep = held_back(pending, all_stops, longest_stop)
                     if len(pending) > keep:
                         emit(Token(pending[: len(pending) - keep]))
                         pending = pending[len(pending) - keep :]
@@ -565,33 +488,3 @@ class Engine:
                 decode_s=(now - first_token_at) if first_token_at else 0.0,
             )
         )
-
-
-class TokenOutOfRange(ValueError):
-    """A token id the model's vocabulary does not have (-> 400)."""
-
-
-def check_token_ids(tokens: list[int], n_vocab: int) -> None:
-    for index, token in enumerate(tokens):
-        if not 0 <= token < n_vocab:
-            raise TokenOutOfRange(
-                f"token id {token} at position {index} is out of range: this model's vocabulary has ids 0..{n_vocab - 1}"
-            )
-
-
-def _find_stop(text: str, stops: list[str]) -> tuple[int, str] | None:
-    best: tuple[int, str] | None = None
-    for stop in stops:
-        index = text.find(stop)
-        if index != -1 and (best is None or index < best[0]):
-            best = (index, stop)
-    return best
-
-
-def _held_back(text: str, stops: list[str], longest: int) -> int:
-    """How many trailing characters could still grow into a stop sequence."""
-    for size in range(min(len(text), longest - 1), 0, -1):
-        tail = text[-size:]
-        if any(stop.startswith(tail) for stop in stops):
-            return size
-    return 0

@@ -1,0 +1,123 @@
+"""What a request gives the engine and what the engine gives back: prompts, sampling,
+generations, the typed events of a generation, and the errors a request can meet before
+or while it runs. Kept apart from llamad.engine (the scheduling and threading) so that the
+faces and the backends can read the types without the machinery."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+class EngineNotReady(Exception):
+    def __init__(self, state: str):
+        super().__init__(f"the model is not loaded (state: {state})")
+        self.state = state
+
+
+class ContextOverflow(Exception):
+    def __init__(self, prompt_tokens: int, n_ctx: int):
+        super().__init__(
+            f"this model's context is {n_ctx} tokens, but the prompt is {prompt_tokens} tokens; "
+            "shorten the messages"
+        )
+        self.prompt_tokens = prompt_tokens
+        self.n_ctx = n_ctx
+
+
+class PromptError(ValueError):
+    """The chat cannot be rendered into a prompt (the template refused it)."""
+
+
+class GrammarRejected(ValueError):
+    """llama.cpp cannot compile the grammar built from the request's schemas (-> 400)."""
+
+
+class Cancelled(Exception):
+    pass
+
+
+@dataclass
+class Prompt:
+    text: str
+    tokens: list[int]
+    # Strings the chat template ends a turn with; they end generation but are not reported.
+    template_stops: list[str] = field(default_factory=list)
+    # The template opened a <think> block, so the answer starts inside reasoning.
+    opens_reasoning: bool = False
+
+
+@dataclass
+class FimTokens:
+    prefix: int
+    suffix: int
+    middle: int
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+
+@dataclass
+class Generation:
+    prompt: Prompt
+    max_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: list[str] = field(default_factory=list)
+    # GBNF grammar that constrains the output (tool calls, JSON); None for free text.
+    grammar: str | None = None
+
+
+@dataclass
+class Waiting:
+    """Still queued for the engine (or processing the prompt): a keep-alive opportunity."""
+
+    position: int
+
+
+@dataclass
+class Started:
+    """The engine is ours and the prompt is evaluated; tokens follow."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    queued_s: float
+    prompt_s: float
+
+
+@dataclass
+class Token:
+    text: str
+
+
+@dataclass
+class Done:
+    finish_reason: str  # "stop" | "length"
+    stop_sequence: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    time_to_first_token_s: float | None = None
+    decode_s: float = 0.0
+
+
+EngineEvent = Union[Waiting, Started, Token, Done]
+
+
+class TokenOutOfRange(ValueError):
+    """A token id the model's vocabulary does not have (-> 400)."""
+
+
+def check_token_ids(tokens: list[int], n_vocab: int) -> None:
+    for index, token in enumerate(tokens):
+        if not 0 <= token < n_vocab:
+            raise TokenOutOfRange(
+                f"token id {token} at position {index} is out of range: this model's vocabulary has ids 0..{n_vocab - 1}"
+            )
