@@ -479,6 +479,19 @@ class SlotsMixin:
         finally:
             self.loop.stop(seq)
 
+    def expected_reuse(self, prompt: Any) -> int:
+        """A forecast of the prompt tokens whose KV will be reused (Anthropic's message_start
+        reports it before the request is admitted): what the slot the step loop would choose
+        now holds of the prompt. Read without the loop's thread, so only a forecast; the
+        prompt cache's saved states are not consulted (the loop owns them)."""
+        loop = self.loop
+        tokens = prompt.tokens
+        if loop is None or not tokens:
+            return 0
+        idle = [slot for slot in loop.slots if slot.sequence is None] or loop.slots
+        slot = loop._choose(idle, tokens)  # noqa: SLF001 (pure: it only compares prefixes)
+        return max(0, min(common_prefix(list(slot.cached), tokens), len(tokens) - 1))
+
     def _stop_slots(self) -> None:
         if self.loop is not None:
             self.loop.close()

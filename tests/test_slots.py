@@ -286,3 +286,26 @@ async def test_sigterm_drain_finishes_running_streams_and_refuses_the_queued():
     finally:
         engine.close()
     assert engine.loop._thread is None  # noqa: SLF001 - the step thread has stopped
+
+
+def test_the_reuse_forecast_is_what_the_chosen_slot_then_reuses():
+    """Anthropic's message_start reports the reuse before admission; with slots it must be
+    the prefix the slot the loop then picks really holds (message_delta's figure)."""
+
+    class Glue(SlotsMixin):
+        pass
+
+    backend = FakeBackend(n_slots=3)
+    glue = Glue()
+    glue.loop = StepLoop(backend)
+    conversation_a, conversation_b = list(range(1, 41)), list(range(100, 141))
+    for tokens in (conversation_a, conversation_b):
+        seq = sequence(tokens)
+        glue.loop.submit(seq)
+        run_until(glue.loop, lambda: seq.ended)
+    turn2 = conversation_b + [9, 9, 9]
+    forecast = glue.expected_reuse(Prompt(text="", tokens=turn2))
+    seq = sequence(turn2)
+    glue.loop.submit(seq)
+    run_until(glue.loop, lambda: seq.ended)
+    assert forecast == seq.cached >= 40
