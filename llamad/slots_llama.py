@@ -24,7 +24,7 @@ import structlog
 
 from llamad.config import Config
 from llamad.engine import Generation
-from llamad.llama import LlamaEngine
+from llamad.llama import LlamaEngine, kv_cache_mib, native
 from llamad.slots import SlotsMixin
 from llamad.tools_sampling import GrammarConstraint
 
@@ -233,12 +233,20 @@ class LlamaSlotsEngine(SlotsMixin, LlamaEngine):
         # A prompt read alone goes in n_batch steps: in 128-token steps a cold 2,300-token
         # prompt took 1.7x llama-server's time here. Beside running streams, chunks are
         # sized by the step loop.
-        self.backend = LlamaSlotsBackend(
-            self.llm, self.parallel, m.n_ctx, m.n_batch, m.n_batch, threads,
-            flash_attn_configured=getattr(m, "flash_attn", None) is not None,
-        )
+        # flash_attn = true forces it on; false leaves it to llama.cpp here, as llama-server
+        # does (the one-at-a-time engine's llama-cpp-python API has no such choice).
+        native.capture()
+        try:
+            self.backend = LlamaSlotsBackend(
+                self.llm, self.parallel, m.n_ctx, m.n_batch, m.n_batch, threads, flash_attn_configured=m.flash_attn
+            )
+        finally:
+            context_lines = native.release()
         self.info["parallel"] = self.parallel
         self.info["kv_tokens"] = self.parallel * m.n_ctx
+        # The KV cache that serves requests is the slots' context, not the helper's.
+        self.info["kv_cache_mib"] = kv_cache_mib(context_lines)
+        self.info["flash_attn"] = True if m.flash_attn else "auto"
         log.info("slots_ready", parallel=self.parallel, n_ctx_per_slot=m.n_ctx, kv_tokens=self.parallel * m.n_ctx)
         self._start_slots(self.backend, self.prompt_cache)
 
