@@ -434,21 +434,25 @@ def _start_server(loaded: LoadedConfig) -> tuple[subprocess.Popen, str]:
     if loaded.file:
         args += ["--config", str(loaded.file)]
     process = subprocess.Popen(args + ["serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    return process, wait_healthy(process, port, "llamad serve")
+
+
+def wait_healthy(process: subprocess.Popen, port: int, what: str, timeout_s: float = 300) -> str:
+    """The server's base URL once GET /health answers 200; raises if it exits or times out."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"llamad serve exited with {process.returncode}")
+            raise RuntimeError(f"{what} exited with {process.returncode}")
         try:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             connection.request("GET", "/health")
             if connection.getresponse().status == 200:
-                return process, url
+                return f"http://127.0.0.1:{port}"
         except OSError:
             pass
         time.sleep(0.3)
     process.kill()
-    raise RuntimeError("llamad serve did not become healthy")
+    raise RuntimeError(f"{what} did not become healthy")
 
 
 def run_bench(loaded: LoadedConfig, args: argparse.Namespace) -> int:

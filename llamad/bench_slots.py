@@ -16,7 +16,6 @@ token over the first's.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import signal
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llamad.bench import Http, _free_port, _manual, _median, _percentile, _start_server, bench_cache, bench_concurrency
+from llamad.bench import Http, _free_port, _manual, _median, _percentile, _start_server, bench_cache, bench_concurrency, wait_healthy
 from llamad.config import LoadedConfig, resolve_model
 
 STREAMS = (1, 2, 4, 8)
@@ -42,21 +41,7 @@ def start_llama_server(binary: str, model: Path, parallel: int, loaded: LoadedCo
         "-t", str(threads), "-tb", str(threads), "--no-webui",
     ]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"llama-server exited with {process.returncode}: {' '.join(args)}")
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            connection.request("GET", "/health")
-            if connection.getresponse().status == 200:
-                return process, url
-        except OSError:
-            pass
-        time.sleep(0.3)
-    process.kill()
-    raise RuntimeError("llama-server did not become healthy")
+    return process, wait_healthy(process, port, f"llama-server ({' '.join(args)})")
 
 
 def single_stream(client: Http, tokens: int) -> float:
