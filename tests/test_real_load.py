@@ -32,7 +32,16 @@ MESSAGES = "/v1/messages"
 # An answer that cannot end within the hang-up tests' window: the grammar allows no end
 # before 4,000 characters, and no token is longer than 31 of them, so it runs at least ~130
 # tokens (the model cannot stop it, whatever it wants to say).
-NEVER_SHORT = {"type": "json_schema", "json_schema": {"name": "story", "schema": {"type": "string", "minLength": 4000}}}
+# An answer that cannot end early: at least 8 strings of 1,000 characters (1,000 is the longest
+# minLength the grammar enforces, llamad.tools_schema.MAX_COUNT; no Gemma token is longer
+# than 31 characters, so at least ~260 tokens).
+NEVER_SHORT = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "story",
+        "schema": {"type": "array", "minItems": 8, "items": {"type": "string", "minLength": 1000}},
+    },
+}
 # "Within a few steps": decode steps after the hang-up (one in flight when it is noticed,
 # plus what a loaded machine decodes while the disconnect travels through the event loop).
 FEW_TOKENS = 16
