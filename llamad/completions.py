@@ -15,7 +15,6 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Union
 
-import msgspec
 from litestar import Request, Response, Router, post
 from litestar.response import Stream
 
@@ -25,28 +24,19 @@ from llamad.engine import Engine, Generation, Prompt
 from llamad.errors import bad_request, from_exception, openai_body
 from llamad.infill import infill_prompt
 from llamad.observe import engine_of, record_of
-from llamad.openai import StreamOptions, sampling_of, stop_list
+from llamad.openai import SamplingFields, StreamOptions, sampling_of, stop_list
 from llamad.requests import decode_body, read_body, unless_disconnected
 
 MAX_CHOICES = 16
 OPENAI_DEFAULT_MAX_TOKENS = 16  # the legacy API's documented default
 
 
-class CompletionRequest(msgspec.Struct, kw_only=True):
+class CompletionRequest(SamplingFields, kw_only=True):
     # A string, a list of strings, a list of token ids or a list of such lists (checked below).
     prompt: Any = ""
     model: str = ""
     suffix: Union[str, None] = None
     max_tokens: Union[int, None] = None
-    temperature: Union[float, None] = None
-    top_p: Union[float, None] = None
-    top_k: Union[int, None] = None
-    min_p: Union[float, None] = None
-    presence_penalty: Union[float, None] = None
-    frequency_penalty: Union[float, None] = None
-    repeat_penalty: Union[float, None] = None
-    seed: Union[int, None] = None
-    stop: Union[str, list[str], None] = None
     n: int = 1
     best_of: Union[int, None] = None
     echo: bool = False
@@ -221,7 +211,7 @@ async def plan(request: Request, engine: Engine, req: CompletionRequest) -> list
     wanted = OPENAI_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
     if wanted < 1:
         raise bad_request(f"'max_tokens' must be at least 1, got {wanted}", param="max_tokens")
-    sampling = sampling_of(req)  # type: ignore[arg-type]  (reads the same sampling fields)
+    sampling = sampling_of(req)
     stops = stop_list(req.stop)
     jobs = []
     for item in inputs:

@@ -18,7 +18,7 @@ from llamad.answer import AnswerEvent, Finish, TextDelta, admitted, answer_event
 from llamad.engine import Engine, Generation, Prompt
 from llamad.errors import bad_request, from_exception, openai_body
 from llamad.observe import engine_of, record_of
-from llamad.openai import sampling_of, stop_list
+from llamad.openai import SamplingFields, sampling_of, stop_list
 from llamad.requests import decode_body, read_body, unless_disconnected
 
 
@@ -64,22 +64,13 @@ class ExtraChunk(msgspec.Struct):
     filename: str = ""
 
 
-class InfillRequest(msgspec.Struct, kw_only=True):
+class InfillRequest(SamplingFields, kw_only=True):
     input_prefix: str = ""
     input_suffix: str = ""
     input_extra: list[ExtraChunk] = []
     prompt: str = ""  # text already typed after the cursor's line start: the middle begins with it
     n_predict: Union[int, None] = None
     max_tokens: Union[int, None] = None
-    temperature: Union[float, None] = None
-    top_p: Union[float, None] = None
-    top_k: Union[int, None] = None
-    min_p: Union[float, None] = None
-    presence_penalty: Union[float, None] = None
-    frequency_penalty: Union[float, None] = None
-    repeat_penalty: Union[float, None] = None
-    seed: Union[int, None] = None
-    stop: Union[str, list[str], None] = None
     stream: bool = False
 
 
@@ -136,7 +127,7 @@ async def infill(request: Request) -> Response:
     generation = Generation(
         prompt=prompt,
         max_tokens=engine.clamp_max_tokens(min(max_tokens, limits.max_tokens_hard_cap), prompt),
-        sampling=sampling_of(req),  # type: ignore[arg-type]
+        sampling=sampling_of(req),
         stop=stop_list(req.stop),
     )
     events = await admitted(answer_events(engine, generation, keep_reasoning=True, split_reasoning=False))

@@ -89,20 +89,26 @@ class ToolDef(msgspec.Struct):
     type: str = "function"
 
 
-class ChatRequest(msgspec.Struct, kw_only=True):
-    messages: list[Message]
-    model: str = ""
-    max_tokens: Union[int, None] = None
-    max_completion_tokens: Union[int, None] = None
+class SamplingFields(msgspec.Struct, kw_only=True):
+    """The sampling fields every OpenAI-style request shares (chat, completions, /infill),
+    read by `sampling_of` and `stop_list`."""
+
     temperature: Union[float, None] = None
     top_p: Union[float, None] = None
     top_k: Union[int, None] = None
     min_p: Union[float, None] = None
-    stop: Union[str, list[str], None] = None
-    seed: Union[int, None] = None
     presence_penalty: Union[float, None] = None
     frequency_penalty: Union[float, None] = None
     repeat_penalty: Union[float, None] = None
+    seed: Union[int, None] = None
+    stop: Union[str, list[str], None] = None
+
+
+class ChatRequest(SamplingFields, kw_only=True):
+    messages: list[Message]
+    model: str = ""
+    max_tokens: Union[int, None] = None
+    max_completion_tokens: Union[int, None] = None
     stream: bool = False
     stream_options: Union[StreamOptions, None] = None
     user: Union[str, None] = None
@@ -180,7 +186,7 @@ def _check_range(value: float | int | None, name: str, low: float, high: float) 
         raise bad_request(f"'{name}' must be between {low} and {high}, got {value}", param=name)
 
 
-def sampling_of(req: ChatRequest) -> Sampling:
+def sampling_of(req: SamplingFields) -> Sampling:
     _check_range(req.temperature, "temperature", 0, 2)
     _check_range(req.top_p, "top_p", 0, 1)
     _check_range(req.min_p, "min_p", 0, 1)
