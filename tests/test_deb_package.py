@@ -143,7 +143,7 @@ class Container:
         )
         self.pid = None
 
-    def wait_booted(self, timeout: float = 90) -> str | None:
+    def wait_booted(self, timeout: float = 240) -> str | None:
         """None once systemd runs; otherwise why not."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
