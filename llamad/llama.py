@@ -29,7 +29,7 @@ from llamad.chat import (
     ChatTemplate,
     named_formatter,
 )
-from llamad.config import KV_CACHE_TYPES, Config, file_identity
+from llamad.config import KV_CACHE_TYPES, Config, file_identity, sampling_defaults
 from llamad.engine import Cancelled, Engine, FimTokens, Generation, GrammarRejected, Prompt, PromptError
 from llamad.prompt_cache import PromptStateCache, common_prefix
 from llamad.tools_sampling import GrammarConstraint, GrammarError, check_grammar
@@ -120,6 +120,7 @@ class LlamaEngine(Engine):
         )
         self.config = config
         self.model_path = model_path
+        self.default_sampling = sampling_defaults(config)
         self.llm = None
         self.template: ChatTemplate | None = None
         self.prompt_step = config.model.n_batch  # set at load: tokens per prompt step

@@ -164,7 +164,7 @@ async def create_response(request: Request) -> Response:
     # Reasoning is always kept: it becomes `reasoning` output items, which clients that do
     # not show it skip, and it is never fed back as answer text.
     events = await admitted(answer_events(engine, generation, True, translated.parser or PlainText()))
-    machine = ResponseStream(echo=echo_of(req, engine.model_id, sampling, max_tokens), count_tokens=engine.count_tokens)
+    machine = ResponseStream(echo=echo_of(req, engine.model_id, sampling.resolved(engine.default_sampling), max_tokens), count_tokens=engine.count_tokens)
 
     def keep(response: dict[str, Any]) -> None:
         if req.store is not False:
