@@ -101,7 +101,9 @@ def served_requests(log: str, route: str) -> list[dict[str, Any]]:
 @pytest.mark.timeout(600)
 def test_claude_code_with_the_small_model_profile_exits_0_with_the_models_answer(agents: Agents, tmp_path: Path):
     (tmp_path / "server").mkdir()
-    with start_server(tmp_path / "server", "[model]\nn_ctx = 4096\n[limits]\nmax_tokens_hard_cap = 256\n") as server:
+    # Claude Code sends no temperature: the server's greedy default makes the run repeatable.
+    toml = "[model]\nn_ctx = 4096\n[limits]\nmax_tokens_hard_cap = 256\n[sampling]\ntemperature = 0.0\n"
+    with start_server(tmp_path / "server", toml) as server:
         argv, environment = claude_small_model_command(agents, server.url, tmp_path / "home")
         (tmp_path / "project").mkdir()
         result = subprocess.run(
