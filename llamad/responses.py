@@ -1,5 +1,6 @@
 """OpenAI Responses routes: POST /v1/responses (streamed or not), GET and DELETE
-/v1/responses/{id}.
+/v1/responses/{id}, and POST /v1/responses/input_tokens (the prompt's size, without
+generating).
 
 A request is translated into the shared Chat (llamad.responses_request); the reply is the
 answer events of llamad.answer run through the `ResponseStream` state machine
@@ -21,7 +22,7 @@ from llamad import sse
 from llamad.answer import AnswerEvent, Finish, Keepalive, PlainText, admitted, answer_events
 from llamad.chat import ChatMessage, ToolCall
 from llamad.config import LimitsConfig
-from llamad.engine import Engine, Generation, Sampling
+from llamad.engine import ContextOverflow, Engine, Generation, Sampling
 from llamad.errors import ApiError, from_exception
 from llamad.observe import engine_of, record_of
 from llamad.requests import decode_body, read_body, unless_disconnected
@@ -138,17 +139,22 @@ async def collect(wire: AsyncIterator[WireEvent]) -> list[WireEvent]:
         return [item async for item in stream]
 
 
+def previous_history(store: ResponseStore, req: ResponsesRequest) -> list[ChatMessage]:
+    """The stored conversation `previous_response_id` continues (empty without one)."""
+    if req.previous_response_id is None:
+        return []
+    stored = store.get(req.previous_response_id)
+    if stored is None:
+        raise not_found(req.previous_response_id, param="previous_response_id")
+    return stored.history
+
+
 async def create_response(request: Request) -> Response:
     engine: Engine = engine_of(request)
     limits: LimitsConfig = request.app.state.config.limits
     req = decode_body(await read_body(request), ResponsesRequest)
     store = store_of(request)
-    previous: list[ChatMessage] = []
-    if req.previous_response_id is not None:
-        stored = store.get(req.previous_response_id)
-        if stored is None:
-            raise not_found(req.previous_response_id, param="previous_response_id")
-        previous = stored.history
+    previous = previous_history(store, req)
     sampling = sampling_of(req)
     max_tokens = max_output_tokens_of(req, limits.default_max_tokens, limits.max_tokens_hard_cap)
     translated = translate(req, previous, engine, limits.max_messages)
@@ -184,6 +190,21 @@ async def responses(request: Request) -> Response:
     return await create_response(request)
 
 
+@post("/v1/responses/input_tokens", status_code=200)
+async def count_input_tokens(request: Request) -> dict[str, Any]:
+    """The prompt a POST /v1/responses with this body would give the model (instructions,
+    input items, tools, the `previous_response_id` history), counted; nothing is generated
+    or stored."""
+    engine: Engine = engine_of(request)
+    req = decode_body(await read_body(request), ResponsesRequest)
+    translated = translate(req, previous_history(store_of(request), req), engine, request.app.state.config.limits.max_messages)
+    try:
+        prompt = await engine.prepare(translated.chat)
+    except ContextOverflow as exc:  # still a count: the client asked how big it is
+        return {"object": "response.input_tokens", "input_tokens": exc.prompt_tokens}
+    return {"object": "response.input_tokens", "input_tokens": len(prompt.tokens)}
+
+
 @get("/v1/responses/{response_id:str}")
 async def get_response(request: Request) -> dict[str, Any]:
     response_id = request.path_params["response_id"]
@@ -203,5 +224,5 @@ async def delete_response(request: Request) -> dict[str, Any]:
 
 router = Router(
     path="/",
-    route_handlers=[responses, get_response, delete_response],
+    route_handlers=[responses, count_input_tokens, get_response, delete_response],
 )

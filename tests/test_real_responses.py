@@ -163,3 +163,20 @@ def test_text_format_json_schema_validates(client):
     )
     assert response.status == "completed"
     jsonschema.validate(json.loads(response.output_text), VERDICT_SCHEMA)
+
+
+def test_input_tokens_count_matches_the_prompt_of_the_response(client):
+    """responses.input_tokens.count sees what the model would: instructions, tools and the
+    previous_response_id history, rendered by the real chat template and tokenizer."""
+    first = client.responses.create(model="llama-local", input="My name is Ada.", max_output_tokens=4, temperature=0)
+    body = dict(input="What is my name?", instructions="Answer briefly.", tools=[WEATHER], previous_response_id=first.id)
+    counted = client.responses.input_tokens.count(model="llama-local", **body)
+    created = client.responses.create(model="llama-local", max_output_tokens=2, temperature=0, **body)
+    assert counted.object == "response.input_tokens"
+    assert counted.input_tokens == created.usage.input_tokens
+    bare = client.responses.input_tokens.count(model="llama-local", input="What is my name?")
+    assert 0 < bare.input_tokens < counted.input_tokens
+    too_long = client.responses.input_tokens.count(model="llama-local", input="word " * 40000)
+    assert too_long.input_tokens > 40000  # past the context: still a count, not an error
+    with pytest.raises(openai.BadRequestError):
+        client.responses.input_tokens.count(model="llama-local", input=[{"role": "robot", "content": "x"}])

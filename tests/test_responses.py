@@ -376,3 +376,71 @@ async def test_keep_alive_events_while_the_prompt_is_evaluated(make_client, monk
     before_text = slow_kinds[: slow_kinds.index("response.output_text.delta")]
     assert before_text.count("response.in_progress") >= 4  # the first, then one per quiet interval
     assert {p["response"]["status"] for k, p in slow_events if k == "response.in_progress"} == {"in_progress"}
+
+
+# -- POST /v1/responses/input_tokens ------------------------------------------------------------
+
+COUNT = "/v1/responses/input_tokens"
+
+
+def openai_sdk(client):
+    """The official SDK talking to the app in process (the client has run its lifespan)."""
+    import openai
+
+    try:
+        import httpx2 as http  # newer SDKs are built on httpx2 and refuse httpx clients
+    except ImportError:
+        import httpx as http
+    transport = http.AsyncClient(transport=http.ASGITransport(app=client.app), base_url="http://llamad")
+    return openai.AsyncOpenAI(base_url="http://llamad/v1", api_key="x", http_client=transport, max_retries=0)
+
+
+async def test_input_tokens_counts_the_prompt_a_response_would_get(make_client):
+    """Instructions, input items, tools and the previous_response_id history all count:
+    the answer equals the input_tokens of the response the same body creates."""
+    engine = FakeEngine()
+    async with make_client(engine) as client:
+        sdk = openai_sdk(client)
+        first = await create(client, input="My name is Ada.")
+        body = dict(
+            input=[{"role": "user", "content": "What is my name?"}],
+            instructions="Answer in one word.",
+            tools=[WEATHER, {"type": "web_search"}],
+            previous_response_id=first["id"],
+        )
+        counted = await sdk.responses.input_tokens.count(model="gpt-5", **body)
+        bare = await sdk.responses.input_tokens.count(model="gpt-5", input="What is my name?")
+        created = await create(client, **body)
+        kept = len(client.app.state.responses_store)
+    assert counted.object == "response.input_tokens"
+    assert counted.input_tokens == created["usage"]["input_tokens"]
+    assert bare.input_tokens < counted.input_tokens  # without instructions, tools and history
+    prompt = engine.generations[-1].prompt.text
+    assert counted.input_tokens == engine.count_tokens(prompt)
+    assert len(engine.generations) == 2 and kept == 2  # counting generated and stored nothing
+
+
+async def test_input_tokens_of_a_prompt_longer_than_the_context_is_still_a_count(make_client):
+    async with make_client(FakeEngine(n_ctx=8)) as client:
+        counted = await client.post(COUNT, json={"input": "word " * 50})
+        created = await client.post(RESPONSES, json={"input": "word " * 50})
+    assert counted.status_code == 200 and counted.json()["input_tokens"] > 50
+    assert created.status_code == 400 and created.json()["error"]["code"] == "context_length_exceeded"
+
+
+async def test_input_tokens_bad_input_is_a_4xx_in_openai_shape(make_client):
+    cases = [
+        ({"input": [{"role": "robot", "content": "x"}]}, 400, "input[0].role"),
+        ({"input": "x", "tool_choice": "sometimes"}, 400, "tool_choice"),
+        ({"input": "x", "tools": [{"type": "function"}]}, 400, "tools[0].name"),
+        ({}, 400, "input"),
+        ({"input": "x", "previous_response_id": "resp_nothere"}, 404, "previous_response_id"),
+    ]
+    async with make_client() as client:
+        for body, status, param in cases:
+            response = await client.post(COUNT, json=body)
+            assert response.status_code == status, (body, response.text)
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, error
+        not_json = await client.post(COUNT, content=b"[", headers={"content-type": "application/json"})
+    assert not_json.status_code == 400 and not_json.json()["error"]["type"] == "invalid_request_error"
