@@ -444,3 +444,79 @@ async def test_input_tokens_bad_input_is_a_4xx_in_openai_shape(make_client):
             assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, error
         not_json = await client.post(COUNT, content=b"[", headers={"content-type": "application/json"})
     assert not_json.status_code == 400 and not_json.json()["error"]["type"] == "invalid_request_error"
+
+
+# -- GET /v1/responses/{id}/input_items ----------------------------------------------------------
+
+SENT_ITEMS = [
+    {"role": "developer", "content": "Be brief."},
+    {"role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]},
+    {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "Thinking."}]},
+    {"type": "function_call", "call_id": "call_A", "name": "get_weather", "arguments": {"city": "Paris"}},
+    {"type": "function_call_output", "call_id": "call_A", "output": "18C and sunny"},
+    {"role": "user", "content": "Thanks"},
+]
+
+
+async def test_input_items_list_what_the_model_was_given_in_the_sdk_shape(make_client):
+    async with make_client() as client:
+        sdk = openai_sdk(client)
+        created = await create(client, input=SENT_ITEMS, tools=[WEATHER])
+        listed = await sdk.responses.input_items.list(created["id"])  # newest first, as OpenAI's default
+        ascending = [item async for item in sdk.responses.input_items.list(created["id"], order="asc", limit=2)]
+        again = (await client.get(f"{RESPONSES}/{created['id']}/input_items", params={"order": "asc"})).json()
+    items = [item.model_dump(exclude_none=True) for item in ascending]
+    assert [i["type"] for i in items] == ["message", "message", "reasoning", "function_call", "function_call_output", "message"]
+    assert items[0]["role"] == "developer" and items[0]["content"] == [{"type": "input_text", "text": "Be brief."}]
+    assert items[1]["content"] == [{"type": "input_text", "text": "Weather in Paris?"}]
+    assert items[2]["id"] == "rs_1"  # a client's own id is kept
+    assert items[3]["arguments"] == '{"city":"Paris"}' and items[3]["call_id"] == "call_A"
+    assert items[4]["output"] == "18C and sunny" and items[5]["content"][0]["text"] == "Thanks"
+    assert all(i["status"] == "completed" for i in items)
+    ids = [i["id"] for i in items]
+    assert len(set(ids)) == 6 and [i["id"] for i in again["data"]] == ids  # stable across calls
+    assert [i.id for i in listed.data] == ids[::-1] and listed.has_more is False
+    assert (again["first_id"], again["last_id"]) == (ids[0], ids[-1])
+
+
+async def test_input_items_of_a_continued_response_hold_the_whole_conversation(make_client):
+    async with make_client() as client:
+        first = await create(client, input="My name is Ada.", instructions="Not an item.")
+        second = await create(client, input="What is my name?", previous_response_id=first["id"])
+        listed = (await client.get(f"{RESPONSES}/{second['id']}/input_items", params={"order": "asc"})).json()
+    texts = [(i["role"], i["content"][0]["text"]) for i in listed["data"]]
+    assert texts == [("user", "My name is Ada."), ("assistant", "Hello from the fake model."), ("user", "What is my name?")]
+    assert listed["data"][1]["id"] == first["output"][0]["id"]  # the first answer's own item
+
+
+async def test_input_items_pages_and_errors(make_client):
+    async with make_client() as client:
+        created = await create(client, input=[{"role": "user", "content": f"turn {i}"} for i in range(5)])
+        url = f"{RESPONSES}/{created['id']}/input_items"
+        everything = (await client.get(url, params={"order": "asc"})).json()["data"]
+        ids = [i["id"] for i in everything]
+        first = (await client.get(url, params={"order": "asc", "limit": 2})).json()
+        second = (await client.get(url, params={"order": "asc", "limit": 2, "after": first["last_id"]})).json()
+        newest = (await client.get(url, params={"limit": 2, "include": "message.input_image.image_url"})).json()
+        back = (await client.get(url, params={"order": "asc", "limit": 2, "before": ids[3]})).json()
+        errors = {
+            "limit=0": await client.get(url, params={"limit": 0}),
+            "limit=many": await client.get(url, params={"limit": "many"}),
+            "order": await client.get(url, params={"order": "sideways"}),
+            "after": await client.get(url, params={"after": "msg_nothere"}),
+        }
+        unkept = await create(client, store=False)
+        missing = await client.get(f"{RESPONSES}/{unkept['id']}/input_items")
+        await client.delete(f"{RESPONSES}/{created['id']}")
+        deleted = await client.get(url)
+    assert len(ids) == 5
+    assert [i["id"] for i in first["data"]] == ids[:2] and first["has_more"] is True
+    assert [i["id"] for i in second["data"]] == ids[2:4] and second["has_more"] is True
+    assert [i["id"] for i in newest["data"]] == [ids[4], ids[3]] and newest["first_id"] == ids[4]
+    assert [i["id"] for i in back["data"]] == ids[1:3] and back["has_more"] is True
+    for name, response in errors.items():
+        assert response.status_code == 400, name
+        assert response.json()["error"]["type"] == "invalid_request_error" and response.json()["error"]["param"], name
+    for response in (missing, deleted):
+        assert response.status_code == 404
+        assert response.json()["error"]["type"] == "not_found_error" and response.json()["error"]["code"] == "response_not_found"
