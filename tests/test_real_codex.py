@@ -33,8 +33,8 @@ ANSWER_SCHEMA = {
     "additionalProperties": False,
 }
 # Codex sends no temperature, so the server's [sampling] default decides: greedy here, so
-# that the run is the same every time (sampled, the demo model ends this turn about half the
-# time).
+# that the run is the same every time (sampled, the demo model ends this turn in some tries,
+# not all).
 SERVER_TOML = """
 [model]
 n_ctx = 4096
