@@ -159,8 +159,11 @@ class SlotStats:
 
 
 class StepLoop:
-    def __init__(self, backend: Backend, prompt_cache: PromptStateCache | None = None):
+    def __init__(self, backend: Backend, prompt_cache: PromptStateCache | None = None, engine_stats: Any = None):
         self.backend = backend
+        # The engine's counters (llamad.engine.EngineStats): prompt tokens evaluated are
+        # counted here, per decoded chunk, as the one-at-a-time engine counts its prompt steps.
+        self.engine_stats = engine_stats
         self.slots = [Slot(i) for i in range(backend.n_slots)]
         self.prompt_cache = prompt_cache
         self.stats = SlotStats()
@@ -241,6 +244,8 @@ class StepLoop:
                 self._retire(seq, RuntimeError(f"llama_decode failed with code {code}"))
             return True
         self.stats.steps += 1
+        if self.engine_stats is not None:
+            self.engine_stats.prompt_tokens_evaluated += plan.prefill
         self._learn(plan, elapsed)
         self._commit(plan)
         return True
@@ -456,7 +461,7 @@ class SlotsMixin:
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=n, thread_name_prefix="llamad-seq")
 
     def _start_slots(self, backend: Backend, prompt_cache: PromptStateCache | None = None) -> None:
-        self.loop = StepLoop(backend, prompt_cache)
+        self.loop = StepLoop(backend, prompt_cache, engine_stats=getattr(self, "stats", None))
         self.loop.start()
 
     def _decode(self, generation: Generation, cancel: threading.Event) -> Iterator[str | int]:

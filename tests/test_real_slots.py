@@ -160,3 +160,16 @@ def _metric(base: str, name: str) -> float:
     match = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
     assert match, f"{name} missing from /metrics"
     return float(match.group(1))
+
+
+def test_prompt_tokens_evaluated_count_the_slots_prefill_less_what_was_reused(slots_server):
+    from test_real_load import metric
+
+    base = slots_server.url
+    content = f"Ticket {time.time_ns()}: " + "the slots engine counts what it evaluates. " * 20
+    before = metric(base, "llamad_prompt_tokens_evaluated_total")
+    answer = stream_answer(base, content, max_tokens=4, temperature=0)
+    usage = answer["usage"]
+    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+    assert usage.prompt_tokens > 100
+    assert metric(base, "llamad_prompt_tokens_evaluated_total") - before == usage.prompt_tokens - cached

@@ -91,6 +91,22 @@ def test_a_new_prompt_goes_to_the_idle_slot_sharing_its_longest_prefix():
     assert slot_a.cached[:40] == conversation_a
 
 
+def test_prompt_tokens_evaluated_count_what_was_decoded_not_what_was_reused():
+    from llamad.engine import EngineStats
+
+    stats = EngineStats()
+    loop = StepLoop(FakeBackend(n_slots=2, n_batch=16, prompt_step=16), engine_stats=stats)
+    first = sequence(list(range(1, 41)), max_tokens=2)
+    loop.submit(first)
+    run_until(loop, lambda: first.ended)
+    assert stats.prompt_tokens_evaluated == 40
+    turn2 = sequence(list(range(1, 41)) + [9, 9, 9], max_tokens=2)
+    loop.submit(turn2)
+    run_until(loop, lambda: turn2.ended)
+    # 40 reused; the answer's token that was never fed back, and the 3 new ones, evaluated.
+    assert stats.prompt_tokens_evaluated == 40 + (43 - turn2.cached)
+
+
 def test_a_long_prompt_is_fed_in_chunks_beside_the_running_stream():
     backend = FakeBackend(n_slots=2, n_batch=64, prompt_step=16, script=lambda g: [7] * 300)
     loop = StepLoop(backend)
