@@ -216,22 +216,22 @@ class Engine:
         self.state = "ready"
 
     def _measure_shared_head(self) -> int:
-        """The longest token prefix shared by prompts of three unlike chats (two one-line
-        user chats, one with a system prompt): what every prompt begins with, so what any
-        prompt finds in the cache even when nothing of the conversation is reused."""
-        probes = [
-            Chat(messages=[ChatMessage(role="user", content="Hello.")]),
-            Chat(messages=[ChatMessage(role="user", content="What is 2 + 2?")]),
-            Chat(messages=[ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")]),
-        ]
+        """What a prompt finds in the cache even when nothing of its conversation is reused:
+        the template's opening (BOS, the first role's header, a default system prompt). Two
+        unlike chats of each shape (user first, system first) are rendered; the longer of
+        the two shared prefixes counts, since a transcript's "User:" and "System:" openings
+        differ and each is only an opening."""
+        pairs = [
+            (Chat(messages=[ChatMessage(role="user", content="Hello.")]),
+             Chat(messages=[ChatMessage(role="user", content="What is 2 + 2?")])),
+            (Chat(messages=[ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")]),
+             Chat(messages=[ChatMessage(role="system", content="You write poems."), ChatMessage(role="user", content="Go")])),
+        ]  # fmt: skip
         try:
-            prompts = [self._prepare(chat).tokens for chat in probes]
+            heads = [common_prefix(self._prepare(a).tokens, self._prepare(b).tokens) for a, b in pairs]
         except Exception:  # a template that refuses a probe: count every reuse as a hit
             return 0
-        head = prompts[0]
-        for tokens in prompts[1:]:
-            head = head[: common_prefix(head, tokens)]
-        return len(head)
+        return max(heads)
 
     def close(self) -> None:
         self.scheduler.close()

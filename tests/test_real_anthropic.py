@@ -47,7 +47,9 @@ def test_stream_text_matches_the_final_message(sdk):
         final = stream.get_final_message()
     assert final.content and final.content[-1].type == "text"
     assert text == final.content[-1].text
-    assert final.usage.output_tokens == 10 and final.stop_reason == "max_tokens"
+    # The demo model may end its turn (the transcript's next-speaker stop) before the cap.
+    assert final.stop_reason in ("max_tokens", "end_turn")
+    assert final.usage.output_tokens == 10 if final.stop_reason == "max_tokens" else 0 < final.usage.output_tokens < 10
     whole = final.usage.input_tokens + (final.usage.cache_read_input_tokens or 0)
     assert whole == sdk.messages.count_tokens(model="m", messages=ASK).input_tokens
 
@@ -60,7 +62,9 @@ def test_raw_stream_events_validate_in_order(real_server):
             events = [(event.event, json.loads(event.data)) for event in source.iter_sse()]
     assert_valid_stream(events)
     assert events[0][1]["message"]["usage"]["input_tokens"] > 0
-    assert events[-2][1]["usage"]["output_tokens"] == 8
+    delta = events[-2][1]
+    assert delta["delta"]["stop_reason"] in ("max_tokens", "end_turn")
+    assert delta["usage"]["output_tokens"] == 8 if delta["delta"]["stop_reason"] == "max_tokens" else 0 < delta["usage"]["output_tokens"] < 8
 
 
 def test_clean_route_gives_trimmed_text_only(sdk):

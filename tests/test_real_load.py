@@ -352,7 +352,7 @@ def test_second_turn_reuses_the_prompt_cache(real_server):
     unrelated = httpx.post(real_server + CHAT, json={"messages": [{"role": "user", "content": "Unrelated"}], "max_tokens": 4}, timeout=60)
     shared_head = metric(real_server, "llamad_prompt_shared_head_tokens")
     assert shared_head > 0
-    assert unrelated.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == shared_head
+    assert 0 < unrelated.json()["usage"]["prompt_tokens_details"]["cached_tokens"] <= shared_head
     assert metric(real_server, "llamad_prompt_cache_lookups_total") == lookups_before + 1
     assert metric(real_server, "llamad_prompt_cache_hits_total") == hits_before
     turn2 = turn1 + [
