@@ -41,7 +41,7 @@ def score(
     top: list[Alternative] = []
     if top_n > 0:
         n = min(top_n, logits.shape[0])
-        best = np.argpartition(shifted, -n)[-n:]
+        best = most_likely(shifted, n)
         # Most likely first; equal logits in id order, as a greedy sampler picks them.
         for i in sorted(best.tolist(), key=lambda i: (-shifted[i], i)):
             if i == token:
@@ -50,6 +50,20 @@ def score(
                 raw = piece(i)
                 top.append(Alternative(i, raw.decode("utf-8", errors="replace"), raw, logprob(i)))
     return TokenLogprob(id=token, text=text, bytes=token_bytes, logprob=logprob(token), top=top)
+
+
+# Partitioning the whole row costs ~2 ms at 262k entries; the few tokens within a few nats
+# of the best are found ten times faster, and hold the top N but on the flattest rows.
+NEAR = (-6.0, -24.0)
+
+
+def most_likely(shifted: np.ndarray, n: int) -> np.ndarray:
+    """The ids of the `n` largest entries of `shifted` (whose maximum is 0), in any order."""
+    for cutoff in NEAR:
+        near = np.flatnonzero(shifted >= cutoff)
+        if near.size >= n:
+            return near[np.argpartition(shifted[near], -n)[-n:]]
+    return np.argpartition(shifted, -n)[-n:]
 
 
 class Aligner:
