@@ -1,5 +1,6 @@
 """Token log probabilities in OpenAI's two wire shapes: the legacy completions' parallel
-lists, and chat's list of token objects. Also what each request may ask for."""
+lists, and chat's list of token objects (which Ollama's API reuses). Also what each
+request may ask for."""
 
 from __future__ import annotations
 
@@ -61,17 +62,17 @@ def legacy(entries: Sequence[TokenLogprob], offset: int) -> dict[str, Any]:
 
 def chat(entries: Sequence[TokenLogprob]) -> dict[str, Any]:
     """`choices[0].logprobs` of a chat completion (or of one chunk)."""
-    return {
-        "content": [
-            {
-                "token": entry.text,
-                "logprob": entry.logprob,
-                "bytes": list(entry.bytes),
-                "top_logprobs": [
-                    {"token": alt.text, "logprob": alt.logprob, "bytes": list(alt.bytes)} for alt in entry.top
-                ],
-            }
-            for entry in entries
-        ],
-        "refusal": None,
-    }
+    return {"content": token_objects(entries), "refusal": None}
+
+
+def token_objects(entries: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
+    """Chat's token objects (Ollama's `logprobs` list has the same shape)."""
+    return [
+        {
+            "token": entry.text,
+            "logprob": entry.logprob,
+            "bytes": list(entry.bytes),
+            "top_logprobs": [{"token": alt.text, "logprob": alt.logprob, "bytes": list(alt.bytes)} for alt in entry.top],
+        }
+        for entry in entries
+    ]

@@ -286,3 +286,32 @@ async def test_slots_engine_serves_logprobs_through_the_route(make_client):
     logprobs = body["choices"][0]["logprobs"]
     assert logprobs["tokens"] == ["t8 ", "t9 "] and body["choices"][0]["text"] == "t8 t9 "
     assert body["usage"]["completion_tokens"] == 2
+
+
+# -- Ollama's /api/chat and /api/generate -----------------------------------------------------
+
+
+async def test_ollama_logprobs_folded_and_on_each_streamed_line(make_client):
+    engine = FakeEngine(script=lambda g: SCRIPT)
+    body = {"model": "m", "prompt": "x", "raw": True, "logprobs": True, "top_logprobs": 2}
+    async with make_client(engine) as client:
+        folded = (await client.post("/api/generate", json={**body, "stream": False})).json()
+        lines = [json.loads(line) for line in (await client.post("/api/generate", json=body)).text.splitlines()]
+    assert [e["token"] for e in folded["logprobs"]] == SCRIPT and folded["response"] == "".join(SCRIPT)
+    assert [[a["token"] for a in e["top_logprobs"]] for e in folded["logprobs"]][0] == ["Hello", " alt1"]
+    texts = [line for line in lines if line.get("response")]
+    assert all([e["token"] for e in line["logprobs"]] == [line["response"]] for line in texts)
+    assert "logprobs" not in lines[-1] or lines[-1]["logprobs"] == []
+
+
+async def test_ollama_answers_carry_no_logprobs_unless_asked(make_client):
+    engine = FakeEngine(script=lambda g: SCRIPT)
+    async with make_client(engine) as client:
+        folded = (await client.post("/api/chat", json={"model": "m", "messages": HELLO["messages"], "stream": False, "top_logprobs": 3})).json()
+    assert "logprobs" not in folded and engine.generations[0].logprobs is None
+
+
+async def test_ollama_top_logprobs_out_of_range_is_an_ollama_400(make_client):
+    async with make_client() as client:
+        response = await client.post("/api/chat", json={"model": "m", "messages": HELLO["messages"], "logprobs": True, "top_logprobs": 21})
+    assert response.status_code == 400 and "between 0 and 20" in response.json()["error"]

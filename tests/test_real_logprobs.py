@@ -108,3 +108,19 @@ def test_bad_logprobs_requests_are_openai_400s(client):
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model="m", messages=CHAT, max_tokens=2, top_logprobs=2)
     assert refused.value.body["param"] == "top_logprobs"
+
+
+def test_ollama_client_reads_logprobs(real_server):
+    import ollama
+
+    client = ollama.Client(host=real_server, timeout=300)
+    result = client.generate(model="gemma3:270m", prompt=PROMPT, raw=True, logprobs=True, top_logprobs=TOP,
+                             options={"temperature": 0, "num_predict": 8})
+    entries = result.logprobs
+    check_greedy(
+        [e.token for e in entries],
+        [e.logprob for e in entries],
+        [[(a.token, a.logprob) for a in e.top_logprobs] for e in entries],
+        result.response,
+        result.eval_count,
+    )
