@@ -129,13 +129,6 @@ async def test_a_stop_right_after_released_text_still_sends_the_cut_token():
     assert [e.text for t in tokens for e in t.logprobs] == ["a", "b"]
 
 
-@pytest.mark.asyncio
-async def test_without_logprobs_the_engine_yields_plain_text():
-    engine = FakeEngine(script=lambda g: SCRIPT)
-    tokens, _ = await tokens_of(engine, generation(logprobs=None))
-    assert all(t.logprobs == () for t in tokens)
-
-
 # -- the slots step loop ----------------------------------------------------------------------
 
 
