@@ -105,15 +105,6 @@ def offloaded_layers(lines: list[str]) -> str | None:
             return f"{match.group(1)}/{match.group(2)}"
     return None
 
-def token_bytes(vocab, token: int, special: bool) -> bytes:
-    """A token's bytes; `special` renders a control token as its text ("<end_of_turn>")."""
-    import llama_cpp
-
-    buffer = ctypes.create_string_buffer(256)
-    n = llama_cpp.llama_token_to_piece(vocab, token, buffer, 256, 0, special)
-    return buffer.raw[: max(n, 0)]
-
-
 FALLBACK_FORMAT = "chatml"
 # GGUF general.file_type -> the quantization name Ollama's clients show.
 FILE_TYPES = {"0": "F32", "1": "F16", "2": "Q4_0", "3": "Q4_1", "7": "Q8_0", "8": "Q5_0", "9": "Q5_1", "10": "Q2_K",
@@ -463,3 +454,12 @@ class LlamaEngine(Engine):
             steps.close()
             if constraint is not None:
                 constraint.close()
+
+
+def token_bytes(vocab, token: int, special: bool) -> bytes:
+    """A token's bytes; `special` renders a control token as its text ("<end_of_turn>")."""
+    import llama_cpp
+
+    buffer = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buffer, 256, 0, special)
+    return buffer.raw[: max(n, 0)]
