@@ -324,11 +324,10 @@ def sampling_of(req: MessagesRequest) -> Sampling:
     _check_range(req.temperature, "temperature", 0, 2)
     _check_range(req.top_p, "top_p", 0, 1)
     _check_range(req.top_k, "top_k", 0, 1_000_000)
-    defaults = Sampling()
     return Sampling(
-        temperature=defaults.temperature if req.temperature is None else req.temperature,
-        top_p=defaults.top_p if req.top_p is None else req.top_p,
-        top_k=defaults.top_k if req.top_k is None else req.top_k,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
     )
 
 

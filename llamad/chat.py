@@ -58,6 +58,38 @@ FORMAT_BY_ARCHITECTURE = {
     "mistral": "mistral-instruct",
 }
 
+# A GGUF without a chat template is usually a base (pretrained) model: it never learned its
+# architecture's turn tokens, so in that format it never ends a turn (Gemma 3 270M writes
+# on until the output cap). A plain transcript is what base models have seen: they answer
+# after "Assistant:" and, soon after, begin the next "User:" line, which ends the turn. The
+# architecture's format is kept for a file whose `general.finetune` names a tuned model.
+TRANSCRIPT_FORMAT = "transcript"
+TRANSCRIPT_SPEAKERS = {"system": "System", "user": "User", "assistant": "Assistant"}
+BASE_FINETUNES = {"", "base", "pt", "pretrained", "pretrain"}
+
+
+def format_transcript(messages: list[dict[str, Any]], **_: Any) -> Any:
+    """Speaker-labelled lines; generation stops where the model starts another speaker's line."""
+    from llama_cpp.llama_chat_format import ChatFormatterResponse
+
+    parts = []
+    for message in messages:
+        speaker = TRANSCRIPT_SPEAKERS.get(message["role"], "User")
+        parts.append(f"{speaker}: {message.get('content') or ''}".rstrip())
+    prompt = "\n\n".join(parts) + "\n\nAssistant:"
+    return ChatFormatterResponse(prompt=prompt, stop=[f"\n{s}:" for s in ("User", "Assistant", "System")])
+
+
+LOCAL_FORMATS: dict[str, Callable[..., Any]] = {TRANSCRIPT_FORMAT: format_transcript}
+
+
+def fallback_format(architecture: str, finetune: str) -> str:
+    """The format for a GGUF that carries no chat template (see TRANSCRIPT_FORMAT)."""
+    if finetune.strip().lower() in BASE_FINETUNES:
+        return TRANSCRIPT_FORMAT
+    return FORMAT_BY_ARCHITECTURE.get(architecture, "chatml")
+
+
 # Formats whose llama-cpp-python formatter drops system messages: fold them into the
 # first user turn instead (this is what Gemma's own template does).
 FOLD_SYSTEM_FORMATS = {"gemma"}
@@ -66,13 +98,15 @@ FOLD_SYSTEM_FORMATS = {"gemma"}
 def known_formats() -> list[str]:
     from llama_cpp.llama_chat_format import LlamaChatCompletionHandlerRegistry
 
-    return sorted(LlamaChatCompletionHandlerRegistry()._chat_handlers)  # noqa: SLF001
+    return sorted([*LlamaChatCompletionHandlerRegistry()._chat_handlers, *LOCAL_FORMATS])  # noqa: SLF001
 
 
 def named_formatter(name: str) -> Callable[..., Any]:
     """The llama-cpp-python formatter function registered under `name`."""
     from llama_cpp import llama_chat_format
 
+    if name in LOCAL_FORMATS:
+        return LOCAL_FORMATS[name]
     for candidate in (name.replace("-", "_").replace(".", "_"), name.replace("-", "").replace(".", "")):
         formatter = getattr(llama_chat_format, f"format_{candidate}", None)
         if callable(formatter):

@@ -16,6 +16,8 @@ from typing import Any, Mapping
 
 import msgspec
 
+from llamad.engine_types import Sampling
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
@@ -73,6 +75,21 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_messages: int = 1024
 
 
+class SamplingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # What a request gets for each setting it does not send (llama.cpp's defaults). Clients
+    # that never send a temperature (Codex, for one) are sampled with these.
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+
+
+def sampling_defaults(config: "Config") -> Sampling:
+    s = config.sampling
+    return Sampling(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p, repeat_penalty=s.repeat_penalty)
+
+
 class LoggingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     level: str = "info"
     # auto: JSON when stdout is not a terminal (journald), console when it is.
@@ -105,6 +122,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    sampling: SamplingConfig = msgspec.field(default_factory=SamplingConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     embeddings: EmbeddingsConfig = msgspec.field(default_factory=EmbeddingsConfig)
     responses: ResponsesConfig = msgspec.field(default_factory=ResponsesConfig)
@@ -114,6 +132,7 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "server": ServerConfig,
     "model": ModelConfig,
     "limits": LimitsConfig,
+    "sampling": SamplingConfig,
     "logging": LoggingConfig,
     "embeddings": EmbeddingsConfig,
     "responses": ResponsesConfig,
@@ -335,6 +354,11 @@ def validate(loaded: LoadedConfig) -> None:
     _check(c.limits.max_tokens_hard_cap >= 1, loaded, "limits.max_tokens_hard_cap", c.limits.max_tokens_hard_cap, "at least 1")
     _check(c.limits.default_max_tokens >= 1, loaded, "limits.default_max_tokens", c.limits.default_max_tokens, "at least 1")
     _check(c.limits.max_messages >= 1, loaded, "limits.max_messages", c.limits.max_messages, "at least 1")
+    _check(0 <= c.sampling.temperature <= 2, loaded, "sampling.temperature", c.sampling.temperature, "between 0 and 2")
+    _check(0 <= c.sampling.top_p <= 1, loaded, "sampling.top_p", c.sampling.top_p, "between 0 and 1")
+    _check(c.sampling.top_k >= 0, loaded, "sampling.top_k", c.sampling.top_k, "0 (off) or more")
+    _check(0 <= c.sampling.min_p <= 1, loaded, "sampling.min_p", c.sampling.min_p, "between 0 and 1")
+    _check(0 <= c.sampling.repeat_penalty <= 10, loaded, "sampling.repeat_penalty", c.sampling.repeat_penalty, "between 0 and 10")
     _check(c.logging.level in LOG_LEVELS, loaded, "logging.level", c.logging.level, "one of " + ", ".join(LOG_LEVELS))
     _check(c.logging.format in LOG_FORMATS, loaded, "logging.format", c.logging.format, "one of " + ", ".join(LOG_FORMATS))
     e = c.embeddings

@@ -15,7 +15,7 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
 
 import anyio
@@ -30,6 +30,7 @@ from llamad.engine_types import (  # the types are part of this module's interfa
     Cancelled,
     Prompt,
     FimTokens,
+    SAMPLING_DEFAULTS,
     Sampling,
     Generation,
     Waiting,
@@ -138,6 +139,8 @@ class Engine:
         # Prompt tokens every prompt starts with (BOS, the template's opening): reusing only
         # these is no cache hit. Measured on load (`_measure_shared_head`).
         self.shared_head = 0
+        # What a request gets for the sampling settings it leaves out ([sampling] in the TOML).
+        self.default_sampling = SAMPLING_DEFAULTS
 
     # -- what a subclass supplies -------------------------------------------------------
     def _load(self) -> None:
@@ -331,6 +334,7 @@ class Engine:
         step and hands the engine to the next waiter.
         """
         self._require_ready()
+        generation = replace(generation, sampling=generation.sampling.resolved(self.default_sampling))
         queued_at = time.monotonic()
         if self.scheduler.try_acquire():
             admitted = True

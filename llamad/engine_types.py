@@ -55,14 +55,33 @@ class FimTokens:
 
 @dataclass
 class Sampling:
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
+    """A request's sampling settings. None is "what the server is configured with" ([sampling]
+    in the TOML): the engine fills it in when it takes the request (`resolved`)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
+
+    def resolved(self, defaults: "Sampling") -> "Sampling":
+        return Sampling(
+            temperature=defaults.temperature if self.temperature is None else self.temperature,
+            top_p=defaults.top_p if self.top_p is None else self.top_p,
+            top_k=defaults.top_k if self.top_k is None else self.top_k,
+            min_p=defaults.min_p if self.min_p is None else self.min_p,
+            repeat_penalty=defaults.repeat_penalty if self.repeat_penalty is None else self.repeat_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=self.seed,
+        )
+
+
+# Unless [sampling] in the TOML says otherwise (llama.cpp's own defaults).
+SAMPLING_DEFAULTS = Sampling(temperature=0.8, top_p=0.95, top_k=40, min_p=0.05, repeat_penalty=1.0)
 
 
 @dataclass

@@ -25,12 +25,12 @@ import structlog
 
 from llamad.chat import (
     FOLD_SYSTEM_FORMATS,
-    FORMAT_BY_ARCHITECTURE,
+    fallback_format,
     Chat,
     ChatTemplate,
     named_formatter,
 )
-from llamad.config import KV_CACHE_TYPES, Config, file_identity
+from llamad.config import KV_CACHE_TYPES, Config, file_identity, sampling_defaults
 from llamad.engine import Cancelled, Engine, FimTokens, Generation, GrammarRejected, Prompt, PromptError, TokenLogprob
 from llamad.logprobs import score
 from llamad.prompt_cache import PromptStateCache, common_prefix
@@ -105,7 +105,6 @@ def offloaded_layers(lines: list[str]) -> str | None:
             return f"{match.group(1)}/{match.group(2)}"
     return None
 
-FALLBACK_FORMAT = "chatml"
 # GGUF general.file_type -> the quantization name Ollama's clients show.
 FILE_TYPES = {"0": "F32", "1": "F16", "2": "Q4_0", "3": "Q4_1", "7": "Q8_0", "8": "Q5_0", "9": "Q5_1", "10": "Q2_K",
               "11": "Q3_K_S", "12": "Q3_K_M", "13": "Q3_K_L", "14": "Q4_K_S", "15": "Q4_K_M", "16": "Q5_K_S",
@@ -123,6 +122,7 @@ class LlamaEngine(Engine):
         )
         self.config = config
         self.model_path = model_path
+        self.default_sampling = sampling_defaults(config)
         self.llm = None
         self.template: ChatTemplate | None = None
         self.prompt_step = config.model.n_batch  # set at load: tokens per prompt step
@@ -243,11 +243,13 @@ class LlamaEngine(Engine):
             )
             log.info("chat_template_chosen", source="gguf", reason="the GGUF carries tokenizer.chat_template")
             return ChatTemplate(source="gguf", render_fn=formatter, supports_tools="tools" in template)
-        name = FORMAT_BY_ARCHITECTURE.get(architecture, FALLBACK_FORMAT)
+        finetune = metadata.get("general.finetune", "")
+        name = fallback_format(architecture, finetune)
         log.info(
             "chat_template_chosen",
             source=f"format:{name}",
-            reason=f"the GGUF has no chat template; chose '{name}' for architecture '{architecture or 'unknown'}'",
+            reason=f"the GGUF has no chat template; chose '{name}' for architecture '{architecture or 'unknown'}'"
+            f" and finetune '{finetune or 'none: a base model'}'",
         )
         return ChatTemplate(
             source=f"format:{name}", render_fn=named_formatter(name), fold_system_prompt=name in FOLD_SYSTEM_FORMATS

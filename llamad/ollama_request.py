@@ -151,13 +151,12 @@ def sampling_of(options: Options | None) -> Sampling:
     _check(o.repeat_penalty, "repeat_penalty", 0, 10)
     _check(o.presence_penalty, "presence_penalty", -2, 2)
     _check(o.frequency_penalty, "frequency_penalty", -2, 2)
-    defaults = Sampling()
     return Sampling(
-        temperature=defaults.temperature if o.temperature is None else o.temperature,
-        top_p=defaults.top_p if o.top_p is None else o.top_p,
-        top_k=defaults.top_k if o.top_k is None else o.top_k,
-        min_p=defaults.min_p if o.min_p is None else o.min_p,
-        repeat_penalty=defaults.repeat_penalty if o.repeat_penalty is None else o.repeat_penalty,
+        temperature=o.temperature,
+        top_p=o.top_p,
+        top_k=o.top_k,
+        min_p=o.min_p,
+        repeat_penalty=o.repeat_penalty,
         presence_penalty=o.presence_penalty or 0.0,
         frequency_penalty=o.frequency_penalty or 0.0,
         # Ollama's default seed -1 means "random".

@@ -197,13 +197,12 @@ def sampling_of(req: SamplingFields) -> Sampling:
     _check_range(req.frequency_penalty, "frequency_penalty", -2, 2)
     _check_range(req.repeat_penalty, "repeat_penalty", 0, 10)
     _check_range(req.seed, "seed", -(2**63), 2**63 - 1)
-    defaults = Sampling()
     return Sampling(
-        temperature=defaults.temperature if req.temperature is None else req.temperature,
-        top_p=defaults.top_p if req.top_p is None else req.top_p,
-        top_k=defaults.top_k if req.top_k is None else req.top_k,
-        min_p=defaults.min_p if req.min_p is None else req.min_p,
-        repeat_penalty=defaults.repeat_penalty if req.repeat_penalty is None else req.repeat_penalty,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        repeat_penalty=req.repeat_penalty,
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         seed=None if req.seed is None else req.seed % (2**32),

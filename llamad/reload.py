@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 import structlog
 
-from llamad.config import Config, ConfigError, LoadedConfig, api_keys, file_identity, load_config, resolve_model
+from llamad.config import Config, ConfigError, LoadedConfig, api_keys, file_identity, load_config, resolve_model, sampling_defaults
 from llamad.engine import Engine
 
 log = structlog.get_logger("llamad.reload")
@@ -134,6 +134,7 @@ async def reload_service(
         state.engine = new_engine
     elif old_engine is not None:
         old_engine.scheduler.reconfigure(new.server.max_queue, new.server.queue_timeout)
+        old_engine.default_sampling = sampling_defaults(new)
     if isinstance(getattr(state, "loaded", None), LoadedConfig):
         state.loaded = loaded
     if hasattr(state, "config"):

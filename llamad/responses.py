@@ -1,5 +1,6 @@
 """OpenAI Responses routes: POST /v1/responses (streamed or not), GET and DELETE
-/v1/responses/{id}.
+/v1/responses/{id}, GET /v1/responses/{id}/input_items, and POST
+/v1/responses/input_tokens (the prompt's size, without generating).
 
 A request is translated into the shared Chat (llamad.responses_request); the reply is the
 answer events of llamad.answer run through the `ResponseStream` state machine
@@ -21,12 +22,13 @@ from llamad import sse
 from llamad.answer import AnswerEvent, Finish, Keepalive, PlainText, admitted, answer_events
 from llamad.chat import ChatMessage, ToolCall
 from llamad.config import LimitsConfig
-from llamad.engine import Engine, Generation, Sampling
+from llamad.engine import ContextOverflow, Engine, Generation, Sampling
 from llamad.errors import ApiError, from_exception
 from llamad.observe import engine_of, record_of
 from llamad.requests import decode_body, read_body, unless_disconnected
 from llamad.responses_request import ResponsesRequest, max_output_tokens_of, sampling_of, translate
-from llamad.responses_store import ResponseStore
+from llamad.responses_items import input_items_of, page
+from llamad.responses_store import ResponseStore, StoredResponse
 from llamad.responses_stream import TERMINAL, ResponseStream, WireEvent, final_response
 
 log = structlog.get_logger("llamad.responses")
@@ -138,20 +140,25 @@ async def collect(wire: AsyncIterator[WireEvent]) -> list[WireEvent]:
         return [item async for item in stream]
 
 
+def previous_of(store: ResponseStore, req: ResponsesRequest) -> StoredResponse | None:
+    """The stored response `previous_response_id` continues (None without one)."""
+    if req.previous_response_id is None:
+        return None
+    stored = store.get(req.previous_response_id)
+    if stored is None:
+        raise not_found(req.previous_response_id, param="previous_response_id")
+    return stored
+
+
 async def create_response(request: Request) -> Response:
     engine: Engine = engine_of(request)
     limits: LimitsConfig = request.app.state.config.limits
     req = decode_body(await read_body(request), ResponsesRequest)
     store = store_of(request)
-    previous: list[ChatMessage] = []
-    if req.previous_response_id is not None:
-        stored = store.get(req.previous_response_id)
-        if stored is None:
-            raise not_found(req.previous_response_id, param="previous_response_id")
-        previous = stored.history
+    previous = previous_of(store, req)
     sampling = sampling_of(req)
     max_tokens = max_output_tokens_of(req, limits.default_max_tokens, limits.max_tokens_hard_cap)
-    translated = translate(req, previous, engine, limits.max_messages)
+    translated = translate(req, previous.history if previous else [], engine, limits.max_messages)
 
     prompt = await engine.prepare(translated.chat, translated.grammar)
     record_of(request).prompt_tokens = len(prompt.tokens)
@@ -164,11 +171,12 @@ async def create_response(request: Request) -> Response:
     # Reasoning is always kept: it becomes `reasoning` output items, which clients that do
     # not show it skip, and it is never fed back as answer text.
     events = await admitted(answer_events(engine, generation, True, translated.parser or PlainText()))
-    machine = ResponseStream(echo=echo_of(req, engine.model_id, sampling, max_tokens), count_tokens=engine.count_tokens)
+    machine = ResponseStream(echo=echo_of(req, engine.model_id, sampling.resolved(engine.default_sampling), max_tokens), count_tokens=engine.count_tokens)
 
     def keep(response: dict[str, Any]) -> None:
         if req.store is not False:
-            store.put(response, translated.history + [answer_turn(response)])
+            continued = previous.input_items + previous.body["output"] if previous else []
+            store.put(response, translated.history + [answer_turn(response)], input_items_of(req.input, continued))
 
     wire = wire_events(events, machine, request, keep)
     if req.stream:
@@ -184,6 +192,22 @@ async def responses(request: Request) -> Response:
     return await create_response(request)
 
 
+@post("/v1/responses/input_tokens", status_code=200)
+async def count_input_tokens(request: Request) -> dict[str, Any]:
+    """The prompt a POST /v1/responses with this body would give the model (instructions,
+    input items, tools, the `previous_response_id` history), counted; nothing is generated
+    or stored."""
+    engine: Engine = engine_of(request)
+    req = decode_body(await read_body(request), ResponsesRequest)
+    previous = previous_of(store_of(request), req)
+    translated = translate(req, previous.history if previous else [], engine, request.app.state.config.limits.max_messages)
+    try:
+        prompt = await engine.prepare(translated.chat)
+    except ContextOverflow as exc:  # still a count: the client asked how big it is
+        return {"object": "response.input_tokens", "input_tokens": exc.prompt_tokens}
+    return {"object": "response.input_tokens", "input_tokens": len(prompt.tokens)}
+
+
 @get("/v1/responses/{response_id:str}")
 async def get_response(request: Request) -> dict[str, Any]:
     response_id = request.path_params["response_id"]
@@ -191,6 +215,15 @@ async def get_response(request: Request) -> dict[str, Any]:
     if stored is None:
         raise not_found(response_id)
     return stored.body
+
+
+@get("/v1/responses/{response_id:str}/input_items")
+async def list_input_items(request: Request) -> dict[str, Any]:
+    response_id = request.path_params["response_id"]
+    stored = store_of(request).get(response_id)
+    if stored is None:
+        raise not_found(response_id)
+    return page(stored.input_items, request.query_params)
 
 
 @delete("/v1/responses/{response_id:str}", status_code=200)
@@ -203,5 +236,5 @@ async def delete_response(request: Request) -> dict[str, Any]:
 
 router = Router(
     path="/",
-    route_handlers=[responses, get_response, delete_response],
+    route_handlers=[responses, count_input_tokens, get_response, list_input_items, delete_response],
 )

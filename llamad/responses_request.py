@@ -319,10 +319,9 @@ def _check_range(value: float | None, name: str, low: float, high: float) -> Non
 def sampling_of(req: ResponsesRequest) -> Sampling:
     _check_range(req.temperature, "temperature", 0, 2)
     _check_range(req.top_p, "top_p", 0, 1)
-    defaults = Sampling()
     return Sampling(
-        temperature=defaults.temperature if req.temperature is None else req.temperature,
-        top_p=defaults.top_p if req.top_p is None else req.top_p,
+        temperature=req.temperature,
+        top_p=req.top_p,
     )
 
 

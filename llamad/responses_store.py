@@ -1,5 +1,5 @@
 """Recent Responses API answers, kept in memory for `previous_response_id` and
-GET/DELETE /v1/responses/{id}.
+GET/DELETE /v1/responses/{id} (and its /input_items).
 
 Bounded by a count and by bytes (`responses.store_max`, `responses.store_max_bytes`); the
 oldest answers go first. Nothing survives a restart: a client that needs a conversation
@@ -24,11 +24,14 @@ class StoredResponse:
     # The conversation up to and including this answer (without `instructions`, which
     # OpenAI does not carry over to a follow-up), for a request that continues it.
     history: list[ChatMessage] = field(default_factory=list)
+    # What the model was given, as GET /v1/responses/{id}/input_items lists it
+    # (llamad.responses_items): the continued conversation's items, then this request's input.
+    input_items: list[dict[str, Any]] = field(default_factory=list)
     size: int = 0
 
 
-def _size_of(body: dict[str, Any], history: list[ChatMessage]) -> int:
-    size = len(msgspec.json.encode(body))
+def _size_of(body: dict[str, Any], history: list[ChatMessage], input_items: list[dict[str, Any]]) -> int:
+    size = len(msgspec.json.encode(body)) + len(msgspec.json.encode(input_items))
     for message in history:
         size += len(message.content) + sum(len(c.arguments) + len(c.name) + len(c.id) for c in message.tool_calls)
     return size
@@ -44,9 +47,9 @@ class ResponseStore:
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, body: dict[str, Any], history: list[ChatMessage]) -> None:
-        entry = StoredResponse(body=body, history=copy.deepcopy(history))
-        entry.size = _size_of(body, entry.history)
+    def put(self, body: dict[str, Any], history: list[ChatMessage], input_items: list[dict[str, Any]] | None = None) -> None:
+        entry = StoredResponse(body=body, history=copy.deepcopy(history), input_items=list(input_items or []))
+        entry.size = _size_of(body, entry.history, entry.input_items)
         if entry.size > self.max_bytes or self.max_responses == 0:
             return  # larger than the whole store: keeping it would evict everything else
         self.delete(body["id"])
@@ -61,7 +64,10 @@ class ResponseStore:
         if entry is None:
             return None
         # Callers change the messages they build on (tool-history repair): give them a copy.
-        return StoredResponse(body=entry.body, history=copy.deepcopy(entry.history), size=entry.size)
+        # The items are never changed in place, only listed or copied into a new list.
+        return StoredResponse(
+            body=entry.body, history=copy.deepcopy(entry.history), input_items=entry.input_items, size=entry.size
+        )
 
     def delete(self, response_id: str) -> bool:
         entry = self._items.pop(response_id, None)

@@ -37,6 +37,25 @@ AGENTS_DIR = Path(os.environ.get("LLAMAD_AGENTS_DIR", Path.home() / ".cache" / "
 CAPTURES_DIR = Path(__file__).parent / "data" / "captures"
 PROMPT = "Reply with the word OK."
 
+# The README's "small model" profile for each agent (a model too small for the agent's own
+# ~12,000-token system prompt and tool list, like the demo model): a one-line system prompt,
+# no tools, no skills or environment preamble. The README shows the same settings.
+SMALL_MODEL_INSTRUCTIONS = "You are a helpful assistant. Answer in one short line."
+CLAUDE_SMALL_MODEL_FLAGS = ["--bare", "--tools", "", "--disable-slash-commands", "--system-prompt", SMALL_MODEL_INSTRUCTIONS]
+CODEX_TOOLS_OFF = [
+    "-c", "features.shell_tool=false",
+    "-c", "features.unified_exec=false",
+    "-c", "features.view_image=false",
+    "-c", "features.goals=false",
+    "-c", "tools.experimental_request_user_input={enabled=false}",
+]  # fmt: skip
+CODEX_SMALL_MODEL_FLAGS = [
+    *CODEX_TOOLS_OFF,
+    "-c", "include_environment_context=false",
+    "-c", "include_permissions_instructions=false",
+    "-c", "skills.include_instructions=false",
+]  # fmt: skip
+
 # Headers whose values are credentials; the capture keeps the name, never the value.
 SECRET_HEADERS = {"authorization", "x-api-key", "cookie", "proxy-authorization"}
 
@@ -112,6 +131,14 @@ def claude_command(
     return [str(agents.claude), "-p", prompt], environment
 
 
+def claude_small_model_command(
+    agents: Agents, base_url: str, home: Path, prompt: str = PROMPT, extra: dict | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """`claude -p` with the small-model profile (`--bare` reads its key from ANTHROPIC_API_KEY)."""
+    argv, environment = claude_command(agents, base_url, home, prompt, extra={"ANTHROPIC_API_KEY": "dummy", **(extra or {})})
+    return argv[:-1] + CLAUDE_SMALL_MODEL_FLAGS + argv[-1:], environment
+
+
 def codex_command(
     agents: Agents, base_url: str, home: Path, prompt: str = PROMPT, model: str = "llamad", extra: dict | None = None
 ) -> tuple[list[str], dict[str, str]]:
@@ -132,6 +159,17 @@ def codex_command(
     environment.update(CODEX_HOME=str(codex_home), LLAMAD_API_KEY="dummy", **(extra or {}))
     argv = [str(agents.codex), "exec", "--skip-git-repo-check", "--sandbox", "read-only", prompt]
     return argv, environment
+
+
+def codex_small_model_command(
+    agents: Agents, base_url: str, home: Path, prompt: str = PROMPT, extra: dict | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """`codex exec` with the small-model profile: its instructions replaced by a file in CODEX_HOME."""
+    argv, environment = codex_command(agents, base_url, home, prompt, extra=extra)
+    instructions = Path(environment["CODEX_HOME"]) / "instructions.md"
+    instructions.write_text(SMALL_MODEL_INSTRUCTIONS + "\n")
+    flags = [*CODEX_SMALL_MODEL_FLAGS, "-c", f"model_instructions_file={instructions}"]
+    return argv[:-1] + flags + argv[-1:], environment
 
 
 # --- capture server ------------------------------------------------------------------------

@@ -232,3 +232,13 @@ def test_key_file_must_hold_a_key_and_be_readable(tmp_path):
     unreadable.write_bytes(b"\xff\xfe not utf-8")
     with pytest.raises(ConfigError, match="cannot be read"):
         load_config(write(tmp_path, f'[server]\napi_key_file = "{unreadable}"\n'), env={})
+
+
+def test_sampling_defaults_are_configurable_and_checked(tmp_path):
+    from llamad.config import sampling_defaults
+
+    loaded = load_config(write(tmp_path, "[sampling]\ntemperature = 0.0\ntop_k = 1\n"), env={})
+    defaults = sampling_defaults(loaded.config)
+    assert (defaults.temperature, defaults.top_k, defaults.top_p) == (0.0, 1, 0.95)
+    with pytest.raises(ConfigError, match=r"sampling\.temperature"):
+        load_config(write(tmp_path, "[sampling]\ntemperature = 3.0\n"), env={})

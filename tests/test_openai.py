@@ -7,6 +7,7 @@ import json
 import pytest
 
 from fake_engine import FakeEngine, pieces
+from llamad.engine import Sampling
 
 pytestmark = pytest.mark.asyncio
 
@@ -340,3 +341,14 @@ async def test_a_stalled_or_abandoned_upload_is_answered_not_held(make_client, p
         hangs_up.sent = False
         status, _ = await _raw_post(client.app, path, hangs_up)
         assert status == 499  # the client left: logged as such, not as a server error
+
+
+async def test_settings_a_request_leaves_out_come_from_the_servers_sampling_defaults(make_client):
+    engine = FakeEngine(script=lambda g: ["ok"])
+    engine.default_sampling = Sampling(temperature=0.0, top_p=0.5, top_k=3, min_p=0.2, repeat_penalty=1.3)
+    async with make_client(engine) as client:
+        assert (await client.post(CHAT, json=HELLO)).status_code == 200
+        assert (await client.post(CHAT, json={**HELLO, "temperature": 1.5, "top_k": 9})).status_code == 200
+    unset, partly = (g.sampling for g in engine.generations)
+    assert (unset.temperature, unset.top_p, unset.top_k, unset.min_p, unset.repeat_penalty) == (0.0, 0.5, 3, 0.2, 1.3)
+    assert (partly.temperature, partly.top_p, partly.top_k) == (1.5, 0.5, 9)

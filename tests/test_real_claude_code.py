@@ -1,6 +1,8 @@
 """Claude Code against a real `llamad serve` on the demo model.
 
-- the pinned `claude -p` (installed with npm by tests/agents.py) exits 0 with an answer;
+- the pinned `claude -p` (installed with npm by tests/agents.py), with the README's small-model
+  profile, exits 0 with the demo model's answer; with its full default prompt (~12,000 tokens,
+  every tool) each of its requests is served;
 - Claude Code's captured requests, replayed streamed, come back in the event order its SDK
   checks;
 - its second request, after the same prefix, reuses at least 90% of the prompt from the KV
@@ -22,7 +24,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from agents import Agents, AgentsUnavailable, claude_command, install_agents
+from agents import Agents, AgentsUnavailable, claude_command, claude_small_model_command, install_agents
 from conftest import RunningServer, start_server
 from test_anthropic import assert_valid_stream
 from test_claude_code import CAPTURES, NEEDS_ALL_SCHEMAS, captured
@@ -89,6 +91,32 @@ def test_claude_code_answers_through_llamad(agents: Agents, agent_server: Runnin
         assert len(statuses) > 1, report  # it did try to continue
     else:
         assert result.stdout.strip(), report
+
+
+def served_requests(log: str, route: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    return [r for r in lines if r.get("event") == "request" and r.get("route") == route]
+
+
+@pytest.mark.timeout(600)
+def test_claude_code_with_the_small_model_profile_exits_0_with_the_models_answer(agents: Agents, tmp_path: Path):
+    (tmp_path / "server").mkdir()
+    # Claude Code sends no temperature: the server's greedy default makes the run repeatable.
+    toml = "[model]\nn_ctx = 4096\n[limits]\nmax_tokens_hard_cap = 256\n[sampling]\ntemperature = 0.0\n"
+    with start_server(tmp_path / "server", toml) as server:
+        argv, environment = claude_small_model_command(agents, server.url, tmp_path / "home")
+        (tmp_path / "project").mkdir()
+        result = subprocess.run(
+            argv, env=environment, cwd=tmp_path / "project", capture_output=True, text=True, timeout=500,
+            stdin=subprocess.DEVNULL,
+        )
+        served = served_requests(server.log(), "/v1/messages")
+    report = f"exit {result.returncode}\nstdout: {result.stdout}\nstderr: {result.stderr[-3000:]}\nserved: {served}"
+    assert result.returncode == 0, report
+    assert result.stdout.strip(), report
+    # The model ended its own turn (the transcript's next-speaker stop), within the cap.
+    assert served and all(r["status"] == 200 for r in served), report
+    assert served[-1]["finish_reason"] == "stop" and served[-1]["completion_tokens"] < 256, report
 
 
 @NEEDS_ALL_SCHEMAS

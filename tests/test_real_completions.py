@@ -37,10 +37,12 @@ def test_completion_echo_and_several_prompts(client):
     assert result.choices[0].text.startswith(PROMPT) and result.choices[1].text.startswith("One, two,")
 
 
-def test_suffix_without_fim_tokens_is_a_400(client):
+def test_suffix_without_fim_tokens_is_a_400(client, real_server):
     with pytest.raises(openai.BadRequestError) as refused:
         client.completions.create(model="m", prompt="def add(a, b):\n    return ", suffix="\n", max_tokens=4)
     assert "no FIM tokens" in refused.value.message
+    infill = httpx.post(real_server + "/infill", json={"input_prefix": "def add(a, b):\n    return ", "input_suffix": "\n"})
+    assert infill.status_code == 400 and infill.json()["error"]["param"] == "input_suffix"
 
 
 def test_embeddings_through_the_sdk(client):

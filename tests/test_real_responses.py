@@ -163,3 +163,41 @@ def test_text_format_json_schema_validates(client):
     )
     assert response.status == "completed"
     jsonschema.validate(json.loads(response.output_text), VERDICT_SCHEMA)
+
+
+def test_input_tokens_count_matches_the_prompt_of_the_response(client):
+    """responses.input_tokens.count sees what the model would: instructions, tools and the
+    previous_response_id history, rendered by the real chat template and tokenizer."""
+    first = client.responses.create(model="llama-local", input="My name is Ada.", max_output_tokens=4, temperature=0)
+    body = dict(input="What is my name?", instructions="Answer briefly.", tools=[WEATHER], previous_response_id=first.id)
+    counted = client.responses.input_tokens.count(model="llama-local", **body)
+    created = client.responses.create(model="llama-local", max_output_tokens=2, temperature=0, **body)
+    assert counted.object == "response.input_tokens"
+    assert counted.input_tokens == created.usage.input_tokens
+    bare = client.responses.input_tokens.count(model="llama-local", input="What is my name?")
+    assert 0 < bare.input_tokens < counted.input_tokens
+    too_long = client.responses.input_tokens.count(model="llama-local", input="word " * 40000)
+    assert too_long.input_tokens > 40000  # past the context: still a count, not an error
+    with pytest.raises(openai.BadRequestError):
+        client.responses.input_tokens.count(model="llama-local", input=[{"role": "robot", "content": "x"}])
+
+
+def test_input_items_list_through_the_sdk(client):
+    first = client.responses.create(model="llama-local", input="My name is Ada.", max_output_tokens=4, temperature=0)
+    second = client.responses.create(
+        model="llama-local",
+        input=[{"role": "user", "content": "What is my name?"}],
+        previous_response_id=first.id,
+        max_output_tokens=4,
+        temperature=0,
+    )
+    newest_first = client.responses.input_items.list(second.id)
+    assert [item.type for item in newest_first.data] == ["message", "message", "message"]
+    assert newest_first.data[0].content[0].text == "What is my name?"
+    assert newest_first.data[1].id == first.output[0].id  # the first answer, as it was given back
+    assert newest_first.data[2].content[0].text == "My name is Ada."
+    paged = list(client.responses.input_items.list(second.id, order="asc", limit=1))  # follows `after`
+    assert [item.id for item in paged] == [item.id for item in reversed(newest_first.data)]
+    not_kept = client.responses.create(model="llama-local", input="Hi", max_output_tokens=2, store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list(not_kept.id)

@@ -1,5 +1,6 @@
 """Chat template choice with the real llama.cpp engine: the GGUF's own template, the
-`chat_format` override, and the choice by architecture for a GGUF without one.
+`chat_format` override, and for a GGUF without one: a plain transcript for a base model (the
+demo model), the architecture's format for a tuned one.
 
 The tiny model (tests/tiny_gguf.py) carries a Jinja template that opens `<think>` and
 renders tools, so the same test also shows both follow the template.
@@ -74,19 +75,45 @@ async def test_chat_format_overrides_the_gguf_template(tiny_model: Path) -> None
         engine.close()
 
 
-async def test_a_gguf_without_template_gets_one_by_architecture() -> None:
+async def test_a_base_model_without_template_gets_a_transcript_that_ends_at_the_next_speaker() -> None:
     engine = await _engine(Path(TEST_MODEL))
     try:
-        assert engine.llm is not None and "tokenizer.chat_template" not in engine.llm.metadata
-        assert engine.info["chat_template"] == "format:gemma"
+        metadata = engine.llm.metadata if engine.llm is not None else {}
+        assert "tokenizer.chat_template" not in metadata and "general.finetune" not in metadata
+        assert engine.info["chat_template"] == "format:transcript"
         prompt = await engine.prepare(HELLO)
-        # Gemma has no system role: the system text is folded into the first user turn.
-        assert "<start_of_turn>user\nBe brief." in prompt.text and "Hello<end_of_turn>" in prompt.text
-        assert prompt.text.endswith("<start_of_turn>model\n")
+        assert prompt.text == "System: Be brief.\n\nUser: Hello\n\nAssistant:"
+        assert "\nUser:" in prompt.template_stops
         # A final assistant message is continued, not closed and answered anew.
         prefilled = await engine.prepare(
             Chat(messages=HELLO.messages + [ChatMessage(role="assistant", content='{"colors": ["red",')])
         )
         assert prefilled.text == prompt.text + '{"colors": ["red",'
+        # The base model ends its turn where it starts the next speaker's line: under the
+        # architecture's own format (Gemma's turn tokens, which it never learned) this same
+        # greedy answer ran on to the token limit.
+        ask = Chat(messages=[ChatMessage(role="user", content="Reply with the word OK.")])
+        generation = Generation(prompt=await engine.prepare(ask), max_tokens=200, sampling=Sampling(temperature=0.0))
+        answer = await fold(answer_events(engine, generation, keep_reasoning=False))
+        assert answer.finish is not None and answer.finish.reason == "stop", answer
+        assert answer.text.strip() and "User:" not in answer.text
+    finally:
+        engine.close()
+
+
+async def test_a_tuned_model_without_template_gets_its_architectures_format(tmp_path: Path) -> None:
+    from tiny_gguf import write_tiny_llama
+
+    tuned = write_tiny_llama(tmp_path / "tuned.gguf", template=None, finetune="Instruct")
+    engine = await _engine(tuned)
+    try:
+        assert engine.info["chat_template"] == "format:llama-3"
+        assert (await engine.prepare(HELLO)).text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    finally:
+        engine.close()
+    base = write_tiny_llama(tmp_path / "base.gguf", template=None)
+    engine = await _engine(base)
+    try:
+        assert engine.info["chat_template"] == "format:transcript"
     finally:
         engine.close()

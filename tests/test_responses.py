@@ -376,3 +376,147 @@ async def test_keep_alive_events_while_the_prompt_is_evaluated(make_client, monk
     before_text = slow_kinds[: slow_kinds.index("response.output_text.delta")]
     assert before_text.count("response.in_progress") >= 4  # the first, then one per quiet interval
     assert {p["response"]["status"] for k, p in slow_events if k == "response.in_progress"} == {"in_progress"}
+
+
+# -- POST /v1/responses/input_tokens ------------------------------------------------------------
+
+COUNT = "/v1/responses/input_tokens"
+
+
+def openai_sdk(client):
+    """The official SDK talking to the app in process (the client has run its lifespan)."""
+    import openai
+
+    try:
+        import httpx2 as http  # newer SDKs are built on httpx2 and refuse httpx clients
+    except ImportError:
+        import httpx as http
+    transport = http.AsyncClient(transport=http.ASGITransport(app=client.app), base_url="http://llamad")
+    return openai.AsyncOpenAI(base_url="http://llamad/v1", api_key="x", http_client=transport, max_retries=0)
+
+
+async def test_input_tokens_counts_the_prompt_a_response_would_get(make_client):
+    """Instructions, input items, tools and the previous_response_id history all count:
+    the answer equals the input_tokens of the response the same body creates."""
+    engine = FakeEngine()
+    async with make_client(engine) as client:
+        sdk = openai_sdk(client)
+        first = await create(client, input="My name is Ada.")
+        body = dict(
+            input=[{"role": "user", "content": "What is my name?"}],
+            instructions="Answer in one word.",
+            tools=[WEATHER, {"type": "web_search"}],
+            previous_response_id=first["id"],
+        )
+        counted = await sdk.responses.input_tokens.count(model="gpt-5", **body)
+        bare = await sdk.responses.input_tokens.count(model="gpt-5", input="What is my name?")
+        created = await create(client, **body)
+        kept = len(client.app.state.responses_store)
+    assert counted.object == "response.input_tokens"
+    assert counted.input_tokens == created["usage"]["input_tokens"]
+    assert bare.input_tokens < counted.input_tokens  # without instructions, tools and history
+    prompt = engine.generations[-1].prompt.text
+    assert counted.input_tokens == engine.count_tokens(prompt)
+    assert len(engine.generations) == 2 and kept == 2  # counting generated and stored nothing
+
+
+async def test_input_tokens_of_a_prompt_longer_than_the_context_is_still_a_count(make_client):
+    async with make_client(FakeEngine(n_ctx=8)) as client:
+        counted = await client.post(COUNT, json={"input": "word " * 50})
+        created = await client.post(RESPONSES, json={"input": "word " * 50})
+    assert counted.status_code == 200 and counted.json()["input_tokens"] > 50
+    assert created.status_code == 400 and created.json()["error"]["code"] == "context_length_exceeded"
+
+
+async def test_input_tokens_bad_input_is_a_4xx_in_openai_shape(make_client):
+    cases = [
+        ({"input": [{"role": "robot", "content": "x"}]}, 400, "input[0].role"),
+        ({"input": "x", "tool_choice": "sometimes"}, 400, "tool_choice"),
+        ({"input": "x", "tools": [{"type": "function"}]}, 400, "tools[0].name"),
+        ({}, 400, "input"),
+        ({"input": "x", "previous_response_id": "resp_nothere"}, 404, "previous_response_id"),
+    ]
+    async with make_client() as client:
+        for body, status, param in cases:
+            response = await client.post(COUNT, json=body)
+            assert response.status_code == status, (body, response.text)
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, error
+        not_json = await client.post(COUNT, content=b"[", headers={"content-type": "application/json"})
+    assert not_json.status_code == 400 and not_json.json()["error"]["type"] == "invalid_request_error"
+
+
+# -- GET /v1/responses/{id}/input_items ----------------------------------------------------------
+
+SENT_ITEMS = [
+    {"role": "developer", "content": "Be brief."},
+    {"role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]},
+    {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "Thinking."}]},
+    {"type": "function_call", "call_id": "call_A", "name": "get_weather", "arguments": {"city": "Paris"}},
+    {"type": "function_call_output", "call_id": "call_A", "output": "18C and sunny"},
+    {"role": "user", "content": "Thanks"},
+]
+
+
+async def test_input_items_list_what_the_model_was_given_in_the_sdk_shape(make_client):
+    async with make_client() as client:
+        sdk = openai_sdk(client)
+        created = await create(client, input=SENT_ITEMS, tools=[WEATHER])
+        listed = await sdk.responses.input_items.list(created["id"])  # newest first, as OpenAI's default
+        ascending = [item async for item in sdk.responses.input_items.list(created["id"], order="asc", limit=2)]
+        again = (await client.get(f"{RESPONSES}/{created['id']}/input_items", params={"order": "asc"})).json()
+    items = [item.model_dump(exclude_none=True) for item in ascending]
+    assert [i["type"] for i in items] == ["message", "message", "reasoning", "function_call", "function_call_output", "message"]
+    assert items[0]["role"] == "developer" and items[0]["content"] == [{"type": "input_text", "text": "Be brief."}]
+    assert items[1]["content"] == [{"type": "input_text", "text": "Weather in Paris?"}]
+    assert items[2]["id"] == "rs_1"  # a client's own id is kept
+    assert items[3]["arguments"] == '{"city":"Paris"}' and items[3]["call_id"] == "call_A"
+    assert items[4]["output"] == "18C and sunny" and items[5]["content"][0]["text"] == "Thanks"
+    assert all(i["status"] == "completed" for i in items)
+    ids = [i["id"] for i in items]
+    assert len(set(ids)) == 6 and [i["id"] for i in again["data"]] == ids  # stable across calls
+    assert [i.id for i in listed.data] == ids[::-1] and listed.has_more is False
+    assert (again["first_id"], again["last_id"]) == (ids[0], ids[-1])
+
+
+async def test_input_items_of_a_continued_response_hold_the_whole_conversation(make_client):
+    async with make_client() as client:
+        first = await create(client, input="My name is Ada.", instructions="Not an item.")
+        second = await create(client, input="What is my name?", previous_response_id=first["id"])
+        listed = (await client.get(f"{RESPONSES}/{second['id']}/input_items", params={"order": "asc"})).json()
+    texts = [(i["role"], i["content"][0]["text"]) for i in listed["data"]]
+    assert texts == [("user", "My name is Ada."), ("assistant", "Hello from the fake model."), ("user", "What is my name?")]
+    assert listed["data"][1]["id"] == first["output"][0]["id"]  # the first answer's own item
+
+
+async def test_input_items_pages_and_errors(make_client):
+    async with make_client() as client:
+        created = await create(client, input=[{"role": "user", "content": f"turn {i}"} for i in range(5)])
+        url = f"{RESPONSES}/{created['id']}/input_items"
+        everything = (await client.get(url, params={"order": "asc"})).json()["data"]
+        ids = [i["id"] for i in everything]
+        first = (await client.get(url, params={"order": "asc", "limit": 2})).json()
+        second = (await client.get(url, params={"order": "asc", "limit": 2, "after": first["last_id"]})).json()
+        newest = (await client.get(url, params={"limit": 2, "include": "message.input_image.image_url"})).json()
+        back = (await client.get(url, params={"order": "asc", "limit": 2, "before": ids[3]})).json()
+        errors = {
+            "limit=0": await client.get(url, params={"limit": 0}),
+            "limit=many": await client.get(url, params={"limit": "many"}),
+            "order": await client.get(url, params={"order": "sideways"}),
+            "after": await client.get(url, params={"after": "msg_nothere"}),
+        }
+        unkept = await create(client, store=False)
+        missing = await client.get(f"{RESPONSES}/{unkept['id']}/input_items")
+        await client.delete(f"{RESPONSES}/{created['id']}")
+        deleted = await client.get(url)
+    assert len(ids) == 5
+    assert [i["id"] for i in first["data"]] == ids[:2] and first["has_more"] is True
+    assert [i["id"] for i in second["data"]] == ids[2:4] and second["has_more"] is True
+    assert [i["id"] for i in newest["data"]] == [ids[4], ids[3]] and newest["first_id"] == ids[4]
+    assert [i["id"] for i in back["data"]] == ids[1:3] and back["has_more"] is True
+    for name, response in errors.items():
+        assert response.status_code == 400, name
+        assert response.json()["error"]["type"] == "invalid_request_error" and response.json()["error"]["param"], name
+    for response in (missing, deleted):
+        assert response.status_code == 404
+        assert response.json()["error"]["type"] == "not_found_error" and response.json()["error"]["code"] == "response_not_found"

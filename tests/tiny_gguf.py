@@ -20,7 +20,15 @@ TEMPLATE = (
 )
 
 
-def write_tiny_llama(path: Path, n_embd: int = 256, n_layer: int = 2, n_head: int = 4, n_ff: int = 512) -> Path:
+def write_tiny_llama(
+    path: Path,
+    n_embd: int = 256,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_ff: int = 512,
+    template: str | None = TEMPLATE,
+    finetune: str | None = None,
+) -> Path:
     # head size 64: GPU attention kernels do not all support smaller heads.
     import gguf
 
@@ -53,7 +61,10 @@ def write_tiny_llama(path: Path, n_embd: int = 256, n_layer: int = 2, n_head: in
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
-    writer.add_chat_template(TEMPLATE)
+    if template is not None:
+        writer.add_chat_template(template)
+    if finetune is not None:
+        writer.add_finetune(finetune)
 
     def weight(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.05).astype(np.float32)
