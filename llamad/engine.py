@@ -475,10 +475,12 @@ class Engine:
                         aligner = None
                         stop_sequence = matched if matched in stops else None
                         break
-                    keep = held_back(pending, all_stops, longest_stop)
-                    if len(pending) > keep:
-                        release(pending[: len(pending) - keep])
-                        pending = pending[len(pending) - keep :]
+                    ready = len(pending) - held_back(pending, all_stops, longest_stop)
+                    if aligner:
+                        ready = aligner.whole(ready)
+                    if ready > 0:
+                        release(pending[:ready])
+                        pending = pending[ready:]
                 elif pending or aligner:
                     release(pending)
                     pending = ""

@@ -141,8 +141,9 @@ class TokenLogprob:
 @dataclass
 class Token:
     text: str
-    # The tokens whose text ends in this piece (empty unless the generation asked for
-    # logprobs). A token cut by a stop sequence keeps only the text before the stop.
+    # The tokens that spell this piece (empty unless the generation asked for logprobs,
+    # which makes the engine release text in whole tokens). A token cut by a stop
+    # sequence keeps only the text before the stop.
     logprobs: Sequence[TokenLogprob] = ()
 
 

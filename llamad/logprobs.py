@@ -67,13 +67,14 @@ def most_likely(shifted: np.ndarray, n: int) -> np.ndarray:
 
 
 class Aligner:
-    """Hands each token's entry out with the piece of text that completes it.
+    """Keeps token entries with the text the client receives.
 
-    The engine holds text back while it could still become a stop sequence, and a piece it
-    releases may end inside a token; an entry therefore goes out with the release that
-    reaches the end of its token's text. When a stop sequence ends the answer, a token
-    whose text runs into it is cut to the part before the stop, and tokens wholly inside
-    it are dropped: the entries' texts joined are always exactly the text sent.
+    The engine holds text back while it could still become a stop sequence. With
+    logprobs asked for, it releases text only up to the end of a whole token (`whole`),
+    so each released piece carries exactly the entries of its tokens and a streamed chunk's
+    tokens spell its text. When a stop sequence ends the answer, a token whose text runs
+    into it is cut to the part before the stop, and tokens wholly inside it are dropped:
+    the entries' texts joined are always exactly the text sent.
     """
 
     def __init__(self) -> None:
@@ -84,6 +85,16 @@ class Aligner:
     def add(self, entry: TokenLogprob) -> None:
         self.decoded += len(entry.text)
         self.waiting.append((self.decoded, entry))
+
+    def whole(self, chars: int) -> int:
+        """How many of the next `chars` characters end on a token boundary."""
+        target = self.released + chars
+        boundary = self.released
+        for end, _ in self.waiting:
+            if end > target:
+                break
+            boundary = end
+        return boundary - self.released
 
     def release(self, chars: int) -> list[TokenLogprob]:
         """`chars` more characters go to the client: the entries they complete."""

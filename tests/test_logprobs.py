@@ -92,17 +92,18 @@ def generation(stop: list[str] | None = None, logprobs: int | None = 2, max_toke
 
 
 @pytest.mark.asyncio
-async def test_each_token_entry_travels_with_the_text_that_completes_it():
-    # "lo" may be the start of the stop "lo!", so the engine holds it back: the entry of
-    # " hello" goes out only with the piece that completes its text.
+async def test_held_back_text_goes_out_in_whole_tokens_with_their_entries():
+    # "lo" may be the start of the stop "lo!", so the engine holds it back; with logprobs
+    # it holds the whole token " hello", so every piece sent is spelled by its entries.
     engine = FakeEngine(script=lambda g: ["Say", " hello", " there", "."])
     tokens, done = await tokens_of(engine, generation(stop=["lo!"]))
     assert [(t.text, [e.text for e in t.logprobs]) for t in tokens] == [
         ("Say", ["Say"]),
-        (" hel", []),
-        ("lo there", [" hello", " there"]),
+        (" hello there", [" hello", " there"]),
         (".", ["."]),
     ]
+    plain, _ = await tokens_of(FakeEngine(script=lambda g: ["Say", " hello", " there", "."]), generation(stop=["lo!"], logprobs=None))
+    assert [t.text for t in plain] == ["Say", " hel", "lo there", "."]  # without logprobs, no extra holding
     entries = [e for t in tokens for e in t.logprobs]
     assert [e.text for e in entries] == ["Say", " hello", " there", "."] and done.completion_tokens == 4
     assert all(len(e.top) == 2 and e.top[0].logprob == e.logprob for e in entries)

@@ -13,7 +13,9 @@ from conftest import start_server
 pytestmark = pytest.mark.real
 
 PROMPT = "The capital of France is"
-CHAT = [{"role": "user", "content": "Name three colours."}]
+# Answered past max_tokens (8) by the demo model: no stop sequence trims the text, so every
+# generated token is listed (a stop's own tokens are not: test_a_stop_sequence_ends_the_entries_with_the_text).
+CHAT = [{"role": "user", "content": "Write a long story about a dragon."}]
 TOP = 3
 
 
@@ -30,7 +32,7 @@ def client(request) -> openai.OpenAI:
 
 
 def check_greedy(tokens: list[str], logprobs: list[float], tops: list[list[tuple[str, float]]], text: str, completion_tokens: int):
-    """What must hold for a temperature-0 answer's entries."""
+    """What must hold for the entries of a temperature-0 answer cut by max_tokens."""
     assert "".join(tokens) == text
     assert len(tokens) == len(logprobs) == len(tops) == completion_tokens > 0
     for logprob, top in zip(logprobs, tops):
@@ -47,6 +49,7 @@ def test_completion_logprobs(client, stream):
     if not stream:
         result = client.completions.create(**kwargs)
         [choice] = result.choices
+        assert choice.finish_reason == "length"
         text, lp, completion_tokens = choice.text, choice.logprobs, result.usage.completion_tokens
         tokens, logprobs, tops, offsets = lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset
     else:
@@ -55,6 +58,7 @@ def test_completion_logprobs(client, stream):
         assert all("".join(p.logprobs.tokens) == p.text for p in parts)  # each chunk carries its own tokens
         text = "".join(p.text for p in parts)
         completion_tokens = chunks[-1].usage.completion_tokens
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
         tokens = [t for p in parts for t in p.logprobs.tokens]
         logprobs = [v for p in parts for v in p.logprobs.token_logprobs]
         tops = [t for p in parts for t in p.logprobs.top_logprobs]
@@ -71,6 +75,7 @@ def test_chat_logprobs(client, stream):
     if not stream:
         result = client.chat.completions.create(**kwargs)
         [choice] = result.choices
+        assert choice.finish_reason == "length"
         text, entries, completion_tokens = choice.message.content, choice.logprobs.content, result.usage.completion_tokens
         assert choice.logprobs.refusal is None
     else:
@@ -80,6 +85,7 @@ def test_chat_logprobs(client, stream):
         text = "".join(p.delta.content for p in parts)
         entries = [e for p in parts for e in p.logprobs.content]
         completion_tokens = chunks[-1].usage.completion_tokens
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     check_greedy(
         [e.token for e in entries],
         [e.logprob for e in entries],
@@ -89,6 +95,15 @@ def test_chat_logprobs(client, stream):
     )
     assert bytes(b for e in entries for b in e.bytes).decode("utf-8") == text
     assert all(e.top_logprobs[0].token == e.token and e.top_logprobs[0].bytes == e.bytes for e in entries)
+
+
+def test_a_stop_sequence_ends_the_entries_with_the_text(client):
+    # Greedy: " the capital of the country of"; the stop " of" ends the text at " the capital".
+    result = client.completions.create(model="m", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=1, stop=[" of"])
+    [choice] = result.choices
+    assert choice.text == " the capital" and choice.finish_reason == "stop"
+    assert choice.logprobs.tokens == [" the", " capital"]  # " of", the stop, is not listed
+    assert result.usage.completion_tokens == 3
 
 
 def test_sampled_tokens_are_scored_on_the_models_distribution(client):
