@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol, Union
+from typing import AsyncIterator, Protocol, Sequence, Union
 
-from llamad.engine import Done, Engine, Generation, Started, Token, Waiting
+from llamad.engine import Done, Engine, Generation, Started, Token, TokenLogprob, Waiting
 from llamad.reasoning import ReasoningSplitter
 
 
@@ -28,6 +28,11 @@ class ReasoningDelta:
 @dataclass
 class TextDelta:
     text: str
+    # The entries of the tokens this text completes, when the generation asked for them.
+    # Reasoning and tool-call text is the model's output too: its tokens' entries ride on
+    # the text delta that follows them (or on an empty one), so every generated token is
+    # listed once, in order.
+    logprobs: Sequence[TokenLogprob] = ()
 
 
 @dataclass
@@ -120,7 +125,10 @@ async def answer_events(
     async with aclosing(engine.stream(generation)) as events:
         async for event in events:
             if isinstance(event, Token):
-                for item in route(splitter.feed(event.text) if splitter else [("text", event.text)]):
+                routed = route(splitter.feed(event.text) if splitter else [("text", event.text)])
+                if event.logprobs:
+                    routed = with_logprobs(routed, event.logprobs)
+                for item in routed:
                     yield item
             elif isinstance(event, Waiting):
                 yield Keepalive()
@@ -145,6 +153,17 @@ async def answer_events(
                 )
 
 
+def with_logprobs(events: list[AnswerEvent], entries: Sequence[TokenLogprob]) -> list[AnswerEvent]:
+    """Puts a token piece's entries on the last text delta it produced, or on an empty one
+    after its events when it produced no text (held back, reasoning, a tool call)."""
+    for index in range(len(events) - 1, -1, -1):
+        event = events[index]
+        if isinstance(event, TextDelta):
+            events[index] = TextDelta(event.text, [*event.logprobs, *entries])
+            return events
+    return [*events, TextDelta("", entries)]
+
+
 @dataclass
 class FoldedCall:
     id: str
@@ -158,6 +177,7 @@ class Answer:
     text: str = ""
     tool_calls: list[FoldedCall] = field(default_factory=list)
     finish: Finish | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 def fold_event(answer: Answer, event: AnswerEvent) -> None:
@@ -165,6 +185,7 @@ def fold_event(answer: Answer, event: AnswerEvent) -> None:
         answer.reasoning += event.text
     elif isinstance(event, TextDelta):
         answer.text += event.text
+        answer.logprobs.extend(event.logprobs)
     elif isinstance(event, ToolCallStart):
         answer.tool_calls.append(FoldedCall(id=event.id, name=event.name))
     elif isinstance(event, ToolCallDelta):

@@ -18,9 +18,9 @@ from typing import Any, AsyncIterator, Union
 from litestar import Request, Response, Router, post
 from litestar.response import Stream
 
-from llamad import sse
+from llamad import openai_logprobs, sse
 from llamad.answer import AnswerEvent, Finish, Keepalive, TextDelta, admitted, answer_events
-from llamad.engine import Engine, Generation, Prompt
+from llamad.engine import Engine, Generation, Prompt, TokenLogprob
 from llamad.errors import bad_request, from_exception, openai_body
 from llamad.infill import infill_prompt
 from llamad.observe import engine_of, record_of
@@ -99,14 +99,16 @@ class TextCompletion:
         self.created = int(time.time())
         self.model = model
 
-    def chunk(self, index: int, text: str, finish_reason: str | None = None) -> dict[str, Any]:
+    def chunk(
+        self, index: int, text: str, finish_reason: str | None = None, logprobs: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "text_completion",
             "created": self.created,
             "model": self.model,
             "system_fingerprint": None,
-            "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}],
         }
 
 
@@ -143,6 +145,7 @@ async def stream_frames(
     record = record_of(request)
     prompt_tokens = completion_tokens = 0
     admission = True
+    offsets: dict[int, int] = {}  # each choice's text so far, for its tokens' text_offset
     async with aclosing(pairs) as stream:
         try:
             async for job, event in stream:
@@ -156,7 +159,11 @@ async def stream_frames(
                 admission = False
                 if isinstance(event, TextDelta):
                     record.first_token()
-                    yield sse.data_frame(with_usage(completion.chunk(job.index, event.text), include_usage))
+                    logprobs = None
+                    if job.generation.logprobs is not None:
+                        logprobs = openai_logprobs.legacy(event.logprobs, offsets.get(job.index, 0))
+                        offsets[job.index] = offsets.get(job.index, 0) + len(event.text)
+                    yield sse.data_frame(with_usage(completion.chunk(job.index, event.text, logprobs=logprobs), include_usage))
                 elif isinstance(event, Finish):
                     prompt_tokens += event.usage.prompt_tokens
                     completion_tokens += event.usage.completion_tokens
@@ -182,15 +189,21 @@ def with_usage(chunk: dict[str, Any], include_usage: bool) -> dict[str, Any]:
     return chunk
 
 
-async def folded(pairs: AsyncIterator[tuple[Job, AnswerEvent]]) -> dict[int, tuple[str, Finish]]:
+async def folded(pairs: AsyncIterator[tuple[Job, AnswerEvent]]) -> dict[int, tuple[str, Finish, dict[str, Any] | None]]:
+    """Each choice's text, finish and (when asked for) logprobs."""
     texts: dict[int, str] = {}
-    finishes: dict[int, tuple[str, Finish]] = {}
+    entries: dict[int, list[TokenLogprob]] = {}
+    finishes: dict[int, tuple[str, Finish, dict[str, Any] | None]] = {}
     async with aclosing(pairs) as stream:
         async for job, event in stream:
             if isinstance(event, TextDelta):
                 texts[job.index] = texts.get(job.index, "") + event.text
+                entries.setdefault(job.index, []).extend(event.logprobs)
             elif isinstance(event, Finish):
-                finishes[job.index] = (job.echo + texts.get(job.index, ""), event)
+                logprobs = None
+                if job.generation.logprobs is not None:
+                    logprobs = openai_logprobs.legacy(entries.get(job.index, []), len(job.echo))
+                finishes[job.index] = (job.echo + texts.get(job.index, ""), event, logprobs)
     return finishes
 
 
@@ -199,8 +212,7 @@ async def folded(pairs: AsyncIterator[tuple[Job, AnswerEvent]]) -> dict[int, tup
 
 async def plan(request: Request, engine: Engine, req: CompletionRequest) -> list[Job]:
     limits = request.app.state.config.limits
-    if req.logprobs is not None:
-        raise bad_request("'logprobs' is not supported by this server; send the request without it", param="logprobs")
+    top_n = openai_logprobs.legacy_top_n(req.logprobs, req.echo)
     if req.n < 1 or (req.best_of is not None and req.best_of != req.n):
         raise bad_request("'n' must be at least 1, and 'best_of' (if sent) equal to it", param="n")
     inputs = prompts_of(req.prompt)
@@ -222,6 +234,7 @@ async def plan(request: Request, engine: Engine, req: CompletionRequest) -> list
                 max_tokens=engine.clamp_max_tokens(min(wanted, limits.max_tokens_hard_cap), prompt),
                 sampling=sampling,
                 stop=stops,
+                logprobs=top_n,
             )
             jobs.append(Job(len(jobs), prompt, generation, echo=prompt.text if req.echo else ""))
     return jobs
@@ -240,11 +253,11 @@ async def completions(request: Request) -> Response:
         return Stream(stream_frames(pairs, completion, include_usage, request), media_type="text/event-stream", headers=sse.HEADERS)
     finishes = await unless_disconnected(request, folded(pairs))
     choices = [
-        {"text": text, "index": index, "logprobs": None, "finish_reason": finish.reason}
-        for index, (text, finish) in sorted(finishes.items())
+        {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish.reason}
+        for index, (text, finish, logprobs) in sorted(finishes.items())
     ]
-    prompt_tokens = sum(f.usage.prompt_tokens for _, f in finishes.values())
-    completion_tokens = sum(f.usage.completion_tokens for _, f in finishes.values())
+    prompt_tokens = sum(f.usage.prompt_tokens for _, f, _ in finishes.values())
+    completion_tokens = sum(f.usage.completion_tokens for _, f, _ in finishes.values())
     record = record_of(request)
     record.finish(finishes[len(jobs) - 1][1])  # the log line and metrics count every choice:
     record.prompt_tokens, record.completion_tokens = prompt_tokens, completion_tokens

@@ -36,11 +36,13 @@ from llamad.engine_types import (  # the types are part of this module's interfa
     Waiting,
     Started,
     Token,
+    TokenLogprob,
     Done,
     EngineEvent,
     TokenOutOfRange,
     check_token_ids,
 )
+from llamad.logprobs import Aligner
 from llamad.scheduler import Overloaded, QueueTimeout, Scheduler, ShuttingDown
 from llamad.stops import find_stop, held_back
 
@@ -59,6 +61,7 @@ __all__ = [
     "Waiting",
     "Started",
     "Token",
+    "TokenLogprob",
     "Done",
     "EngineEvent",
     "GrammarRejected",
@@ -149,10 +152,11 @@ class Engine:
     def _check_grammar(self, grammar: str) -> None:
         """Raises GrammarRejected if the engine cannot compile `grammar`."""
 
-    def _decode(self, generation: Generation, cancel: threading.Event) -> Iterator[str | int]:
+    def _decode(self, generation: Generation, cancel: threading.Event) -> Iterator[str | int | TokenLogprob]:
         """Yields, once the prompt is evaluated, the number of prompt tokens reused from
         the cache (an int), then one text piece per generated token (a str, possibly
-        empty while a multi-byte character is incomplete). Ends at end-of-generation.
+        empty while a multi-byte character is incomplete; a TokenLogprob carrying that
+        text when `generation.logprobs` asks for it). Ends at end-of-generation.
         Checks `cancel` between tokens and between prompt batches."""
         raise NotImplementedError
 
@@ -430,11 +434,18 @@ class Engine:
         stop_sequence: str | None = None
         stats = self.stats
         stats.prompt_tokens += prompt_tokens
+        # Token entries travel with the text that completes them (only when asked for).
+        aligner = Aligner() if generation.logprobs is not None else None
+
+        def release(text: str) -> None:
+            entries = aligner.release(len(text)) if aligner else ()
+            if text or entries:
+                emit(Token(text, entries))
 
         pieces = self._decode(generation, cancel)
         try:
             for piece in pieces:
-                if isinstance(piece, str):
+                if not isinstance(piece, int):
                     stats.completion_tokens += 1  # decoded, whether or not anyone reads it
                 if cancel.is_set():
                     raise Cancelled()
@@ -445,6 +456,10 @@ class Engine:
                     stats.cache_hits += cached > self.shared_head
                     emit(Started(prompt_tokens, cached, queued_s, time.monotonic() - started))
                     continue
+                if isinstance(piece, TokenLogprob):
+                    if aligner:
+                        aligner.add(piece)
+                    piece = piece.text
                 completion_tokens += 1
                 if first_token_at is None:
                     first_token_at = time.monotonic()
@@ -453,17 +468,21 @@ class Engine:
                     hit = find_stop(pending, all_stops)
                     if hit is not None:
                         index, matched = hit
-                        if index:
-                            emit(Token(pending[:index]))
+                        entries = aligner.end(index) if aligner else ()
+                        if index or entries:
+                            emit(Token(pending[:index], entries))
                         pending = ""
+                        aligner = None
                         stop_sequence = matched if matched in stops else None
                         break
-                    keep = held_back(pending, all_stops, longest_stop)
-                    if len(pending) > keep:
-                        emit(Token(pending[: len(pending) - keep]))
-                        pending = pending[len(pending) - keep :]
-                elif pending:
-                    emit(Token(pending))
+                    ready = len(pending) - held_back(pending, all_stops, longest_stop)
+                    if aligner:
+                        ready = aligner.whole(ready)
+                    if ready > 0:
+                        release(pending[:ready])
+                        pending = pending[ready:]
+                elif pending or aligner:
+                    release(pending)
                     pending = ""
                 if completion_tokens >= generation.max_tokens:
                     finish_reason = "length"
@@ -477,8 +496,8 @@ class Engine:
             close = getattr(pieces, "close", None)
             if close is not None:
                 close()
-        if pending:
-            emit(Token(pending))
+        if pending or (aligner and aligner.waiting):
+            release(pending)
         now = time.monotonic()
         stats.requests += 1
         emit(

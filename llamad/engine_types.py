@@ -6,7 +6,7 @@ faces and the backends can read the types without the machinery."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Sequence, Union
 
 class EngineNotReady(Exception):
     def __init__(self, state: str):
@@ -92,6 +92,9 @@ class Generation:
     stop: list[str] = field(default_factory=list)
     # GBNF grammar that constrains the output (tool calls, JSON); None for free text.
     grammar: str | None = None
+    # Log probabilities: None = not asked (the step costs nothing extra); N = each token's
+    # log probability with the N most likely alternatives (llamad.logprobs).
+    logprobs: int | None = None
 
 
 @dataclass
@@ -112,8 +115,36 @@ class Started:
 
 
 @dataclass
+class Alternative:
+    """A token the model could have chosen at a step, with its log probability."""
+
+    id: int
+    text: str
+    bytes: bytes
+    logprob: float
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token as the model scored it (see llamad.logprobs for which
+    distribution). `text` is what the token added to the answer, so the texts of a
+    generation's entries joined are its text; `bytes` are the token's own bytes (part of a
+    multi-byte character, when a character spans tokens)."""
+
+    id: int
+    text: str
+    bytes: bytes
+    logprob: float
+    top: list[Alternative]  # the most likely first
+
+
+@dataclass
 class Token:
     text: str
+    # The tokens that spell this piece (empty unless the generation asked for logprobs,
+    # which makes the engine release text in whole tokens). A token cut by a stop
+    # sequence keeps only the text before the stop.
+    logprobs: Sequence[TokenLogprob] = ()
 
 
 @dataclass

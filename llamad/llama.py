@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 import msgspec
+import numpy as np
 import structlog
 
 from llamad.chat import (
@@ -30,7 +31,8 @@ from llamad.chat import (
     named_formatter,
 )
 from llamad.config import KV_CACHE_TYPES, Config, file_identity, sampling_defaults
-from llamad.engine import Cancelled, Engine, FimTokens, Generation, GrammarRejected, Prompt, PromptError
+from llamad.engine import Cancelled, Engine, FimTokens, Generation, GrammarRejected, Prompt, PromptError, TokenLogprob
+from llamad.logprobs import score
 from llamad.prompt_cache import PromptStateCache, common_prefix
 from llamad.tools_sampling import GrammarConstraint, GrammarError, check_grammar
 
@@ -393,7 +395,7 @@ class LlamaEngine(Engine):
             self.stats.prompt_tokens_evaluated += len(chunk)
         return prefix
 
-    def _decode(self, generation: Generation, cancel: threading.Event) -> Iterator[str | int]:
+    def _decode(self, generation: Generation, cancel: threading.Event) -> Iterator[str | int | TokenLogprob]:
         import llama_cpp
 
         llm = self.llm
@@ -430,18 +432,36 @@ class LlamaEngine(Engine):
             presence_penalty=s.presence_penalty,
             logits_processor=llama_cpp.LogitsProcessorList([constraint]) if constraint else None,
         )
+        top_n = generation.logprobs
+        n_vocab = llm.n_vocab()
         try:
             for token in steps:
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
                     return
                 n = llama_cpp.llama_token_to_piece(vocab, token, buffer, 256, 0, False)
-                piece = decoder.decode(buffer.raw[: max(n, 0)])
+                raw = buffer.raw[: max(n, 0)]
+                piece = decoder.decode(raw)
                 if constraint is not None:
                     constraint.accept(token, piece)
-                yield piece
+                if top_n is None:
+                    yield piece
+                else:
+                    # The row the token was sampled from: the last output of the last eval
+                    # (the next eval runs only when this generator is resumed).
+                    row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+                    yield score(row, token, piece, raw, top_n, lambda i: token_bytes(vocab, i, special=True))
                 if cancel.is_set() or llm.n_tokens >= self.n_ctx - 1:
                     return
         finally:
             steps.close()
             if constraint is not None:
                 constraint.close()
+
+
+def token_bytes(vocab, token: int, special: bool) -> bytes:
+    """A token's bytes; `special` renders a control token as its text ("<end_of_turn>")."""
+    import llama_cpp
+
+    buffer = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buffer, 256, 0, special)
+    return buffer.raw[: max(n, 0)]

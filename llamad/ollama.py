@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import time
 from contextlib import aclosing
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 import msgspec
 from litestar import Request, Response, Router, post
 from litestar.response import Stream
 
-from llamad import tools
+from llamad import openai_logprobs, tools
 from llamad.answer import (
     Answer,
     AnswerEvent,
@@ -35,7 +35,7 @@ from llamad.answer import (
     fold,
 )
 from llamad.chat import Chat
-from llamad.engine import ContextOverflow, Engine, Generation, Prompt
+from llamad.engine import ContextOverflow, Engine, Generation, Prompt, TokenLogprob
 from llamad.errors import from_exception, ollama_body
 from llamad.infill import infill_prompt
 from llamad.observe import engine_of, record_of
@@ -46,6 +46,7 @@ from llamad.ollama_request import (
     GenerateRequest,
     context_of,
     generate_chat,
+    logprobs_of,
     max_tokens_of,
     response_format_of,
     sampling_of,
@@ -91,8 +92,11 @@ class Reply:
         self.model = model
         self.chat = chat
         self.started = started
+        self.logprobs = False  # the request asked for them: text pieces carry their tokens'
 
-    def piece(self, text: str = "", thinking: str = "", calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def piece(
+        self, text: str = "", thinking: str = "", calls: list[dict[str, Any]] | None = None, logprobs: Sequence[TokenLogprob] = ()
+    ) -> dict[str, Any]:
         payload: dict[str, Any] = {"model": self.model, "created_at": iso()}
         if self.chat:
             message: dict[str, Any] = {"role": "assistant", "content": text}
@@ -105,6 +109,8 @@ class Reply:
             payload["response"] = text
             if thinking:
                 payload["thinking"] = thinking
+        if logprobs:
+            payload["logprobs"] = openai_logprobs.token_objects(logprobs)
         payload["done"] = False
         return payload
 
@@ -136,7 +142,10 @@ class Reply:
     def folded(self, answer: Answer, keep_reasoning: bool) -> dict[str, Any]:
         assert answer.finish is not None
         calls = [tool_call_of(c, i) for i, c in enumerate(answer.tool_calls)]
-        return self.last(answer.finish, text=answer.text, thinking=answer.reasoning if keep_reasoning else "", calls=calls)
+        payload = self.last(answer.finish, text=answer.text, thinking=answer.reasoning if keep_reasoning else "", calls=calls)
+        if self.logprobs:
+            payload["logprobs"] = openai_logprobs.token_objects(answer.logprobs)
+        return payload
 
 
 async def ndjson_frames(events: AsyncIterator[AnswerEvent], reply: Reply, request: Request) -> AsyncIterator[bytes]:
@@ -156,7 +165,7 @@ async def ndjson_frames(events: AsyncIterator[AnswerEvent], reply: Reply, reques
                 admission = False
                 if isinstance(event, TextDelta):
                     record.first_token()
-                    yield ndjson_line(reply.piece(text=event.text))
+                    yield ndjson_line(reply.piece(text=event.text, logprobs=event.logprobs))
                 elif isinstance(event, ReasoningDelta):
                     record.first_token()
                     yield ndjson_line(reply.piece(thinking=event.text))
@@ -205,7 +214,9 @@ async def answer(
         sampling=sampling_of(req.options),
         stop=stops_of(req.options),
         grammar=grammar,
+        logprobs=logprobs_of(req),
     )
+    reply.logprobs = generation.logprobs is not None
     keep_reasoning = wants_thinking(req.think)
     events = await admitted(answer_events(engine, generation, keep_reasoning, parser, split_reasoning=split_reasoning))
     if req.stream:

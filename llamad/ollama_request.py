@@ -68,6 +68,8 @@ class Common(msgspec.Struct, kw_only=True):
     format: Union[str, dict[str, Any], None] = None
     think: Union[bool, str, None] = None
     keep_alive: Union[float, str, None] = None  # accepted: the one model stays loaded
+    logprobs: bool = False
+    top_logprobs: Union[int, None] = None
 
 
 class ChatRequest(Common, kw_only=True):
@@ -199,6 +201,14 @@ def response_format_of(fmt: str | dict[str, Any] | None) -> dict[str, Any] | Non
     if isinstance(fmt, dict):
         return {"type": "json_schema", "schema": fmt}
     raise bad_request(f"'format' must be \"json\" or a JSON schema object, got {fmt!r}")
+
+
+def logprobs_of(req: Common) -> int | None:
+    """How many alternatives per token (`top_logprobs`, 0..20), or None without `logprobs`."""
+    top = req.top_logprobs
+    if top is not None and not 0 <= top <= 20:
+        raise bad_request(f"'top_logprobs' must be between 0 and 20, got {top}")
+    return (top or 0) if req.logprobs else None
 
 
 def wants_thinking(think: bool | str | None) -> bool:

@@ -13,7 +13,7 @@ import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.response import Stream
 
-from llamad import sse
+from llamad import openai_logprobs, sse
 from llamad.answer import (
     Answer,
     AnswerEvent,
@@ -117,6 +117,8 @@ class ChatRequest(SamplingFields, kw_only=True):
     tool_choice: Union[str, dict[str, Any], None] = None
     parallel_tool_calls: bool = True
     response_format: Union[dict[str, Any], None] = None
+    logprobs: Union[bool, None] = None
+    top_logprobs: Union[int, None] = None
 
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -274,14 +276,20 @@ class Completion:
         self.created = int(time.time())
         self.model = model
 
-    def chunk(self, delta: dict[str, Any], finish_reason: str | None = None, usage: bool = False) -> dict[str, Any]:
+    def chunk(
+        self,
+        delta: dict[str, Any],
+        finish_reason: str | None = None,
+        usage: bool = False,
+        logprobs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
         }
         if usage:
             payload["usage"] = None
@@ -315,7 +323,11 @@ def delta_of(event: AnswerEvent) -> dict[str, Any] | None:
 
 
 async def stream_frames(
-    events: AsyncIterator[AnswerEvent], completion: Completion, include_usage: bool, request: Request
+    events: AsyncIterator[AnswerEvent],
+    completion: Completion,
+    include_usage: bool,
+    request: Request,
+    with_logprobs: bool = False,
 ) -> AsyncIterator[bytes]:
     record = record_of(request)
     async with aclosing(events) as stream:
@@ -344,7 +356,10 @@ async def stream_frames(
                 delta = delta_of(event)
                 if delta is not None:
                     record.first_token()
-                    yield sse.data_frame(completion.chunk(delta, usage=include_usage))
+                    logprobs = None
+                    if with_logprobs and isinstance(event, TextDelta):
+                        logprobs = openai_logprobs.chat(event.logprobs)
+                    yield sse.data_frame(completion.chunk(delta, usage=include_usage, logprobs=logprobs))
         except Exception as exc:  # after the headers: the error travels in the stream
             error = from_exception(exc, "openai")
             record.fail(error)
@@ -363,7 +378,9 @@ def message_of(answer: Answer, keep_reasoning: bool) -> dict[str, Any]:
     return message
 
 
-def completion_body(answer: Answer, completion: Completion, keep_reasoning: bool) -> dict[str, Any]:
+def completion_body(
+    answer: Answer, completion: Completion, keep_reasoning: bool, with_logprobs: bool = False
+) -> dict[str, Any]:
     assert answer.finish is not None
     return {
         "id": completion.id,
@@ -375,7 +392,7 @@ def completion_body(answer: Answer, completion: Completion, keep_reasoning: bool
             {
                 "index": 0,
                 "message": message_of(answer, keep_reasoning),
-                "logprobs": None,
+                "logprobs": openai_logprobs.chat(answer.logprobs) if with_logprobs else None,
                 "finish_reason": answer.finish.reason,
             }
         ],
@@ -394,6 +411,7 @@ async def complete(request: Request, keep_reasoning: bool) -> Response:
         raise bad_request("only n=1 is supported", param="n")
     chat = to_chat(req, limits.max_messages)
     sampling = sampling_of(req)
+    top_n = openai_logprobs.chat_top_n(req.logprobs, req.top_logprobs)
     stops = stop_list(req.stop)
     max_tokens = requested_max_tokens(req, limits.default_max_tokens, limits.max_tokens_hard_cap)
     response_format = response_format_of(req)
@@ -416,6 +434,7 @@ async def complete(request: Request, keep_reasoning: bool) -> Response:
         sampling=sampling,
         stop=stops,
         grammar=grammar,
+        logprobs=top_n,
     )
     completion = Completion(engine.model_id)
     events = await admitted(answer_events(engine, generation, keep_reasoning, parser))
@@ -423,13 +442,13 @@ async def complete(request: Request, keep_reasoning: bool) -> Response:
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return Stream(
-            stream_frames(events, completion, include_usage, request),
+            stream_frames(events, completion, include_usage, request, with_logprobs=top_n is not None),
             media_type="text/event-stream",
             headers=sse.HEADERS,
         )
     answer = await unless_disconnected(request, fold(events))
     record.finish(answer.finish)
-    return Response(completion_body(answer, completion, keep_reasoning))
+    return Response(completion_body(answer, completion, keep_reasoning, with_logprobs=top_n is not None))
 
 
 @post("/v1/chat/completions", status_code=200)

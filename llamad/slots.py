@@ -25,7 +25,7 @@ from typing import Any, Iterator, Protocol
 
 import structlog
 
-from llamad.engine import Generation
+from llamad.engine import Generation, TokenLogprob
 from llamad.prompt_cache import PromptStateCache, common_prefix
 from llamad.scheduler import Scheduler
 
@@ -70,6 +70,11 @@ class Backend(Protocol):
 
     def accept(self, sampler: Any, token: int) -> str:
         """Advances the sequence's grammar and UTF-8 decoder; the token's text."""
+        ...
+
+    def score(self, index: int, token: int, text: str, top_n: int) -> TokenLogprob:
+        """`token`'s log probability and the `top_n` most likely tokens, from the logits of
+        batch entry `index` of the last decode (llamad.logprobs.score)."""
         ...
 
     def save_state(self, slot: int) -> bytes | None: ...
@@ -406,7 +411,10 @@ class StepLoop:
                 self._retire(seq)
                 continue
             seq.generated += 1
-            seq.out.put(b.accept(seq.sampler, token))
+            text = b.accept(seq.sampler, token)
+            top_n = seq.generation.logprobs
+            # Scored now, while the batch's logits are still the ones the token came from.
+            seq.out.put(text if top_n is None else b.score(index, token, text, top_n))
             if seq.generated >= seq.generation.max_tokens or len(seq.tokens) + seq.generated >= b.n_ctx:
                 self._retire(seq)
 
@@ -464,7 +472,7 @@ class SlotsMixin:
         self.loop = StepLoop(backend, prompt_cache, engine_stats=getattr(self, "stats", None))
         self.loop.start()
 
-    def _decode(self, generation: Generation, cancel: threading.Event) -> Iterator[str | int]:
+    def _decode(self, generation: Generation, cancel: threading.Event) -> Iterator[str | int | TokenLogprob]:
         assert self.loop is not None
         seq = Sequence(generation=generation, cancel=cancel)
         self.loop.submit(seq)

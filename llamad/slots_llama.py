@@ -23,8 +23,9 @@ import numpy as np
 import structlog
 
 from llamad.config import Config
-from llamad.engine import Generation
-from llamad.llama import LlamaEngine, kv_cache_mib, native
+from llamad.engine import Generation, TokenLogprob
+from llamad.llama import LlamaEngine, kv_cache_mib, native, token_bytes
+from llamad.logprobs import score
 from llamad.slots import SlotsMixin
 from llamad.tools_sampling import GrammarConstraint
 
@@ -212,6 +213,13 @@ class LlamaSlotsBackend:
         if sampler.constraint is not None:
             sampler.constraint.accept(token, text)
         return text
+
+    def score(self, index: int, token: int, text: str, top_n: int) -> TokenLogprob:
+        if index not in self._outputs:
+            raise IndexError(f"batch entry {index} has no logits in the last decode")
+        row = np.ctypeslib.as_array(self.ll.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+        vocab = self.vocab
+        return score(row, token, text, token_bytes(vocab, token, special=False), top_n, lambda i: token_bytes(vocab, i, special=True))
 
 
 class LlamaSlotsEngine(SlotsMixin, LlamaEngine):

@@ -9,7 +9,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from llamad.engine import Generation
+from llamad.engine import Generation, TokenLogprob
+from fake_engine import fake_scored
 
 EOG = 0
 
@@ -33,6 +34,7 @@ class FakeBackend:
     kv: dict[int, list[int]] = field(default_factory=dict)  # slot -> positions held
     batches: list[dict] = field(default_factory=list)
     grammar_fallbacks: int = 0
+    scored: int = 0  # tokens whose logprobs were computed
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -76,6 +78,11 @@ class FakeBackend:
 
     def accept(self, sampler: FakeSampler, token: int) -> str:
         return f"t{token} "
+
+    def score(self, index: int, token: int, text: str, top_n: int) -> TokenLogprob:
+        assert index in self._outputs, f"logits scored at {index}, which asked for none"
+        self.scored += 1
+        return fake_scored(text, top_n)
 
     def save_state(self, slot: int) -> bytes | None:
         return bytes(len(self.kv[slot]))

@@ -8,11 +8,22 @@ import time
 import zlib
 from typing import Callable, Iterator
 
+import numpy as np
+
 from llamad.chat import Chat, messages_as_text
-from llamad.engine import Engine, FimTokens, Generation, Prompt
+from llamad.engine import Engine, FimTokens, Generation, Prompt, TokenLogprob
+from llamad.logprobs import score
 from llamad.prompt_cache import common_prefix
 
 Script = Callable[[Generation], list[str]]
+
+# The fake model's distribution at every step: the scripted piece is token 0, the most
+# likely; tokens 1.. are alternatives " alt1", " alt2", ... in falling order.
+FAKE_LOGITS = np.array([4.0, 3.0, 2.0, 1.5, 1.0, 0.5, 0.0, -1.0] + [-6.0] * 24, dtype=np.float32)
+
+
+def fake_scored(text: str, top_n: int, logits: np.ndarray = FAKE_LOGITS) -> TokenLogprob:
+    return score(logits, 0, text, text.encode(), top_n, lambda i: f" alt{i}".encode())
 
 
 class FakeEngine(Engine):
@@ -105,7 +116,7 @@ class FakeEngine(Engine):
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
-    def _decode(self, generation: Generation, cancel: threading.Event) -> Iterator[str | int]:
+    def _decode(self, generation: Generation, cancel: threading.Event) -> Iterator[str | int | TokenLogprob]:
         self.generations.append(generation)
         if self.prompt_delay:
             time.sleep(self.prompt_delay)
@@ -117,7 +128,7 @@ class FakeEngine(Engine):
             if self.token_delay:
                 time.sleep(self.token_delay)
             self.decoded_tokens += 1
-            yield piece
+            yield piece if generation.logprobs is None else fake_scored(piece, generation.logprobs)
 
 
 def pieces(text: str, size: int = 3) -> list[str]:
