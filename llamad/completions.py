@@ -235,6 +235,7 @@ async def plan(request: Request, engine: Engine, req: CompletionRequest) -> list
                 sampling=sampling,
                 stop=stops,
                 logprobs=top_n,
+                ignore_eos=req.ignore_eos,
             )
             jobs.append(Job(len(jobs), prompt, generation, echo=prompt.text if req.echo else ""))
     return jobs

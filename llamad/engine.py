@@ -423,7 +423,8 @@ class Engine:
     def _generate(self, generation: Generation, cancel: threading.Event, emit, queued_s: float) -> None:
         prompt_tokens = len(generation.prompt.tokens)
         stops = [s for s in generation.stop if s]
-        all_stops = stops + [s for s in generation.prompt.template_stops if s and s not in stops]
+        template_stops = [] if generation.ignore_eos else generation.prompt.template_stops
+        all_stops = stops + [s for s in template_stops if s and s not in stops]
         longest_stop = max((len(s) for s in all_stops), default=0)
         started = time.monotonic()
         first_token_at: float | None = None

@@ -95,6 +95,10 @@ class Generation:
     # Log probabilities: None = not asked (the step costs nothing extra); N = each token's
     # log probability with the N most likely alternatives (llamad.logprobs).
     logprobs: int | None = None
+    # llama-server's `ignore_eos`, which benchmarks send: the answer runs to max_tokens (or a
+    # stop string the client gave); end-of-generation tokens and the template's turn ends do
+    # not end it.
+    ignore_eos: bool = False
 
 
 @dataclass

@@ -129,6 +129,7 @@ async def infill(request: Request) -> Response:
         max_tokens=engine.clamp_max_tokens(min(max_tokens, limits.max_tokens_hard_cap), prompt),
         sampling=sampling_of(req),
         stop=stop_list(req.stop),
+        ignore_eos=req.ignore_eos,
     )
     events = await admitted(answer_events(engine, generation, keep_reasoning=True, split_reasoning=False))
     if req.stream:

@@ -436,7 +436,7 @@ class LlamaEngine(Engine):
         n_vocab = llm.n_vocab()
         try:
             for token in steps:
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                if llama_cpp.llama_vocab_is_eog(vocab, token) and not generation.ignore_eos:
                     return
                 n = llama_cpp.llama_token_to_piece(vocab, token, buffer, 256, 0, False)
                 raw = buffer.raw[: max(n, 0)]

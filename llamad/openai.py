@@ -102,6 +102,8 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     repeat_penalty: Union[float, None] = None
     seed: Union[int, None] = None
     stop: Union[str, list[str], None] = None
+    # llama-server's field (benchmarks send it): generate to max_tokens, whatever ends a turn.
+    ignore_eos: bool = False
 
 
 class ChatRequest(SamplingFields, kw_only=True):
@@ -435,6 +437,7 @@ async def complete(request: Request, keep_reasoning: bool) -> Response:
         stop=stops,
         grammar=grammar,
         logprobs=top_n,
+        ignore_eos=req.ignore_eos,
     )
     completion = Completion(engine.model_id)
     events = await admitted(answer_events(engine, generation, keep_reasoning, parser))

@@ -407,7 +407,7 @@ class StepLoop:
                 seq.out.put(seq.cached)  # the prompt is evaluated
             token = b.sample(seq.sampler, index)
             seq.next_token = token
-            if b.is_eog(token):
+            if b.is_eog(token) and not seq.generation.ignore_eos:
                 self._retire(seq)
                 continue
             seq.generated += 1

@@ -127,3 +127,25 @@ def test_concurrent_requests_are_all_answered(client):
 def test_models_list_via_sdk(client):
     models = client.models.list()
     assert [m.id for m in models.data] == ["llama-local"]
+
+
+@pytest.mark.parametrize("parallel", ["1", "4"])
+def test_ignore_eos_runs_an_answer_that_ends_by_itself_to_max_tokens(tmp_path, parallel):
+    from conftest import start_server
+
+    body = {"messages": [{"role": "user", "content": "Reply with the word OK."}], "max_tokens": 60, "temperature": 0}
+    with start_server(tmp_path, PARALLEL=parallel) as server:
+        ended = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=300).json()
+        ran_on = httpx.post(server.url + "/v1/chat/completions", json={**body, "ignore_eos": True}, timeout=300).json()
+        completion = httpx.post(
+            server.url + "/v1/completions",
+            json={"prompt": "User: Reply with the word OK.\n\nAssistant:", "max_tokens": 60, "temperature": 0,
+                  "stop": ["."], "ignore_eos": True},
+            timeout=300,
+        ).json()
+    # Greedy, the demo model ends this turn itself, well before the cap ...
+    assert ended["choices"][0]["finish_reason"] == "stop" and ended["usage"]["completion_tokens"] < 60
+    # ... and with ignore_eos the same request runs to it, through the turn's end.
+    assert ran_on["choices"][0]["finish_reason"] == "length" and ran_on["usage"]["completion_tokens"] == 60
+    # A stop string the client gave still ends the answer.
+    assert completion["choices"][0]["finish_reason"] == "stop"
