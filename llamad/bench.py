@@ -215,7 +215,8 @@ class Http:
 
 
 def bench_http(client: Http, tokens: int, runs: int, engine: EngineBench | None = None) -> dict[str, Any]:
-    body = {"model": "bench", "messages": PROMPT, "max_tokens": tokens, "temperature": 0, "top_k": 1}
+    # ignore_eos: every answer is `tokens` long, whether or not the model would end its turn.
+    body = {"model": "bench", "messages": PROMPT, "max_tokens": tokens, "temperature": 0, "top_k": 1, "ignore_eos": True}
     client.post("/v1/chat/completions", {**body, "max_tokens": 4})  # warm-up
     streamed_rates, streamed_totals, ttfts, streamed_tokens = [], [], [], []
     plain_totals, plain_tokens, late_totals = [], [], []
@@ -256,6 +257,7 @@ def bench_concurrency(client: Http, streams: int, tokens: int) -> dict[str, Any]
             "messages": [{"role": "user", "content": f"Story number {i}: tell me about a lighthouse keeper."}],
             "max_tokens": tokens,
             "temperature": 0,
+            "ignore_eos": True,
         }
         results[i] = client.stream("/v1/chat/completions", body)
 
@@ -371,6 +373,7 @@ def bench_hangup(client: Http, prefix_tokens: int) -> dict[str, Any]:
             "max_tokens": 1000,
             "stream": True,
             "temperature": 0,
+            "ignore_eos": True,  # still decoding when the client leaves
         }
         leaving = http.client.HTTPConnection(client.host, client.port, timeout=600)
         leaving.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})

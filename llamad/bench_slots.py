@@ -46,7 +46,7 @@ def start_llama_server(binary: str, model: Path, parallel: int, loaded: LoadedCo
 
 def single_stream(client: Http, tokens: int) -> float:
     body = {"model": "bench", "messages": [{"role": "user", "content": "Tell me a long story about a robot that learns to garden."}],
-            "max_tokens": tokens, "temperature": 0}
+            "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
     result = client.stream("/v1/chat/completions", body)
     n = result["completion_tokens"]
     if n > 1 and result["first"] and result["last"] and result["last"] > result["first"]:
@@ -72,7 +72,7 @@ def long_prompt_amid_streams(client: Http, tokens: int, prompt_tokens: int) -> d
         threads = []
         for i in range(3):
             body = {"model": "bench", "messages": [{"role": "user", "content": f"Story {i}: a lighthouse keeper."}],
-                    "max_tokens": tokens, "temperature": 0}
+                    "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
             thread = threading.Thread(target=client.stream, args=("/v1/chat/completions", body, times[i]))
             thread.start()
             threads.append(thread)

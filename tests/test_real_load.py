@@ -377,7 +377,8 @@ def test_sigterm_during_generation_finishes_it_and_exits_cleanly(tmp_path):
             with httpx.stream(
                 "POST",
                 base + CHAT,
-                json={"messages": [{"role": "user", "content": "Story"}], "max_tokens": 120, "stream": True},
+                json={"messages": [{"role": "user", "content": "Story"}], "max_tokens": 120, "stream": True,
+                      "ignore_eos": True},  # still running when SIGTERM comes
                 timeout=120,
             ) as response:
                 for line in response.iter_lines():
