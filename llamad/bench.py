@@ -428,6 +428,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def dies_with_parent() -> None:
+    """For Popen's preexec_fn: the server the bench starts gets SIGTERM when the bench dies,
+    even by SIGKILL (a timeout), instead of living on and holding a port and the CPU."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _start_server(loaded: LoadedConfig) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = {**os.environ, "LLAMAD_SERVER_PORT": str(port), "LLAMAD_SERVER_HOST": "127.0.0.1", "LLAMAD_LOGGING_LEVEL": "warning"}
@@ -436,7 +446,9 @@ def _start_server(loaded: LoadedConfig) -> tuple[subprocess.Popen, str]:
     args = [sys.executable, "-m", "llamad.cli"]
     if loaded.file:
         args += ["--config", str(loaded.file)]
-    process = subprocess.Popen(args + ["serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        args + ["serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=dies_with_parent
+    )
     return process, wait_healthy(process, port, "llamad serve")
 
 

@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llamad.bench import Http, _free_port, _manual, _median, _percentile, _start_server, bench_cache, bench_concurrency, wait_healthy
+from llamad.bench import (
+    Http, _free_port, _manual, _median, _percentile, _start_server, bench_cache, bench_concurrency, dies_with_parent, wait_healthy,
+)
 from llamad.config import LoadedConfig, resolve_model
 
 STREAMS = (1, 2, 4, 8)
@@ -40,7 +42,7 @@ def start_llama_server(binary: str, model: Path, parallel: int, loaded: LoadedCo
         "-np", str(parallel), "-c", str(parallel * m.n_ctx), "-b", str(m.n_batch),
         "-t", str(threads), "-tb", str(threads), "--no-webui",
     ]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=dies_with_parent)
     return process, wait_healthy(process, port, f"llama-server ({' '.join(args)})")
 
 

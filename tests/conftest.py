@@ -25,6 +25,7 @@ from hypothesis import settings
 from litestar.testing import AsyncTestClient
 
 from llamad.app import create_app
+from llamad.bench import dies_with_parent
 from llamad.config import load_config
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -106,6 +107,7 @@ def start_server(tmp_dir: Path, toml: str = "", **env: str) -> Iterator[RunningS
             env=environment,
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            preexec_fn=dies_with_parent,  # a killed test run leaves no server behind
         )
     url = f"http://127.0.0.1:{port}"
     try:
