@@ -208,22 +208,22 @@ async def count_input_tokens(request: Request) -> dict[str, Any]:
     return {"object": "response.input_tokens", "input_tokens": len(prompt.tokens)}
 
 
-@get("/v1/responses/{response_id:str}")
-async def get_response(request: Request) -> dict[str, Any]:
+def stored_or_404(request: Request) -> Any:
     response_id = request.path_params["response_id"]
     stored = store_of(request).get(response_id)
     if stored is None:
         raise not_found(response_id)
-    return stored.body
+    return stored
+
+
+@get("/v1/responses/{response_id:str}")
+async def get_response(request: Request) -> dict[str, Any]:
+    return stored_or_404(request).body
 
 
 @get("/v1/responses/{response_id:str}/input_items")
 async def list_input_items(request: Request) -> dict[str, Any]:
-    response_id = request.path_params["response_id"]
-    stored = store_of(request).get(response_id)
-    if stored is None:
-        raise not_found(response_id)
-    return page(stored.input_items, request.query_params)
+    return page(stored_or_404(request).input_items, request.query_params)
 
 
 @delete("/v1/responses/{response_id:str}", status_code=200)

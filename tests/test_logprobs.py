@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import queue
 from contextlib import aclosing
 
 import numpy as np
@@ -17,6 +16,7 @@ from hypothesis import strategies as st
 
 from fake_backend import FakeBackend
 from fake_engine import FAKE_LOGITS, FakeEngine, pieces
+from test_slots import outputs
 from llamad.engine import Done, Generation, Prompt, Token, TokenLogprob
 from llamad.logprobs import FLOOR, score
 from llamad.slots import Sequence, StepLoop
@@ -133,15 +133,6 @@ async def test_a_stop_right_after_released_text_still_sends_the_cut_token():
 # -- the slots step loop ----------------------------------------------------------------------
 
 
-def drain(seq: Sequence) -> list:
-    items = []
-    while True:
-        try:
-            items.append(seq.out.get_nowait())
-        except queue.Empty:
-            return items
-
-
 @pytest.mark.parametrize("logprobs", [None, 3])
 def test_the_step_loop_scores_a_token_only_for_a_sequence_that_asks(logprobs):
     backend = FakeBackend(n_slots=2, script=lambda g: [5, 6, 7])
@@ -154,8 +145,8 @@ def test_the_step_loop_scores_a_token_only_for_a_sequence_that_asks(logprobs):
         if asking.ended and plain.ended:
             break
         loop.step()
-    assert all(isinstance(item, str) for item in drain(plain)[1:-1])
-    items = drain(asking)[1:-1]  # the cached count first, None last
+    assert all(isinstance(item, str) for item in outputs(plain)[1:-1])
+    items = outputs(asking)[1:-1]  # the cached count first, None last
     if logprobs is None:
         assert items == ["t5 ", "t6 ", "t7 "] and backend.scored == 0
     else:
