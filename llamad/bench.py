@@ -21,19 +21,17 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import secrets
 import signal
 import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from llamad.bench_servers import start_llamad
 from llamad.config import LoadedConfig, resolve_model
 
 PROMPT = [
@@ -422,54 +420,6 @@ def bench_embeddings(client: Http, inputs: int) -> dict[str, Any]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def dies_with_parent() -> None:
-    """For Popen's preexec_fn: the server the bench starts gets SIGTERM when the bench dies,
-    even by SIGKILL (a timeout), instead of living on and holding a port and the CPU."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _start_server(loaded: LoadedConfig) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, "LLAMAD_SERVER_PORT": str(port), "LLAMAD_SERVER_HOST": "127.0.0.1", "LLAMAD_LOGGING_LEVEL": "warning"}
-    if loaded.config.model.path:
-        env["LLAMAD_MODEL_PATH"] = loaded.config.model.path
-    args = [sys.executable, "-m", "llamad.cli"]
-    if loaded.file:
-        args += ["--config", str(loaded.file)]
-    process = subprocess.Popen(
-        args + ["serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=dies_with_parent
-    )
-    return process, wait_healthy(process, port, "llamad serve")
-
-
-def wait_healthy(process: subprocess.Popen, port: int, what: str, timeout_s: float = 300) -> str:
-    """The server's base URL once GET /health answers 200; raises if it exits or times out."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}")
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            connection.request("GET", "/health")
-            if connection.getresponse().status == 200:
-                return f"http://127.0.0.1:{port}"
-        except OSError:
-            pass
-        time.sleep(0.3)
-    process.kill()
-    raise RuntimeError(f"{what} did not become healthy")
-
-
 def run_bench(loaded: LoadedConfig, args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"model": str(resolve_model(loaded).path) if not args.url else args.url}
     print(f"llamad bench: {results['model']}, {args.tokens} tokens, {args.runs} runs each", flush=True)
@@ -477,7 +427,7 @@ def run_bench(loaded: LoadedConfig, args: argparse.Namespace) -> int:
     process = None
     url = args.url
     if not url:
-        process, url = _start_server(loaded)
+        process, url = start_llamad(loaded)
     try:
         client = Http(url)
         results["http"] = bench_http(client, args.tokens, args.runs, engine)

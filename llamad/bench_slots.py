@@ -26,8 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from llamad.bench import (
-    Http, _free_port, _manual, _median, _percentile, _start_server, bench_cache, bench_concurrency, dies_with_parent, wait_healthy,
+    Http,
+    _manual,
+    _median,
+    _percentile,
+    bench_cache,
+    bench_concurrency,
 )
+from llamad.bench_servers import dies_with_parent, free_port, start_llamad, wait_healthy
 from llamad.config import LoadedConfig, resolve_model
 
 STREAMS = (1, 2, 4, 8)
@@ -36,7 +42,7 @@ STREAMS = (1, 2, 4, 8)
 def start_llama_server(binary: str, model: Path, parallel: int, loaded: LoadedConfig) -> tuple[subprocess.Popen, str]:
     m = loaded.config.model
     threads = m.n_threads or os.cpu_count() or 1
-    port = _free_port()
+    port = free_port()
     args = [
         binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
         "-np", str(parallel), "-c", str(parallel * m.n_ctx), "-b", str(m.n_batch),
@@ -112,7 +118,7 @@ def run_side_by_side(loaded: LoadedConfig, args: argparse.Namespace) -> int:
     print(f"llamad bench, side by side with {args.llama_server}: {model}", flush=True)
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
-        servers["llamad"] = _start_server(loaded)
+        servers["llamad"] = start_llamad(loaded)
         servers["llama-server -np 1"] = start_llama_server(args.llama_server, model, 1, loaded)
         servers["llama-server -np 4"] = start_llama_server(args.llama_server, model, 4, loaded)
         clients = {name: Http(url) for name, (_, url) in servers.items()}
