@@ -74,7 +74,7 @@ class PromptStateCache:
         written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0)
         if written <= 0:
             return
-        self.put(tokens, bytes(buffer[:written]))
+        self.put(tokens, ctypes.string_at(buffer, written))  # at C speed (see slots_llama.save_state)
 
     def put(self, tokens: list[int], data: bytes) -> None:
         """Keeps `data`, the saved KV state of one sequence holding `tokens`."""

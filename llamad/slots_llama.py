@@ -142,7 +142,9 @@ class LlamaSlotsBackend:
             return None
         buffer = (ctypes.c_uint8 * size)()
         written = self.ll.llama_state_seq_get_data(self.ctx, buffer, size, slot)
-        return bytes(buffer[:written]) if written > 0 else None
+        # string_at copies the bytes at C speed; bytes(buffer[:n]) would build a list of n
+        # Python ints first (190 ms for 8 MiB, with the GIL held, every stream waiting).
+        return ctypes.string_at(buffer, written) if written > 0 else None
 
     def load_state(self, slot: int, data: bytes) -> bool:
         buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
