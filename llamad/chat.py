@@ -77,7 +77,9 @@ def format_transcript(messages: list[dict[str, Any]], **_: Any) -> Any:
         speaker = TRANSCRIPT_SPEAKERS.get(message["role"], "User")
         parts.append(f"{speaker}: {message.get('content') or ''}".rstrip())
     prompt = "\n\n".join(parts) + "\n\nAssistant:"
-    return ChatFormatterResponse(prompt=prompt, stop=[f"\n{s}:" for s in ("User", "Assistant", "System")])
+    # With the blank line before a speaker too, so that an answer does not end in "\n".
+    speakers = ("User", "Assistant", "System")
+    return ChatFormatterResponse(prompt=prompt, stop=[f"\n{gap}{s}:" for gap in ("\n", "") for s in speakers])
 
 
 LOCAL_FORMATS: dict[str, Callable[..., Any]] = {TRANSCRIPT_FORMAT: format_transcript}
