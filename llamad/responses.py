@@ -26,7 +26,7 @@ from llamad.engine import ContextOverflow, Engine, Generation, Sampling
 from llamad.errors import ApiError, from_exception
 from llamad.observe import engine_of, record_of
 from llamad.requests import decode_body, read_body, unless_disconnected
-from llamad.responses_request import ResponsesRequest, max_output_tokens_of, sampling_of, translate
+from llamad.responses_request import ResponsesRequest, max_output_tokens_of, sampling_of, top_logprobs_of, translate
 from llamad.responses_items import input_items_of, page
 from llamad.responses_store import ResponseStore, StoredResponse
 from llamad.responses_stream import TERMINAL, ResponseStream, WireEvent, final_response
@@ -157,6 +157,7 @@ async def create_response(request: Request) -> Response:
     store = store_of(request)
     previous = previous_of(store, req)
     sampling = sampling_of(req)
+    top_n = top_logprobs_of(req)
     max_tokens = max_output_tokens_of(req, limits.default_max_tokens, limits.max_tokens_hard_cap)
     translated = translate(req, previous.history if previous else [], engine, limits.max_messages)
 
@@ -167,11 +168,16 @@ async def create_response(request: Request) -> Response:
         max_tokens=engine.clamp_max_tokens(max_tokens, prompt),
         sampling=sampling,
         grammar=translated.grammar,
+        logprobs=top_n,
     )
     # Reasoning is always kept: it becomes `reasoning` output items, which clients that do
     # not show it skip, and it is never fed back as answer text.
     events = await admitted(answer_events(engine, generation, True, translated.parser or PlainText()))
-    machine = ResponseStream(echo=echo_of(req, engine.model_id, sampling.resolved(engine.default_sampling), max_tokens), count_tokens=engine.count_tokens)
+    machine = ResponseStream(
+        echo=echo_of(req, engine.model_id, sampling.resolved(engine.default_sampling), max_tokens),
+        count_tokens=engine.count_tokens,
+        with_logprobs=top_n is not None,
+    )
 
     def keep(response: dict[str, Any]) -> None:
         if req.store is not False:

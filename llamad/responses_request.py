@@ -101,6 +101,7 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     previous_response_id: Union[str, None] = None
     metadata: Union[dict[str, Any], None] = None
     include: Union[list[str], None] = None
+    top_logprobs: Union[int, None] = None
     prompt_cache_key: Union[str, None] = None
     truncation: Union[str, None] = None
     user: Union[str, None] = None
@@ -108,6 +109,19 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
 
 
 ROLES = {"user", "assistant", "system", "developer"}
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+
+
+def top_logprobs_of(req: ResponsesRequest) -> int | None:
+    """How many alternatives per token the answer's `logprobs` list, or None for none:
+    asked by `include: ["message.output_text.logprobs"]` or by `top_logprobs` (0..20)."""
+    from llamad.openai_logprobs import CHAT_MAX
+
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= CHAT_MAX:
+        raise bad_request(f"'top_logprobs' must be between 0 and {CHAT_MAX}, got {req.top_logprobs}", param="top_logprobs")
+    if LOGPROBS_INCLUDE in (req.include or []) or req.top_logprobs is not None:
+        return req.top_logprobs or 0
+    return None
 IGNORED_ITEMS = {"reasoning"}  # accepted, not part of the prompt
 
 # Types llamad has already said it leaves out (tools and input items), so each is logged once.

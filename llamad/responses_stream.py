@@ -28,6 +28,7 @@ from llamad.answer import (
     ToolCallStart,
 )
 from llamad.errors import OPENAI_TYPES, ApiError
+from llamad.openai_logprobs import token_objects
 
 # (event type, payload); the payload's "type" equals the event type.
 WireEvent = tuple[str, dict[str, Any]]
@@ -62,6 +63,8 @@ class ResponseStream:
 
     echo: dict[str, Any]
     count_tokens: Callable[[str], int] | None = None
+    # The output_text parts carry token log probabilities (the request asked for them).
+    with_logprobs: bool = False
     response_id: str = field(default_factory=lambda: new_id("resp_"))
     created_at: int = field(default_factory=lambda: int(time.time()))
     output: list[dict[str, Any]] = field(default_factory=list)
@@ -70,6 +73,7 @@ class ResponseStream:
     _open_call: int | None = None  # answer-pipeline index of the open function call
     _text: str = ""  # text (or arguments) of the open item so far
     _reasoning: str = ""  # all reasoning text, for the token count
+    _logprobs: list[dict[str, Any]] = field(default_factory=list)  # the open message's
     finished: bool = False
 
     # -- the response object ------------------------------------------------------------------
@@ -116,8 +120,10 @@ class ResponseStream:
                 return []
             out = self._ensure_open("message")
             self._text += event.text
+            logprobs = token_objects(event.logprobs) if self.with_logprobs else []
+            self._logprobs += logprobs
             return out + [
-                self._event("response.output_text.delta", **self._where(), content_index=0, delta=event.text, logprobs=[])
+                self._event("response.output_text.delta", **self._where(), content_index=0, delta=event.text, logprobs=logprobs)
             ]
         if isinstance(event, ToolCallStart):
             out = self._close()
@@ -207,8 +213,9 @@ class ResponseStream:
         text = self._text
         out: list[WireEvent] = []
         if self._open == "message":
-            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-            out.append(self._event("response.output_text.done", **where, content_index=0, text=text, logprobs=[]))
+            logprobs, self._logprobs = self._logprobs, []
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
+            out.append(self._event("response.output_text.done", **where, content_index=0, text=text, logprobs=logprobs))
             out.append(self._event("response.content_part.done", **where, content_index=0, part=part))
             item["content"] = [part]
         elif self._open == "reasoning":

@@ -300,3 +300,34 @@ async def test_ollama_top_logprobs_out_of_range_is_an_ollama_400(make_client):
     async with make_client() as client:
         response = await client.post("/api/chat", json={"model": "m", "messages": HELLO["messages"], "logprobs": True, "top_logprobs": 21})
     assert response.status_code == 400 and "between 0 and 20" in response.json()["error"]
+
+
+# -- /v1/responses -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ask", [{"include": ["message.output_text.logprobs"], "top_logprobs": 2}, {"top_logprobs": 2}])
+async def test_responses_logprobs_on_the_output_text_plain_and_streamed(make_client, ask):
+    engine = FakeEngine(script=lambda g: SCRIPT)
+    body = {"model": "gpt-4o", "input": "Hi", **ask}
+    async with make_client(engine) as client:
+        plain = (await client.post("/v1/responses", json=body)).json()
+        streamed = await client.post("/v1/responses", json={**body, "stream": True})
+    assert engine.generations[0].logprobs == 2
+    [part] = plain["output"][0]["content"]
+    assert [e["token"] for e in part["logprobs"]] == SCRIPT and part["text"] == "".join(SCRIPT)
+    assert [alt["token"] for alt in part["logprobs"][0]["top_logprobs"]] == ["Hello", " alt1"]
+    events = [json.loads(f.split("data: ", 1)[1]) for f in streamed.text.split("\n\n") if "data: " in f]
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert all([t["token"] for t in d["logprobs"]] == [d["delta"]] for d in deltas)
+    [done] = [e for e in events if e["type"] == "response.output_text.done"]
+    assert done["logprobs"] == [t for d in deltas for t in d["logprobs"]] == part["logprobs"]
+
+
+async def test_responses_without_logprobs_asks_the_engine_for_none_and_lists_none(make_client):
+    engine = FakeEngine(script=lambda g: SCRIPT)
+    async with make_client(engine) as client:
+        plain = (await client.post("/v1/responses", json={"model": "m", "input": "Hi"})).json()
+        bad = await client.post("/v1/responses", json={"model": "m", "input": "Hi", "top_logprobs": 21})
+    assert engine.generations[0].logprobs is None
+    assert plain["output"][0]["content"][0]["logprobs"] == []
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_logprobs"

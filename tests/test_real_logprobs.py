@@ -97,6 +97,30 @@ def test_chat_logprobs(client, stream):
     assert all(e.top_logprobs[0].token == e.token and e.top_logprobs[0].bytes == e.bytes for e in entries)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_responses_logprobs(client, stream):
+    kwargs = dict(model="m", input=CHAT, max_output_tokens=8, temperature=0,
+                  include=["message.output_text.logprobs"], top_logprobs=TOP)
+    if not stream:
+        result = client.responses.create(**kwargs)
+    else:
+        events = list(client.responses.create(stream=True, **kwargs))
+        deltas = [e for e in events if e.type == "response.output_text.delta"]
+        assert events[-1].type == "response.incomplete"
+        result = events[-1].response
+        assert all("".join(t.token for t in d.logprobs) == d.delta for d in deltas)
+    assert result.status == "incomplete"  # cut by max_output_tokens, like the other faces' "length"
+    [message] = [item for item in result.output if item.type == "message"]
+    [part] = message.content
+    check_greedy(
+        [e.token for e in part.logprobs],
+        [e.logprob for e in part.logprobs],
+        [[(a.token, a.logprob) for a in e.top_logprobs] for e in part.logprobs],
+        part.text,
+        result.usage.output_tokens,
+    )
+
+
 def test_a_stop_sequence_ends_the_entries_with_the_text(client):
     # Greedy: " the capital of the country of"; the stop " of" ends the text at " the capital".
     result = client.completions.create(model="m", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=1, stop=[" of"])
