@@ -8,7 +8,7 @@ a slot keeps the KV of the tokens its last sequence fed, and a new request goes 
 idle slot whose tokens share the longest prefix with its prompt.
 
 The loop knows nothing about llama.cpp: it talks to a `Backend` (llamad.slots_llama for
-the real one, a scripted one in the fast tests). The engine side (`SlotsMixin`) turns a
+the real one, a scripted one in the fast tests). The engine side (`SlotsMixin`, llamad.slots_engine) turns a
 sequence's output queue back into the `_decode` iterator the Engine base consumes, so
 stop strings, token limits, events and keep-alives are the Engine's own.
 """
@@ -16,18 +16,16 @@ stop strings, token limits, events and keep-alives are the Engine's own.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import structlog
 
 from llamad.engine import Generation, TokenLogprob
 from llamad.prompt_cache import PromptStateCache, common_prefix
-from llamad.scheduler import Scheduler
 
 log = structlog.get_logger("llamad.slots")
 
@@ -451,60 +449,3 @@ class StepLoop:
         log.warning("kv_full_stream_ended", slot=newest.slot.id if newest.slot else None)
         self._clear(newest.slot)
         self._retire(newest, KvFull("the KV cache is full; retry the request, or lower server.parallel"))
-
-
-class SlotsMixin:
-    """Engine glue: N requests hold the scheduler at once, each feeding the step loop.
-
-    Mixed in before an Engine subclass; call `_use_slots(n)` in `__init__` and
-    `_start_slots(backend)` at the end of `_load`."""
-
-    loop: StepLoop | None = None
-
-    def _use_slots(self, n: int, max_queue: int, queue_timeout: float) -> None:
-        self.parallel = n
-        self.scheduler = Scheduler(max_queue=max_queue, queue_timeout=queue_timeout, capacity=n)
-        # Each admitted request runs the Engine's text handling in a thread of its own; the
-        # step loop only decodes.
-        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=n, thread_name_prefix="llamad-seq")
-
-    def _start_slots(self, backend: Backend, prompt_cache: PromptStateCache | None = None) -> None:
-        self.loop = StepLoop(backend, prompt_cache, engine_stats=getattr(self, "stats", None))
-        self.loop.start()
-
-    def _decode(self, generation: Generation, cancel: threading.Event) -> Iterator[str | int | TokenLogprob]:
-        assert self.loop is not None
-        seq = Sequence(generation=generation, cancel=cancel)
-        self.loop.submit(seq)
-        try:
-            while True:
-                try:
-                    item = seq.out.get(timeout=0.05)
-                except queue.Empty:
-                    if cancel.is_set():
-                        return
-                    continue
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            self.loop.stop(seq)
-
-    def expected_reuse(self, prompt: Any) -> int:
-        """A forecast of the prompt tokens whose KV will be reused (Anthropic's message_start
-        reports it before the request is admitted): what the slot the step loop would choose
-        now holds of the prompt. Read without the loop's thread, so only a forecast; the
-        prompt cache's saved states are not consulted (the loop owns them)."""
-        loop = self.loop
-        tokens = prompt.tokens
-        if loop is None or not tokens:
-            return 0
-        idle = [slot for slot in loop.slots if slot.sequence is None] or loop.slots
-        slot = loop._choose(idle, tokens)  # noqa: SLF001 (pure: it only compares prefixes)
-        return max(0, min(common_prefix(list(slot.cached), tokens), len(tokens) - 1))
-
-    def _stop_slots(self) -> None:
-        if self.loop is not None:
-            self.loop.close()

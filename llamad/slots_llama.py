@@ -26,7 +26,7 @@ from llamad.config import Config
 from llamad.engine import Generation, TokenLogprob
 from llamad.llama import LlamaEngine, kv_cache_mib, native, token_bytes
 from llamad.logprobs import score
-from llamad.slots import SlotsMixin
+from llamad.slots_engine import SlotsMixin
 from llamad.tools_sampling import GrammarConstraint
 
 log = structlog.get_logger("llamad.engine")

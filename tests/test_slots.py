@@ -15,7 +15,8 @@ from fake_backend import FakeBackend
 from fake_engine import FakeEngine
 from llamad.chat import Chat, ChatMessage
 from llamad.engine import Done, Generation, Prompt, ShuttingDown, Token
-from llamad.slots import MIN_PREFILL_CHUNK, Sequence, SlotsMixin, StepLoop
+from llamad.slots import MIN_PREFILL_CHUNK, Sequence, StepLoop
+from llamad.slots_engine import SlotsMixin
 
 
 def sequence(tokens: list[int], max_tokens: int = 1000) -> Sequence:
