@@ -8,9 +8,10 @@ a slot keeps the KV of the tokens its last sequence fed, and a new request goes 
 idle slot whose tokens share the longest prefix with its prompt.
 
 The loop knows nothing about llama.cpp: it talks to a `Backend` (llamad.slots_llama for
-the real one, a scripted one in the fast tests). The engine side (`SlotsMixin`, llamad.slots_engine) turns a
-sequence's output queue back into the `_decode` iterator the Engine base consumes, so
-stop strings, token limits, events and keep-alives are the Engine's own.
+the real one, a scripted one in the fast tests). The engine side (`SlotsMixin` in
+llamad.slots_engine) turns a sequence's output queue back into the `_decode` iterator the
+Engine base consumes, so stop strings, token limits, events and keep-alives are the
+Engine's own.
 """
 
 from __future__ import annotations
