@@ -19,12 +19,20 @@ from litestar import Request, Response, Router, post
 from litestar.response import Stream
 
 from llamad import openai_logprobs, sse
-from llamad.answer import AnswerEvent, Finish, Keepalive, TextDelta, admitted, answer_events
+from llamad.answer import (
+    AnswerEvent,
+    Finish,
+    Keepalive,
+    TextDelta,
+    admitted,
+    answer_events,
+)
 from llamad.engine import Engine, Generation, Prompt, TokenLogprob
 from llamad.errors import bad_request, from_exception, openai_body
 from llamad.infill import infill_prompt
 from llamad.observe import engine_of, record_of
-from llamad.openai import SamplingFields, StreamOptions, sampling_of, stop_list
+from llamad.openai import StreamOptions
+from llamad.openai_sampling import SamplingFields, sampling_of, stop_list
 from llamad.requests import decode_body, read_body, unless_disconnected
 
 MAX_CHOICES = 16

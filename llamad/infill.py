@@ -18,7 +18,7 @@ from llamad.answer import AnswerEvent, Finish, TextDelta, admitted, answer_event
 from llamad.engine import Engine, Generation, Prompt
 from llamad.errors import bad_request, from_exception, openai_body
 from llamad.observe import engine_of, record_of
-from llamad.openai import SamplingFields, sampling_of, stop_list
+from llamad.openai_sampling import SamplingFields, sampling_of, stop_list
 from llamad.requests import decode_body, read_body, unless_disconnected
 
 

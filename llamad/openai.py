@@ -28,9 +28,10 @@ from llamad.answer import (
     fold,
 )
 from llamad.chat import Chat, ChatMessage, ToolCall, ToolSpec
-from llamad.engine import Engine, Generation, Sampling
+from llamad.engine import Engine, Generation
 from llamad.errors import bad_request, from_exception, openai_body
 from llamad.observe import engine_of, record_of, with_content_logged
+from llamad.openai_sampling import SamplingFields, sampling_of, stop_list
 from llamad.requests import decode_body, read_body, unless_disconnected
 
 # -- request schema (unknown fields are accepted: clients send extras) ---------------------
@@ -87,23 +88,6 @@ class FunctionDef(msgspec.Struct):
 class ToolDef(msgspec.Struct):
     function: FunctionDef
     type: str = "function"
-
-
-class SamplingFields(msgspec.Struct, kw_only=True):
-    """The sampling fields every OpenAI-style request shares (chat, completions, /infill),
-    read by `sampling_of` and `stop_list`."""
-
-    temperature: Union[float, None] = None
-    top_p: Union[float, None] = None
-    top_k: Union[int, None] = None
-    min_p: Union[float, None] = None
-    presence_penalty: Union[float, None] = None
-    frequency_penalty: Union[float, None] = None
-    repeat_penalty: Union[float, None] = None
-    seed: Union[int, None] = None
-    stop: Union[str, list[str], None] = None
-    # llama-server's field (benchmarks send it): generate to max_tokens, whatever ends a turn.
-    ignore_eos: bool = False
 
 
 class ChatRequest(SamplingFields, kw_only=True):
@@ -183,41 +167,6 @@ def to_chat(req: ChatRequest, max_messages: int) -> Chat:
         for t in (req.tools or [])
     ]
     return Chat(messages=messages, tools=tools)
-
-
-def _check_range(value: float | int | None, name: str, low: float, high: float) -> None:
-    if value is not None and not (low <= value <= high):
-        raise bad_request(f"'{name}' must be between {low} and {high}, got {value}", param=name)
-
-
-def sampling_of(req: SamplingFields) -> Sampling:
-    _check_range(req.temperature, "temperature", 0, 2)
-    _check_range(req.top_p, "top_p", 0, 1)
-    _check_range(req.min_p, "min_p", 0, 1)
-    _check_range(req.top_k, "top_k", 0, 1_000_000)
-    _check_range(req.presence_penalty, "presence_penalty", -2, 2)
-    _check_range(req.frequency_penalty, "frequency_penalty", -2, 2)
-    _check_range(req.repeat_penalty, "repeat_penalty", 0, 10)
-    _check_range(req.seed, "seed", -(2**63), 2**63 - 1)
-    return Sampling(
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        min_p=req.min_p,
-        repeat_penalty=req.repeat_penalty,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        seed=None if req.seed is None else req.seed % (2**32),
-    )
-
-
-def stop_list(stop: str | list[str] | None) -> list[str]:
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if len(stops) > 16:
-        raise bad_request("'stop' may hold at most 16 sequences", param="stop")
-    return [s for s in stops if s]
 
 
 def requested_max_tokens(req: ChatRequest, default: int, cap: int) -> int:
