@@ -20,8 +20,8 @@ from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
 
 import anyio
 
-from llamad.chat import Chat, ChatMessage
-from llamad.prompt_cache import common_prefix
+from llamad.chat import Chat
+from llamad.prompt_cache import shared_head
 from llamad.engine_types import (  # the types are part of this module's interface too
     EngineNotReady,
     ContextOverflow,
@@ -220,22 +220,7 @@ class Engine:
         self.state = "ready"
 
     def _measure_shared_head(self) -> int:
-        """What a prompt finds in the cache even when nothing of its conversation is reused:
-        the template's opening (BOS, the first role's header, a default system prompt). Two
-        unlike chats of each shape (user first, system first) are rendered; the longer of
-        the two shared prefixes counts, since a transcript's "User:" and "System:" openings
-        differ and each is only an opening."""
-        pairs = [
-            (Chat(messages=[ChatMessage(role="user", content="Hello.")]),
-             Chat(messages=[ChatMessage(role="user", content="What is 2 + 2?")])),
-            (Chat(messages=[ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")]),
-             Chat(messages=[ChatMessage(role="system", content="You write poems."), ChatMessage(role="user", content="Go")])),
-        ]  # fmt: skip
-        try:
-            heads = [common_prefix(self._prepare(a).tokens, self._prepare(b).tokens) for a, b in pairs]
-        except Exception:  # a template that refuses a probe: count every reuse as a hit
-            return 0
-        return max(heads)
+        return shared_head(self._prepare)
 
     def close(self) -> None:
         self.scheduler.close()

@@ -15,6 +15,9 @@ from __future__ import annotations
 import ctypes
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any, Callable
+
+from llamad.chat import Chat, ChatMessage
 
 
 @dataclass
@@ -106,3 +109,22 @@ class PromptStateCache:
         llm.n_tokens = n
         self.restores += 1
         return True
+
+
+def shared_head(prepare: Callable[[Chat], Any]) -> int:
+    """What a prompt finds in the cache even when nothing of its conversation is reused:
+    the template's opening (BOS, the first role's header, a default system prompt), for a
+    `prepare` that renders a Chat into a Prompt. Two unlike chats of each shape (user
+    first, system first) are rendered; the longer of the two shared prefixes counts, since
+    a transcript's "User:" and "System:" openings differ and each is only an opening."""
+    pairs = [
+        (Chat(messages=[ChatMessage(role="user", content="Hello.")]),
+         Chat(messages=[ChatMessage(role="user", content="What is 2 + 2?")])),
+        (Chat(messages=[ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")]),
+         Chat(messages=[ChatMessage(role="system", content="You write poems."), ChatMessage(role="user", content="Go")])),
+    ]  # fmt: skip
+    try:
+        heads = [common_prefix(prepare(a).tokens, prepare(b).tokens) for a, b in pairs]
+    except Exception:  # a template that refuses a probe: count every reuse as a hit
+        return 0
+    return max(heads)
