@@ -26,7 +26,7 @@ from llamad.answer import ToolParser
 from llamad.chat import Chat, ChatMessage, ToolCall, ToolSpec
 from llamad.config import LimitsConfig
 from llamad.engine import Engine, Sampling
-from llamad.errors import ApiError, bad_request
+from llamad.errors import ApiError, bad_request, check_range
 
 # -- request schema (unknown fields such as cache_control are accepted and ignored) --------
 
@@ -315,15 +315,10 @@ def tool_specs(tools: list[Tool] | None) -> list[ToolSpec]:
     return specs
 
 
-def _check_range(value: float | int | None, name: str, low: float, high: float) -> None:
-    if value is not None and not (low <= value <= high):
-        raise bad_request(f"'{name}' must be between {low} and {high}, got {value}", param=name)
-
-
 def sampling_of(req: MessagesRequest) -> Sampling:
-    _check_range(req.temperature, "temperature", 0, 2)
-    _check_range(req.top_p, "top_p", 0, 1)
-    _check_range(req.top_k, "top_k", 0, 1_000_000)
+    check_range(req.temperature, "temperature", 0, 2)
+    check_range(req.top_p, "top_p", 0, 1)
+    check_range(req.top_k, "top_k", 0, 1_000_000)
     return Sampling(
         temperature=req.temperature,
         top_p=req.top_p,

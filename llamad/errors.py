@@ -39,6 +39,12 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ApiError(400, message, "invalid_request", param=param, code=code)
 
 
+def check_range(value: float | int | None, name: str, low: float, high: float, prefix: str = "") -> None:
+    """A request field outside [low, high] is a 400 naming it (`prefix`: "options." for Ollama's)."""
+    if value is not None and not (low <= value <= high):
+        raise bad_request(f"'{prefix}{name}' must be between {low} and {high}, got {value}", param=name)
+
+
 HTTP_KINDS = {401: "authentication", 403: "permission", 404: "not_found", 413: "too_large", 429: "rate_limit"}
 MESSAGES = {
     404: "no such route; see GET /v1/models, POST /v1/chat/completions, POST /v1/messages",

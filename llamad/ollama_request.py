@@ -12,7 +12,7 @@ import msgspec
 from llamad.chat import Chat, ChatMessage, ToolCall, ToolSpec
 from llamad.config import LimitsConfig
 from llamad.engine import Sampling
-from llamad.errors import bad_request
+from llamad.errors import bad_request, check_range
 
 
 class FunctionCall(msgspec.Struct):
@@ -137,20 +137,15 @@ def generate_chat(req: GenerateRequest) -> Chat:
     return Chat(messages=messages)
 
 
-def _check(value: float | int | None, name: str, low: float, high: float) -> None:
-    if value is not None and not (low <= value <= high):
-        raise bad_request(f"'options.{name}' must be between {low} and {high}, got {value}")
-
-
 def sampling_of(options: Options | None) -> Sampling:
     o = options or Options()
-    _check(o.temperature, "temperature", 0, 2)
-    _check(o.top_p, "top_p", 0, 1)
-    _check(o.min_p, "min_p", 0, 1)
-    _check(o.top_k, "top_k", 0, 1_000_000)
-    _check(o.repeat_penalty, "repeat_penalty", 0, 10)
-    _check(o.presence_penalty, "presence_penalty", -2, 2)
-    _check(o.frequency_penalty, "frequency_penalty", -2, 2)
+    check_range(o.temperature, "temperature", 0, 2, prefix="options.")
+    check_range(o.top_p, "top_p", 0, 1, prefix="options.")
+    check_range(o.min_p, "min_p", 0, 1, prefix="options.")
+    check_range(o.top_k, "top_k", 0, 1_000_000, prefix="options.")
+    check_range(o.repeat_penalty, "repeat_penalty", 0, 10, prefix="options.")
+    check_range(o.presence_penalty, "presence_penalty", -2, 2, prefix="options.")
+    check_range(o.frequency_penalty, "frequency_penalty", -2, 2, prefix="options.")
     return Sampling(
         temperature=o.temperature,
         top_p=o.top_p,

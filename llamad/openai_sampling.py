@@ -8,7 +8,7 @@ from typing import Union
 import msgspec
 
 from llamad.engine import Sampling
-from llamad.errors import bad_request
+from llamad.errors import bad_request, check_range
 
 
 class SamplingFields(msgspec.Struct, kw_only=True):
@@ -28,20 +28,15 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     ignore_eos: bool = False
 
 
-def _check_range(value: float | int | None, name: str, low: float, high: float) -> None:
-    if value is not None and not (low <= value <= high):
-        raise bad_request(f"'{name}' must be between {low} and {high}, got {value}", param=name)
-
-
 def sampling_of(req: SamplingFields) -> Sampling:
-    _check_range(req.temperature, "temperature", 0, 2)
-    _check_range(req.top_p, "top_p", 0, 1)
-    _check_range(req.min_p, "min_p", 0, 1)
-    _check_range(req.top_k, "top_k", 0, 1_000_000)
-    _check_range(req.presence_penalty, "presence_penalty", -2, 2)
-    _check_range(req.frequency_penalty, "frequency_penalty", -2, 2)
-    _check_range(req.repeat_penalty, "repeat_penalty", 0, 10)
-    _check_range(req.seed, "seed", -(2**63), 2**63 - 1)
+    check_range(req.temperature, "temperature", 0, 2)
+    check_range(req.top_p, "top_p", 0, 1)
+    check_range(req.min_p, "min_p", 0, 1)
+    check_range(req.top_k, "top_k", 0, 1_000_000)
+    check_range(req.presence_penalty, "presence_penalty", -2, 2)
+    check_range(req.frequency_penalty, "frequency_penalty", -2, 2)
+    check_range(req.repeat_penalty, "repeat_penalty", 0, 10)
+    check_range(req.seed, "seed", -(2**63), 2**63 - 1)
     return Sampling(
         temperature=req.temperature,
         top_p=req.top_p,
