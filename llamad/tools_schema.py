@@ -30,7 +30,15 @@ from typing import Any
 from urllib.parse import unquote
 
 from llamad.tools_pattern import pattern_gbnf
-from llamad.tools_schema_merge import ANY, NEVER, Combiner, key_of, object_schema, tuple_schema
+from llamad.tools_schema_merge import (
+    ANY,
+    NEVER,
+    Combiner,
+    key_of,
+    object_schema,
+    tuple_schema,
+)
+from llamad.tools_schema_refs import MISSING, find, resolve, unescape
 
 TYPES = ("null", "boolean", "object", "array", "number", "integer", "string")
 MAX_DEPTH = 40  # nesting past this is any value: deeper schemas are not worth the grammar
@@ -257,15 +265,15 @@ class _Normaliser(Combiner):
             return ANY
         name = self.def_by_pointer.get(pointer)
         if name is None:
-            target = _resolve(self.root, pointer)
-            if target is _MISSING:
+            target = resolve(self.root, pointer)
+            if target is MISSING:
                 raise MalformedSchema(_path(path, "$ref"), f"{ref!r} points nowhere in this schema")
             segments = [s for s in pointer.split("/") if s]
             name = _unique_name(re.sub(r"[^A-Za-z0-9]+", "-", segments[-1] if segments else "root").strip("-") or "def", self.defs)
             self.def_by_pointer[pointer] = name
             self.defs[name] = ANY  # placeholder while it is being built (recursion)
             self.in_progress.add(name)
-            self.defs[name] = self.node(target, tuple(_unescape(s) for s in segments), 0)
+            self.defs[name] = self.node(target, tuple(unescape(s) for s in segments), 0)
             self.in_progress.discard(name)
         built = self.defs[name]
         if name not in self.in_progress and (built is NEVER or built == ANY):
@@ -277,7 +285,7 @@ class _Normaliser(Combiner):
         base, _, fragment = ref.partition("#")
         fragment = unquote(fragment)
         if base:
-            found = _find(self.root, lambda s: s.get("$id") == base, "")
+            found = find(self.root, lambda s: s.get("$id") == base, "")
             if found is None and isinstance(self.root, dict) and str(self.root.get("$id", "")).endswith(base):
                 found = ""
             if found is None:
@@ -286,7 +294,7 @@ class _Normaliser(Combiner):
             found = ""
         if fragment.startswith("/") or not fragment:
             return found + fragment
-        anchored = _find(self.root, lambda s: s.get("$anchor") == fragment, "")
+        anchored = find(self.root, lambda s: s.get("$anchor") == fragment, "")
         if anchored is None:
             raise MalformedSchema(_path(path, "$ref"), f"{ref!r} names no $anchor in this schema")
         return anchored
@@ -481,46 +489,6 @@ def _endless(defs: dict) -> list[str]:
 
 def _without(schema: dict, keyword: str) -> dict:
     return {k: v for k, v in schema.items() if k != keyword}
-
-
-_MISSING = object()
-
-
-def _unescape(segment: str) -> str:
-    return segment.replace("~1", "/").replace("~0", "~")
-
-
-def _resolve(root: Any, pointer: str) -> Any:
-    node = root
-    for segment in pointer.split("/")[1:]:
-        segment = _unescape(segment)
-        if isinstance(node, dict) and segment in node:
-            node = node[segment]
-        elif isinstance(node, list) and segment.isdigit() and int(segment) < len(node):
-            node = node[int(segment)]
-        else:
-            return _MISSING
-    return node if isinstance(node, (dict, bool)) else _MISSING
-
-
-def _find(node: Any, match, pointer: str) -> str | None:
-    """The pointer of the first subschema (depth first) for which `match` holds."""
-    if isinstance(node, dict):
-        if match(node):
-            return pointer
-        items = node.items()
-    elif isinstance(node, list):
-        items = enumerate(node)
-    else:
-        return None
-    for key, child in items:
-        if key in ("const", "enum", "default", "examples"):
-            continue
-        escaped = str(key).replace("~", "~0").replace("/", "~1")
-        found = _find(child, match, f"{pointer}/{escaped}")
-        if found is not None:
-            return found
-    return None
 
 
 def _unique_name(base: str, taken: dict) -> str:
