@@ -7,14 +7,14 @@ from __future__ import annotations
 import asyncio
 import queue
 import time
-from contextlib import aclosing
 
 import pytest
 
 from fake_backend import FakeBackend
 from fake_engine import FakeEngine
+from test_engine import collect
 from llamad.chat import Chat, ChatMessage
-from llamad.engine import Done, Generation, Prompt, ShuttingDown, Token
+from llamad.engine import Generation, Prompt, ShuttingDown, Token
 from llamad.slots import MIN_PREFILL_CHUNK, Sequence, StepLoop
 from llamad.slots_engine import SlotsMixin
 
@@ -220,18 +220,6 @@ class FakeSlotsEngine(SlotsMixin, FakeEngine):
 async def generation(engine: FakeEngine, text: str, max_tokens: int = 100) -> Generation:
     prompt = await engine.prepare(Chat(messages=[ChatMessage(role="user", content=text)]))
     return Generation(prompt=prompt, max_tokens=max_tokens)
-
-
-async def collect(engine: FakeEngine, gen: Generation) -> tuple[str, Done]:
-    text, done = "", None
-    async with aclosing(engine.stream(gen)) as events:
-        async for event in events:
-            if isinstance(event, Token):
-                text += event.text
-            elif isinstance(event, Done):
-                done = event
-    assert done is not None
-    return text, done
 
 
 @pytest.mark.asyncio
