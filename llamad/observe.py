@@ -59,6 +59,9 @@ class RequestRecord:
     # With logging.log_content on: the prompt as the model saw it, and the answer folded.
     prompt_text: str | None = None
     answer: Answer | None = None
+    # A stream's last event went out: a client that closes the connection then (Codex does,
+    # on response.completed) has its whole answer and is not a hang-up.
+    answer_sent: bool = False
     # Run when the request is over (answer sent, or failed): e.g. letting go of the engine.
     releases: list[Callable[[], None]] = field(default_factory=list)
 
@@ -191,7 +194,7 @@ class ObserveMiddleware:
                 self.metrics.in_flight(-1)
             if record.status is None:
                 record.status = CLIENT_GONE  # nothing was sent: the client went away first
-            elif not logged and not raised:
+            elif not logged and not raised and not record.answer_sent:
                 # The answer began but its end was never sent: Litestar stops a stream when
                 # the client disconnects, and a stalled reader is cut off (WriteTimeout).
                 record.status = CLIENT_GONE

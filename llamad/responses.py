@@ -126,6 +126,8 @@ async def stream_frames(wire: AsyncIterator[WireEvent], machine: ResponseStream,
         try:
             async for kind, payload in stream:
                 yield sse.event_frame(kind, payload)
+                if kind in TERMINAL:  # resumed: the client has the terminal event
+                    record_of(request).answer_sent = True
         except Exception as exc:  # after the headers: the error travels in the stream
             error = from_exception(exc, "openai")
             if error.kind == "server":

@@ -59,3 +59,23 @@ async def test_request_id_is_echoed_and_bound():
     scope = {"type": "http", "method": "GET", "path": "/health", "headers": [(b"x-request-id", b"client-123")]}
     await app(scope, None, send)
     assert starts[0][b"request-id"] == b"client-123"
+
+
+@pytest.mark.parametrize("answer_sent, status", [(False, 499), (True, 200)])
+async def test_a_client_that_leaves_after_the_last_event_is_not_a_hang_up(answer_sent, status):
+    logged = []
+
+    async def streaming_app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"event: response.completed\n\n", "more_body": True})
+        scope["state"]["llamad_record"].answer_sent = answer_sent
+        # The client closed the connection: the stream ends without its final empty body.
+
+    async def send(message):
+        pass
+
+    app = ObserveMiddleware(streaming_app, write_timeout=1)
+    app._log = lambda record: logged.append(record.status)
+    scope = {"type": "http", "method": "POST", "path": "/v1/responses", "headers": []}
+    await app(scope, None, send)
+    assert logged == [status]
