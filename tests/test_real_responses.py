@@ -192,10 +192,12 @@ def test_input_items_list_through_the_sdk(client):
         temperature=0,
     )
     newest_first = client.responses.input_items.list(second.id)
-    assert [item.type for item in newest_first.data] == ["message", "message", "message"]
+    # The demo model may end its turn at once (an empty answer has no output item).
+    answer = [item.id for item in reversed(first.output)]
+    assert [item.type for item in newest_first.data] == ["message"] + [o.type for o in reversed(first.output)] + ["message"]
     assert newest_first.data[0].content[0].text == "What is my name?"
-    assert newest_first.data[1].id == first.output[0].id  # the first answer, as it was given back
-    assert newest_first.data[2].content[0].text == "My name is Ada."
+    assert [item.id for item in newest_first.data[1:-1]] == answer  # the first answer, as it was given back
+    assert newest_first.data[-1].content[0].text == "My name is Ada."
     paged = list(client.responses.input_items.list(second.id, order="asc", limit=1))  # follows `after`
     assert [item.id for item in paged] == [item.id for item in reversed(newest_first.data)]
     not_kept = client.responses.create(model="llama-local", input="Hi", max_output_tokens=2, store=False)
