@@ -149,9 +149,14 @@ class Container:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 return f"systemd-nspawn exited {self.proc.returncode}: {self.console()[-1500:]}"
+            if self.pid is not None and not Path(f"/proc/{self.pid}").exists():
+                self.pid = None  # a short-lived helper of nspawn's, not the container's init
             if self.pid is None:
-                children = _run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], check=False).stdout.split()
-                self.pid = int(children[0]) if children else None
+                # The container's init is nspawn's child named systemd (nspawn may briefly
+                # fork helpers first).
+                children = _run(["ps", "-o", "pid=,comm=", "--ppid", str(self.proc.pid)], check=False).stdout.splitlines()
+                inits = [int(line.split()[0]) for line in children if line.split()[1:] == ["systemd"]]
+                self.pid = inits[0] if inits else None
             if self.pid is not None:
                 state = self.sh("systemctl is-system-running", check=False).stdout.strip()
                 if state in ("running", "degraded"):
