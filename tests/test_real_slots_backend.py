@@ -1,0 +1,73 @@
+"""Real tier: the slots backend over the real engine, without a server around it.
+
+Greedy requests take their token straight from the logits row instead of through
+llama.cpp's sampler chain; that shortcut must pick exactly what the chain picks. The
+engine-alone phase of `llamad bench --llama-server` runs on the same backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import TEST_MODEL, config_for_tests
+from llamad.engine_types import Generation, Prompt, Sampling
+
+pytestmark = [pytest.mark.real, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    from llamad.slots_llama import LlamaSlotsEngine
+
+    config = config_for_tests(tmp_path_factory.mktemp("backend"), MODEL_PATH=TEST_MODEL, PARALLEL="2", N_CTX="512", N_THREADS="2")
+    engine = LlamaSlotsEngine(config, Path(TEST_MODEL))
+    engine._load()
+    yield engine
+    engine.close()
+
+
+def generation(**sampling) -> Generation:
+    return Generation(prompt=Prompt(text="", tokens=[2, 818, 5279, 529, 7001, 563]), max_tokens=32, sampling=Sampling(**sampling))
+
+
+def test_greedy_takes_the_argmax_that_llama_cpps_greedy_sampler_takes(engine):
+    import llama_cpp
+
+    backend = engine.backend
+    fast = backend.new_sampler(generation(temperature=0.0, repeat_penalty=1.0))
+    assert fast.argmax
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+    try:
+        tokens = list(generation().prompt.tokens)
+        backend.forget(0, 0)
+        assert backend.decode(tokens, list(range(len(tokens))), [0] * len(tokens), [False] * (len(tokens) - 1) + [True]) == 0
+        index, picked = len(tokens) - 1, []
+        for _ in range(24):
+            token = backend.sample(fast, index)
+            assert token == llama_cpp.llama_sampler_sample(chain, backend.ctx, index)
+            picked.append(token)
+            assert backend.decode([token], [len(tokens)], [0], [True]) == 0
+            tokens.append(token)
+            index = 0
+        # Not one token repeated to the end: the comparison ran over changing logits.
+        assert len(set(picked)) > 1, picked
+    finally:
+        llama_cpp.llama_sampler_free(chain)
+        backend.free_sampler(fast)
+        backend.forget(0, 0)
+
+
+def test_sampled_or_penalised_requests_keep_the_chain(engine):
+    backend = engine.backend
+    for sampling in ({"temperature": 0.7, "top_k": 40, "top_p": 0.9, "min_p": 0.05, "repeat_penalty": 1.0},
+                     {"temperature": 0.0, "repeat_penalty": 1.1},
+                     {"temperature": 0.0, "repeat_penalty": 1.0, "presence_penalty": 0.5}):
+        sampler = backend.new_sampler(generation(**sampling))
+        try:
+            assert not sampler.argmax, sampling
+        finally:
+            backend.free_sampler(sampler)
+
