@@ -6,7 +6,9 @@ batching. Three servers run side by side on loopback: llamad (with the configure
 and context per slot. Every phase runs against each server in turn, so a machine that gets
 busier or quieter moves all three alike; ratios between them are the figures to read.
 
-Phases: one stream's decode rate; 1, 2, 4 and 8 parallel streams (aggregate tokens/s, time
+First, before any server starts, llama.cpp's batched decode alone (llamad.bench_ceiling): the
+ceiling of every server's "4 streams / 1 stream" on this machine. Then the phases: one
+stream's decode rate; 1, 2, 4 and 8 parallel streams (aggregate tokens/s, time
 to first token p50/p90/max); a cold ~2,300-token prompt's time to first token; three
 streams decoding while a ~2,000-token prompt arrives (their gaps between tokens during its
 evaluation, against the same three streams alone); a second chat turn's time to first
@@ -33,6 +35,7 @@ from llamad.bench import (
     bench_cache,
     bench_concurrency,
 )
+from llamad.bench_ceiling import decode_rates
 from llamad.bench_servers import dies_with_parent, free_port, start_llamad, wait_healthy
 from llamad.config import LoadedConfig, resolve_model
 
@@ -116,6 +119,8 @@ def long_prompt_amid_streams(client: Http, tokens: int, prompt_tokens: int) -> d
 def run_side_by_side(loaded: LoadedConfig, args: argparse.Namespace) -> int:
     model = resolve_model(loaded).path
     print(f"llamad bench, side by side with {args.llama_server}: {model}", flush=True)
+    # Before any server starts: llama.cpp's batched decode alone, the ceiling of the ratios.
+    ceiling = decode_rates(loaded, model, STREAMS)
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
         servers["llamad"] = start_llamad(loaded)
@@ -153,9 +158,11 @@ def run_side_by_side(loaded: LoadedConfig, args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 process.kill()
     print(render_side_by_side(results))
-    print(json.dumps(results, indent=2))
+    print(render_ceiling(ceiling))
+    document = {**results, "engine alone": ceiling}
+    print(json.dumps(document, indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps(document, indent=2))
     return 0
 
 
@@ -187,3 +194,13 @@ def render_side_by_side(results: dict[str, dict[str, Any]]) -> str:
                      f"{first['cold_prefill_ttft_s'] / llama1['cold_prefill_ttft_s']:.2f}", "", ""])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip() for r in rows)
+
+
+def render_ceiling(ceiling: dict[str, Any]) -> str:
+    rates = ceiling["tokens_per_s"]
+    line = " / ".join(f"{rates[n]:.1f}" for n in rates)
+    ratio = ceiling.get("ratio_4_over_1")
+    return (
+        f"engine alone (llama_decode + greedy sampling, no server), {' / '.join(rates)} streams: {line} tok/s"
+        + (f"; 4 streams / 1 stream: {ratio:.2f}" if ratio else "")
+    )

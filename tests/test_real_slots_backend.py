@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TEST_MODEL, config_for_tests
+from llamad.config import LoadedConfig
 from llamad.engine_types import Generation, Prompt, Sampling
 
 pytestmark = [pytest.mark.real, pytest.mark.timeout(300)]
@@ -71,3 +72,12 @@ def test_sampled_or_penalised_requests_keep_the_chain(engine):
         finally:
             backend.free_sampler(sampler)
 
+
+def test_engine_alone_phase_times_each_width(tmp_path):
+    from llamad.bench_ceiling import decode_rates
+
+    config = config_for_tests(tmp_path, MODEL_PATH=TEST_MODEL, N_CTX="512", N_THREADS="2")
+    result = decode_rates(LoadedConfig(config=config), Path(TEST_MODEL), streams=(1, 4), steps=8)
+    rates = result["tokens_per_s"]
+    assert set(rates) == {"1", "4"} and all(rate > 0 for rate in rates.values()), result
+    assert result["ratio_4_over_1"] == pytest.approx(rates["4"] / rates["1"])
