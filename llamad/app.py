@@ -16,7 +16,7 @@ from llamad import anthropic, openai, responses
 from llamad.auth import ApiKeys, AuthMiddleware
 from llamad.config import Config, api_keys
 from llamad.engine import Engine
-from llamad.errors import body_of, family_of, from_exception
+from llamad.errors import REFUSE_WITH_HEADER, body_of, family_of, from_exception, refused_for_balancer
 from llamad.metrics import Metrics
 from llamad.observe import UNMATCHED, ObserveMiddleware, RequestRecord, record_of
 
@@ -25,7 +25,8 @@ log = structlog.get_logger("llamad.app")
 def error_handler(request: Request, exc: Exception) -> Response:
     """Every error, in the shape of the API family the path belongs to."""
     family = family_of(request.url.path, "anthropic-version" in request.headers)
-    error = from_exception(exc, family)
+    # Raised here, an error is sent before any response byte: a refusal a balancer can retry.
+    error = refused_for_balancer(from_exception(exc, family), exc, request.headers.get(REFUSE_WITH_HEADER))
     if error.status >= 500 and not isinstance(exc, HTTPException) and error.kind == "server":
         log.exception("request_failed", route=request.url.path)
     record = record_of(request)

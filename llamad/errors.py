@@ -6,7 +6,7 @@ exception handler renders it in its own shape with the right status code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from litestar.exceptions import HTTPException
 
@@ -117,6 +117,27 @@ def from_exception(exc: BaseException, family: str) -> ApiError:
     if isinstance(exc, EngineNotReady):
         return ApiError(503, str(exc), "unavailable", code="model_not_loaded", headers={"Retry-After": "5"})
     return ApiError(500, "internal error while generating; see the server log", "server")
+
+
+# A load balancer that retries a refused request on another board sets this request header
+# to a status it can retry (HAProxy 2.6 retries a 503, never a 429 or 529): an overload
+# refusal then goes out with that status, and REFUSED_HEADER names the status a direct
+# client would have got, so the balancer can restore it when every board refused.
+REFUSE_WITH_HEADER = "x-llamad-refuse-with"
+REFUSED_HEADER = "X-Llamad-Refused"
+
+
+def refused_for_balancer(error: ApiError, exc: BaseException, refuse_with: str | None) -> ApiError:
+    """`error` (from `exc`) as sent before any response byte to a request that carried
+    REFUSE_WITH_HEADER: an overload refusal (queue full, queue timeout, shutting down) takes
+    the header's status, keeping body and Retry-After; anything else is unchanged. A value
+    that is not an error status (400-599) is ignored."""
+    if not isinstance(exc, Overloaded) or refuse_with is None:
+        return error
+    value = refuse_with.strip()
+    if not (value.isdigit() and 400 <= int(value) <= 599):
+        return error
+    return replace(error, status=int(value), headers={**error.headers, REFUSED_HEADER: str(error.status)})
 
 
 def openai_body(error: ApiError) -> dict:

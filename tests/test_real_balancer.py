@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -62,9 +63,9 @@ class Balancer:
         self.process = process
         self.stats_socket = stats_socket
 
-    def _stats(self) -> list[dict[str, str]]:
-        """HAProxy's `show stat` rows for llamad_spread's boards (whose checks also see
-        connection errors at once)."""
+    def _stats(self, backend: str = "llamad_spread") -> list[dict[str, str]]:
+        """HAProxy's `show stat` rows for a backend's boards (by default llamad_spread's,
+        whose checks also see connection errors at once)."""
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(str(self.stats_socket))
             s.sendall(b"show stat\n")
@@ -74,7 +75,7 @@ class Balancer:
         lines = data.decode().splitlines()
         header = lines[0].lstrip("# ").split(",")
         rows = [dict(zip(header, line.split(","))) for line in lines[1:] if line]
-        return [r for r in rows if r.get("pxname") == "llamad_spread" and r.get("svname", "").startswith("board")]
+        return [r for r in rows if r.get("pxname") == backend and r.get("svname", "").startswith("board")]
 
     def server_states(self) -> dict[str, str]:
         """board name -> UP / DOWN / ..."""
@@ -102,7 +103,7 @@ def boards_behind_balancer(tmp_path: Path, n: int = BOARDS, **env: str) -> Itera
     tmp_path.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         servers = [
-            stack.enter_context(start_server(tmp_path, N_THREADS="1", N_CTX="2048", **env)) for _ in range(n)
+            stack.enter_context(start_server(tmp_path, **{"N_THREADS": "1", "N_CTX": "2048", **env})) for _ in range(n)
         ]
         port = free_port()
         stats_socket = tmp_path / "haproxy.sock"
@@ -152,14 +153,16 @@ def anthropic_body(text: str, stream: bool, max_tokens: int = 8) -> dict[str, An
     return {"model": "any", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "stream": stream}
 
 
+def request_of(family: str, stream: bool, text: str, max_tokens: int = 8) -> tuple[str, dict[str, Any]]:
+    if family == "openai":
+        return "/v1/chat/completions", openai_body(text, stream, max_tokens)
+    return "/v1/messages", anthropic_body(text, stream, max_tokens)
+
+
 def ask(url: str, family: str, stream: bool, text: str, headers: dict[str, str] | None = None, max_tokens: int = 8):
     """One request; returns (status, board, complete) where complete means the answer was
     whole: a body with choices/content, or a stream that reached its last frame."""
-    path, body = (
-        ("/v1/chat/completions", openai_body(text, stream, max_tokens))
-        if family == "openai"
-        else ("/v1/messages", anthropic_body(text, stream, max_tokens))
-    )
+    path, body = request_of(family, stream, text, max_tokens)
     headers = {"anthropic-version": "2023-06-01", **(headers or {})}
     with httpx.Client(timeout=httpx.Timeout(120, connect=5)) as client:
         if not stream:
@@ -285,6 +288,123 @@ def test_drained_board_finishes_its_requests_and_gets_no_new_ones(tmp_path: Path
         assert victim.process.wait(timeout=90) == 0
     assert all(status == 200 and complete for status, _, complete in results), results
     assert all(board != "board1" for _, board, _ in results[6:]), results
+
+
+# -- overload refusals, retried on another board --------------------------------------------------
+
+# Boards that refuse at once while busy: one slot, no queue of their own. Room for a long
+# stream that keeps a board busy for the whole test.
+REFUSING = {"PARALLEL": "1", "LLAMAD_SERVER_MAX_QUEUE": "0", "N_CTX": "4096", "MAX_TOKENS_HARD_CAP": "4000"}
+
+
+class BusyBoard:
+    """A long stream sent straight to one board, not through the balancer, holding the
+    board's one slot until the `with` block ends."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.ended_early = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._hold, daemon=True)
+
+    def _hold(self) -> None:
+        body = {**openai_body("Tell a very long story.", True, 4000), "ignore_eos": True}
+        try:
+            with httpx.Client(timeout=httpx.Timeout(60, connect=5)) as client:
+                with client.stream("POST", self.url + "/v1/chat/completions", json=body) as response:
+                    for _ in response.iter_lines():
+                        if self._stop.is_set():
+                            return  # closing the stream frees the slot
+        except httpx.HTTPError:
+            pass
+        self.ended_early = not self._stop.is_set()
+
+    def __enter__(self) -> "BusyBoard":
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while httpx.get(self.url + "/health", timeout=5).json()["slots"]["busy"] < 1:
+            assert not self.ended_early and time.monotonic() < deadline, f"{self.url} never got busy"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+def refusal(url: str, family: str, stream: bool, headers: dict[str, str] | None = None) -> httpx.Response:
+    path, body = request_of(family, stream, "Say hi.")
+    with httpx.Client(timeout=httpx.Timeout(120, connect=5)) as client:
+        return client.post(url + path, json=body, headers={"anthropic-version": "2023-06-01", **(headers or {})})
+
+
+def redispatched(balancer: Balancer) -> dict[str, dict[str, int]]:
+    """backend -> board -> requests HAProxy took off that board and sent to another."""
+    return {
+        backend: {row["svname"]: int(row["wredis"] or 0) for row in balancer._stats(backend)}
+        for backend in ("llamad_affinity", "llamad_spread")
+    }
+
+
+def test_a_busy_board_refuses_and_another_answers_until_every_board_is_busy(tmp_path: Path):
+    """llamad's overload refusals (429, Anthropic's 529) are 503s for HAProxy, which retries
+    them on another board; when every board refuses, the client gets the board's own 429/529."""
+    key = "a-conversation"
+    with boards_behind_balancer(tmp_path, **REFUSING) as (balancer, servers):
+        boards = {f"board{n}": server for n, server in enumerate(servers, start=1)}
+        # The board the key hashes to: every key kind (header or body) hashes its value.
+        status, home, _ = ask(balancer.url, "anthropic", False, "Hi.", {"x-claude-code-session-id": key}, max_tokens=1)
+        assert status == 200 and home in boards, (status, home)
+        with BusyBoard(boards[home].url) as busy:
+            # Straight to the busy board, a client is refused with Anthropic's 529.
+            direct = refusal(boards[home].url, "anthropic", False)
+            assert direct.status_code == 529 and "x-llamad-refused" not in direct.headers, direct.text
+            keyed = [
+                (family, stream, headers)
+                for family, headers in (("anthropic", {"x-claude-code-session-id": key}), ("openai", {"session-id": key}))
+                for stream in (False, True)
+            ]
+            keyless = [(family, i % 2 == 1, None) for i in range(3) for family in ("openai", "anthropic")]
+            answered = [ask(balancer.url, family, stream, "Say hi.", headers) for family, stream, headers in keyed + keyless]
+            assert not busy.ended_early
+            retried = redispatched(balancer)
+
+            others = [boards[name] for name in boards if name != home]
+            with BusyBoard(others[0].url), BusyBoard(others[1].url):
+                everyone_busy = [
+                    ("openai", refusal(balancer.url, "openai", False)),
+                    ("openai", refusal(balancer.url, "openai", True, {"session-id": key})),
+                    ("anthropic", refusal(balancer.url, "anthropic", False, {"x-claude-code-session-id": key})),
+                    ("anthropic", refusal(balancer.url, "anthropic", True)),
+                ]
+            assert not busy.ended_early
+            retried_when_all_busy = redispatched(balancer)
+        states = balancer.server_states()
+
+    # Each request the busy board refused was answered, whole, by another board.
+    for (family, stream, headers), (status, board, complete) in zip(keyed + keyless, answered):
+        assert status == 200 and complete and board != home, (family, stream, headers, status, board, home)
+    # ...and that is HAProxy's retry at work: every keyed request was taken off its board,
+    # and least-connections sent some keyless ones to the busy board too.
+    assert retried["llamad_affinity"][home] == len(keyed), retried
+    assert retried["llamad_spread"][home] >= 1, retried
+    # With every board busy, each board refused in turn (two retries a request), and the
+    # client got what one board sends a direct client: 429 or 529, its body and Retry-After.
+    tries = sum(sum(counts.values()) for counts in retried_when_all_busy.values()) - sum(
+        sum(counts.values()) for counts in retried.values()
+    )
+    assert tries == 2 * len(everyone_busy), (retried, retried_when_all_busy)
+    for family, response in everyone_busy:
+        assert response.status_code == (429 if family == "openai" else 529), response.text
+        assert response.headers["retry-after"] == "1"
+        assert "x-llamad-refused" not in response.headers
+        body = response.json()
+        if family == "openai":
+            assert body["error"]["type"] == "rate_limit_error", body
+        else:
+            assert body["type"] == "error" and body["error"]["type"] == "overloaded_error", body
+    # A refusal is not a failure: no board was taken out.
+    assert all(state.startswith("UP") for state in states.values()), states
 
 
 def test_shipped_config_is_valid():
