@@ -91,6 +91,25 @@ class NativeLog:
 native = NativeLog()
 
 
+def reusable_prefix(ctx, seq: int, keep: int, n_swa: int) -> int:
+    """How many of `keep` cached tokens of sequence `seq` a new prompt can build on.
+
+    A sliding-window layer (Gemma 3's, window n_swa) keeps a sequence's cells only while
+    they are inside the window: llama.cpp writes new tokens over cells that fell out of it,
+    so a long sequence can lose its start there while the full-attention layers still hold
+    it. The first new token, at `keep`, looks back n_swa positions; when those are gone, the
+    prefix cannot be reused at all (seen: a 6-token prompt reusing only the BOS of a
+    1,200-token sequence answered " the state" where the model's answer is " the capital")."""
+    if keep <= 0 or n_swa <= 0:
+        return keep
+    import llama_cpp
+
+    first_held = llama_cpp.llama_memory_seq_pos_min(llama_cpp.llama_get_memory(ctx), seq)
+    if first_held == 0 or 0 <= first_held <= keep - n_swa:
+        return keep
+    return 0
+
+
 def kv_cache_mib(lines: list[str]) -> float | None:
     """llama.cpp's own figure for the KV cache it allocated: the sum of its
     `llama_kv_cache: size = N MiB (...)` lines (a sliding-window model has two caches)."""
@@ -181,6 +200,7 @@ class LlamaEngine(Engine):
         offloaded = offloaded_layers(load_lines)
         on_gpu = offloaded is not None and not offloaded.startswith("0/")
         self.prompt_step = m.n_batch if on_gpu else min(m.n_batch, CPU_PROMPT_STEP)
+        self.n_swa = int(llama_cpp.llama_model_n_swa(self.llm._model.model))  # noqa: SLF001 (0: no sliding window)
         metadata = self.llm.metadata
         self.info = {
             "path": str(self.model_path),
@@ -378,7 +398,7 @@ class LlamaEngine(Engine):
                     llm.reset()
                     prefix = 0
         # At least the last prompt token is evaluated again: sampling needs fresh logits.
-        prefix = min(prefix, len(tokens) - 1)
+        prefix = reusable_prefix(llm._ctx.ctx, 0, min(prefix, len(tokens) - 1), self.n_swa)  # noqa: SLF001
         if prefix < llm.n_tokens and not llm._ctx.kv_cache_seq_rm(-1, prefix, -1):  # noqa: SLF001
             llm.reset()
             llm._ctx.kv_cache_clear()  # noqa: SLF001

@@ -53,6 +53,11 @@ class Backend(Protocol):
 
     def free_sampler(self, sampler: Any) -> None: ...
 
+    def reusable(self, slot: int, keep: int) -> int:
+        """How many of the `keep` tokens the slot's KV still holds for reuse (a sliding-window
+        cache may have dropped the start of a long sequence): `keep`, or 0."""
+        ...
+
     def forget(self, slot: int, keep: int) -> bool:
         """Drops the slot's tokens from position `keep` on; False if only all can go."""
         ...
@@ -326,6 +331,7 @@ class StepLoop:
                     slot.cached = list(saved.tokens)
                     cache.restores += 1
                     keep = min(saved_prefix, len(tokens) - 1)
+        keep = self.backend.reusable(slot.id, keep)
         if keep < len(slot.cached) and not self.backend.forget(slot.id, keep):
             self._clear(slot)
             keep = 0

@@ -24,7 +24,7 @@ import structlog
 
 from llamad.config import Config
 from llamad.engine import Generation, TokenLogprob
-from llamad.llama import LlamaEngine, kv_cache_mib, native, token_bytes
+from llamad.llama import LlamaEngine, kv_cache_mib, native, reusable_prefix, token_bytes
 from llamad.logprobs import score
 from llamad.slots_engine import SlotsMixin
 from llamad.tools_sampling import GrammarConstraint
@@ -99,6 +99,7 @@ class LlamaSlotsBackend:
         self.prompt_step = prompt_step
         self.grammar_fallbacks = 0
         self.vocab = llm._model.vocab  # noqa: SLF001
+        self.n_swa = int(llama_cpp.llama_model_n_swa(llm._model.model))  # noqa: SLF001
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         # The `Llama`'s own settings (KV types, flash attention, offload) carry over.
         params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
@@ -134,6 +135,9 @@ class LlamaSlotsBackend:
 
     def free_sampler(self, sampler: SequenceSampler) -> None:
         sampler.close()
+
+    def reusable(self, slot: int, keep: int) -> int:
+        return reusable_prefix(self.ctx, slot, keep, self.n_swa)
 
     def forget(self, slot: int, keep: int) -> bool:
         if keep <= 0:

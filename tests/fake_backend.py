@@ -31,6 +31,8 @@ class FakeBackend:
     decode_delay: float = 0.0
     # The tokens a generation produces (EOG appended); default: five tokens.
     script: Callable[[Generation], list[int]] = lambda g: [101, 102, 103, 104, 105]
+    window: int = 0  # a sliding window's size, for `window_dropped`
+    window_dropped: dict[int, int] = field(default_factory=dict)
     kv: dict[int, list[int]] = field(default_factory=dict)  # slot -> positions held
     batches: list[dict] = field(default_factory=list)
     grammar_fallbacks: int = 0
@@ -47,7 +49,16 @@ class FakeBackend:
     def free_sampler(self, sampler: FakeSampler) -> None:
         pass
 
+    def reusable(self, slot: int, keep: int) -> int:
+        # As llama.cpp's sliding-window cache: once a slot's first positions are gone there
+        # (`window_dropped`: slot -> first position still held), a prefix whose last
+        # `window` positions are not all held is not reusable.
+        first_held = self.window_dropped.get(slot, 0)
+        return keep if first_held == 0 or first_held <= keep - self.window else 0
+
     def forget(self, slot: int, keep: int) -> bool:
+        if keep <= 0:
+            self.window_dropped.pop(slot, None)
         self.kv[slot] = [p for p in self.kv[slot] if p < max(keep, 0)]
         return True
 

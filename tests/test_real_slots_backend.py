@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.real, pytest.mark.timeout(300)]
 def engine(tmp_path_factory):
     from llamad.slots_llama import LlamaSlotsEngine
 
-    config = config_for_tests(tmp_path_factory.mktemp("backend"), MODEL_PATH=TEST_MODEL, PARALLEL="2", N_CTX="512", N_THREADS="2")
+    config = config_for_tests(tmp_path_factory.mktemp("backend"), MODEL_PATH=TEST_MODEL, PARALLEL="2", N_CTX="1024", N_THREADS="2")
     engine = LlamaSlotsEngine(config, Path(TEST_MODEL))
     engine._load()
     yield engine
@@ -71,6 +71,29 @@ def test_sampled_or_penalised_requests_keep_the_chain(engine):
             assert not sampler.argmax, sampling
         finally:
             backend.free_sampler(sampler)
+
+
+def test_a_prefix_is_reusable_only_while_the_sliding_window_layers_hold_what_it_needs(engine):
+    """Gemma 3's window layers (n_swa 512) drop a long sequence's start when llama.cpp writes
+    over cells that left the window. Simulated by removing the first positions, the way
+    llama.cpp removes them: a prefix that needs them is not reused, a longer one is."""
+    import llama_cpp
+
+    backend = engine.backend
+    assert backend.n_swa == 512
+    tokens = [2] + [1000 + i % 500 for i in range(699)]
+    backend.forget(1, 0)
+    for start in range(0, len(tokens), backend.n_batch):
+        chunk = tokens[start : start + backend.n_batch]
+        assert backend.decode(chunk, list(range(start, start + len(chunk))), [1] * len(chunk), [False] * len(chunk)) == 0
+    try:
+        assert backend.reusable(1, 1) == 1 and backend.reusable(1, 650) == 650  # all held
+        assert llama_cpp.llama_memory_seq_rm(backend.memory, 1, 0, 3)  # positions 0-2 gone
+        assert backend.reusable(1, 1) == 0  # the first new token would look back at them
+        assert backend.reusable(1, 100) == 0
+        assert backend.reusable(1, 650) == 650  # it looks back 512 positions: 138 on, all held
+    finally:
+        backend.forget(1, 0)
 
 
 def test_engine_alone_phase_times_each_width(tmp_path):

@@ -92,6 +92,25 @@ def test_a_new_prompt_goes_to_the_idle_slot_sharing_its_longest_prefix():
     assert slot_a.cached[:40] == conversation_a
 
 
+def test_a_prefix_whose_window_cells_were_overwritten_is_evaluated_again():
+    """Gemma 3's sliding-window cache can lose the start of a long sequence (llama.cpp
+    reuses cells that fell out of the window). A prompt sharing only that start evaluates
+    everything again; one sharing enough of the rest still reuses it."""
+    for shared, expected in ((3, 0), (40, 40)):
+        backend = FakeBackend(n_slots=1, window=8)
+        loop = StepLoop(backend)
+        first = sequence(list(range(1, 41)), max_tokens=2)
+        loop.submit(first)
+        run_until(loop, lambda: first.ended)
+        backend.window_dropped[0] = 5  # positions 0-4 are gone from the window layers
+        turn = sequence(list(range(1, 1 + shared)) + [99, 98], max_tokens=1)
+        loop.submit(turn)
+        loop.step()
+        assert turn.cached == expected
+        assert backend.batches[-1]["tokens"] == turn.tokens[expected:]
+        assert loop.slots[0].cached == turn.tokens
+
+
 def test_prompt_tokens_evaluated_count_what_was_decoded_not_what_was_reused():
     from llamad.engine import EngineStats
 
