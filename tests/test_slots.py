@@ -15,7 +15,8 @@ from fake_engine import FakeEngine
 from test_engine import collect
 from llamad.chat import Chat, ChatMessage
 from llamad.engine import Generation, Prompt, ShuttingDown, Token
-from llamad.slots import MIN_PREFILL_CHUNK, Sequence, StepLoop
+from llamad.prompt_cache import PromptStateCache
+from llamad.slots import EVICT_FOR_PROMPT, MIN_PREFILL_CHUNK, Sequence, StepLoop
 from llamad.slots_engine import SlotsMixin
 
 
@@ -90,6 +91,41 @@ def test_a_new_prompt_goes_to_the_idle_slot_sharing_its_longest_prefix():
     loop.step()
     assert other.slot is not slot_a and other.slot is not slot_b
     assert slot_a.cached[:40] == conversation_a
+
+
+def test_a_long_prompt_moves_the_idle_slots_out_of_the_kv_and_their_next_turn_comes_back():
+    """A prompt with EVICT_FOR_PROMPT or more tokens to read clears the idle slots' KV (one
+    unified buffer: their cells would widen every attention) after saving what they held;
+    a short prompt leaves them alone; a cleared conversation's next turn is restored."""
+    backend = FakeBackend(n_slots=3, n_ctx=2048, n_batch=512, prompt_step=512)
+    loop = StepLoop(backend, PromptStateCache(1 << 30))
+    conversation_a = list(range(1000, 1100))
+    for tokens in (conversation_a, list(range(2000, 2010))):
+        seq = sequence(tokens, max_tokens=3)
+        loop.submit(seq)
+        run_until(loop, lambda: seq.ended)
+    slot_a = next(s for s in loop.slots if s.cached[:100] == conversation_a)
+    assert backend.used() > 0
+
+    short = sequence(list(range(3000, 3000 + EVICT_FOR_PROMPT - 1)), max_tokens=1)
+    loop.submit(short)
+    run_until(loop, lambda: short.ended)
+    assert slot_a.cached[:100] == conversation_a and loop.stats.evictions == 0
+
+    long = sequence(list(range(5000, 5000 + EVICT_FOR_PROMPT)), max_tokens=2)
+    loop.submit(long)
+    loop.step()
+    assert loop.stats.evictions == 2  # A's slot and the short prompt's; the 10-token one was reused
+    assert all(not s.cached for s in loop.slots if s is not long.slot)
+    assert all(not backend.kv[s.id] for s in loop.slots if s is not long.slot)
+    assert backend.kv[long.slot.id] == list(range(EVICT_FOR_PROMPT))
+    run_until(loop, lambda: long.ended)
+
+    # A's next turn: its 100 tokens come back from the saved-state cache, not recomputed.
+    turn2 = sequence(conversation_a + [7, 7, 7], max_tokens=1)
+    loop.submit(turn2)
+    run_until(loop, lambda: turn2.ended)
+    assert turn2.cached >= 100 and loop.prompt_cache.restores == 1
 
 
 def test_a_prefix_whose_window_cells_were_overwritten_is_evaluated_again():
