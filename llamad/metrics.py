@@ -116,6 +116,8 @@ class Metrics:
         # Sampled tokens the grammar rejected, sampled again among the allowed ones (batched engine).
         fallbacks = getattr(engine, "grammar_fallbacks", 0)
         metric("llamad_grammar_fallbacks_total", "counter", "Sampled tokens a grammar rejected and that were sampled again.", [f"llamad_grammar_fallbacks_total {fallbacks}"])
+        evictions = getattr(engine, "slot_evictions", 0)
+        metric("llamad_slot_evictions_total", "counter", "Idle slots whose KV moved to the saved-state cache to make room for a long prompt's attention.", [f"llamad_slot_evictions_total {evictions}"])
         metric("llamad_requests_in_flight", "gauge", "HTTP requests being served.", [f"llamad_requests_in_flight {self.requests_in_flight}"])
         counter("llamad_generations_cancelled_total", "Generations stopped early because the client went away (hang-up, stalled reader, shutdown).", "cancelled")
         counter("llamad_generations_failed_total", "Generations stopped by an error.", "failed")

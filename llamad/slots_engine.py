@@ -67,6 +67,10 @@ class SlotsMixin:
         slot = loop._choose(idle, tokens)  # noqa: SLF001 (pure: it only compares prefixes)
         return max(0, min(common_prefix(list(slot.cached), tokens), len(tokens) - 1))
 
+    @property
+    def slot_evictions(self) -> int:
+        return self.loop.stats.evictions if self.loop is not None else 0
+
     def _stop_slots(self) -> None:
         if self.loop is not None:
             self.loop.close()

@@ -177,3 +177,33 @@ def test_prompt_tokens_evaluated_count_the_slots_prefill_less_what_was_reused(sl
     cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
     assert usage.prompt_tokens > 100
     assert metric(base, "llamad_prompt_tokens_evaluated_total") - before == usage.prompt_tokens - cached
+
+
+def test_a_long_cold_prompt_clears_idle_slots_and_their_conversation_comes_back_warm(tmp_path):
+    """A prompt with 512+ tokens to read moves the idle slots' KV to the saved-state cache;
+    the conversation it moved gets its next turn from there (cached tokens, not read
+    again), and a short prompt that afterwards reuses only a slot's BOS still gets the
+    model's own answer (the sliding-window check)."""
+    from openai import OpenAI
+
+    with start_server(tmp_path, "[server]\nparallel = 4\n") as server:
+        base = server.url
+        client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+        def short() -> str:
+            return client.completions.create(model="m", prompt="The capital of France is", max_tokens=3, temperature=0).choices[0].text
+
+        reference = short()
+        conversation = [{"role": "user", "content": "Lighthouse log. " + "The keeper writes down every ship that passes. " * 40}]
+        first = client.chat.completions.create(model="m", messages=conversation, max_tokens=4, temperature=0)
+        evicted = _metric(base, "llamad_slot_evictions_total")
+        cold = "Operating manual. " + " ".join(f"rule{i % 97} applies to section {i % 13};" for i in range(160))
+        answer = client.chat.completions.create(model="m", messages=[{"role": "user", "content": cold}], max_tokens=2, temperature=0)
+        assert answer.usage.prompt_tokens >= 600
+        assert _metric(base, "llamad_slot_evictions_total") > evicted  # the conversation's slot (and the short prompt's)
+        conversation += [{"role": "assistant", "content": first.choices[0].message.content or ""}, {"role": "user", "content": "Go on."}]
+        second = client.chat.completions.create(model="m", messages=conversation, max_tokens=4, temperature=0)
+        assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 2
+        for _ in range(2):
+            client.completions.create(model="m", prompt=cold + " Again.", max_tokens=2, temperature=0)
+            assert short() == reference
