@@ -64,7 +64,8 @@ def test_raw_stream_events_validate_in_order(real_server):
     assert events[0][1]["message"]["usage"]["input_tokens"] > 0
     delta = events[-2][1]
     assert delta["delta"]["stop_reason"] in ("max_tokens", "end_turn")
-    assert delta["usage"]["output_tokens"] == 8 if delta["delta"]["stop_reason"] == "max_tokens" else 0 < delta["usage"]["output_tokens"] < 8
+    # Sampled (no temperature sent): the demo model may end its turn at once, with 0 tokens.
+    assert delta["usage"]["output_tokens"] == 8 if delta["delta"]["stop_reason"] == "max_tokens" else 0 <= delta["usage"]["output_tokens"] < 8
 
 
 def test_clean_route_gives_trimmed_text_only(sdk):

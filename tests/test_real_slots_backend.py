@@ -91,7 +91,10 @@ def test_a_prefix_is_reusable_only_while_the_sliding_window_layers_hold_what_it_
         assert llama_cpp.llama_memory_seq_rm(backend.memory, 1, 0, 3)  # positions 0-2 gone
         assert backend.reusable(1, 1) == 0  # the first new token would look back at them
         assert backend.reusable(1, 100) == 0
-        assert backend.reusable(1, 650) == 650  # it looks back 512 positions: 138 on, all held
+        assert backend.reusable(1, 650) == 650  # it looks back 512 positions: 139 on, all held
+        assert llama_cpp.llama_memory_seq_rm(backend.memory, 1, 3, 201)  # now 0-200 are gone
+        assert backend.reusable(1, 650) == 0  # its window lacks 139-200: more than WINDOW_SLACK
+        assert backend.reusable(1, 690) == 690  # lacks 179-200: the slack a restored turn needs
     finally:
         backend.forget(1, 0)
 
