@@ -211,6 +211,7 @@ class LlamaEngine(Engine):
         offloaded = offloaded_layers(load_lines)
         on_gpu = offloaded is not None and not offloaded.startswith("0/")
         self.prompt_step = m.n_batch if on_gpu else min(m.n_batch, CPU_PROMPT_STEP)
+        self._live_prompt_len = 0  # the prompt part of what the context holds
         self.n_swa = int(llama_cpp.llama_model_n_swa(self.llm._model.model))  # noqa: SLF001 (0: no sliding window)
         metadata = self.llm.metadata
         self.info = {
@@ -400,6 +401,12 @@ class LlamaEngine(Engine):
         if cache is not None:
             # Before most of the live context is overwritten, keep it for a later turn.
             if llm.n_tokens - prefix > max(prefix, 32):
+                # Without the last answer, which a next turn may render differently (see
+                # llamad.slots.StepLoop._save).
+                end = max(self._live_prompt_len, prefix)
+                if 0 < end < llm.n_tokens and llm._ctx.kv_cache_seq_rm(-1, end, -1):  # noqa: SLF001
+                    llm.n_tokens = end
+                    live_tokens = live_tokens[:end]
                 cache.save(llm, live_tokens)
             saved, saved_prefix = cache.best(tokens)
             if saved is not None and saved_prefix > prefix + 16:
@@ -415,6 +422,7 @@ class LlamaEngine(Engine):
             llm._ctx.kv_cache_clear()  # noqa: SLF001
             prefix = 0
         llm.n_tokens = prefix
+        self._live_prompt_len = len(tokens)
         rest = tokens[prefix:]
         step = self.prompt_step
         for start in range(0, len(rest), step):

@@ -137,6 +137,7 @@ class Sequence:
 class Slot:
     id: int
     cached: list[int] = field(default_factory=list)  # tokens whose KV this slot holds
+    prompt_len: int = 0  # of these, the last request's prompt (the rest is its answer)
     sequence: Sequence | None = None
     last_used: float = float("-inf")
 
@@ -330,7 +331,7 @@ class StepLoop:
         if cache is not None:
             if len(slot.cached) - keep > max(keep, 32):
                 # Most of this slot is about to be overwritten: keep it for a later turn.
-                self._save(slot)
+                self._save(slot, keep)
             saved, saved_prefix = cache.best(tokens)
             if saved is not None and min(saved_prefix, len(tokens) - 1) > keep + 16:
                 self._clear(slot)
@@ -346,6 +347,7 @@ class StepLoop:
         if cache is not None and len(tokens) - keep >= EVICT_FOR_PROMPT:
             self._evict_idle(but=slot)
         slot.sequence = seq
+        slot.prompt_len = len(tokens)
         seq.slot = slot
         self._admissions += 1
         seq.order = self._admissions
@@ -361,9 +363,19 @@ class StepLoop:
                 self._clear(slot)
                 self.stats.evictions += 1
 
-    def _save(self, slot: Slot) -> None:
+    def _save(self, slot: Slot, keep: int = 0) -> None:
+        """Saves the slot's state for a later turn; its tokens from `keep` on are about to go.
+
+        The last answer is cut off first (unless `keep` still needs it): a next turn resends
+        the prompt, but the answer as the client renders it, which may not match token for
+        token. And llama.cpp saves no cell outside a sliding window's reach from the last
+        position (Gemma 3), so a state saved with its answer lacks what a next turn that
+        diverges inside the answer needs (llamad.llama.reusable_prefix)."""
         cache = self.prompt_cache
         assert cache is not None
+        end = max(slot.prompt_len, keep)
+        if 0 < end < len(slot.cached) and self.backend.forget(slot.id, end):
+            del slot.cached[end:]
         if len(slot.cached) < cache.MIN_TOKENS or cache.covers(slot.cached):
             return
         data = self.backend.save_state(slot.id)

@@ -119,6 +119,10 @@ def test_a_long_prompt_moves_the_idle_slots_out_of_the_kv_and_their_next_turn_co
     assert all(not s.cached for s in loop.slots if s is not long.slot)
     assert all(not backend.kv[s.id] for s in loop.slots if s is not long.slot)
     assert backend.kv[long.slot.id] == list(range(EVICT_FOR_PROMPT))
+    # A's state was saved without its answer (fed tokens 101, 102): a next turn resends the
+    # prompt, its answer maybe rendered otherwise.
+    saved, shared = loop.prompt_cache.best(conversation_a + [101, 102])
+    assert saved is not None and list(saved.tokens) == conversation_a and shared == 100
     run_until(loop, lambda: long.ended)
 
     # A's next turn: its 100 tokens come back from the saved-state cache, not recomputed.
