@@ -9,7 +9,7 @@ busier or quieter moves all three alike; ratios between them are the figures to 
 First, before any server starts, llama.cpp's batched decode alone (llamad.bench_ceiling): the
 ceiling of every server's "4 streams / 1 stream" on this machine. Then the phases: one
 stream's decode rate; 1, 2, 4 and 8 parallel streams (aggregate tokens/s, time
-to first token p50/p90/max); a cold ~2,300-token prompt's time to first token; three
+to first token p50/p90/max); a cold prompt of about `--prefix-tokens` words (~3,250 Gemma tokens for 2,300) and its time to first token; three
 streams decoding while a ~2,000-token prompt arrives (their gaps between tokens during its
 evaluation, against the same three streams alone); a second chat turn's time to first
 token over the first's.
