@@ -33,7 +33,7 @@ from llamad.chat import (
 from llamad.config import KV_CACHE_TYPES, Config, file_identity, sampling_defaults
 from llamad.engine import Cancelled, Engine, FimTokens, Generation, GrammarRejected, Prompt, PromptError, TokenLogprob
 from llamad.logprobs import score
-from llamad.prompt_cache import PromptStateCache, common_prefix
+from llamad.prompt_cache import PromptStateCache, common_prefix, reusable_prefix
 from llamad.tools_sampling import GrammarConstraint, GrammarError, check_grammar
 
 log = structlog.get_logger("llamad.engine")
@@ -89,36 +89,6 @@ class NativeLog:
 
 
 native = NativeLog()
-
-
-# How many of the oldest positions of its window the first tokens after a reused prefix may
-# go without. A saved state leaves out the cells outside its sequence's window (llama.cpp's
-# state_write), so a conversation restored for its next turn lacks the few positions between
-# where the reuse ends and where the saved sequence ended (its last answer, usually <= 16
-# tokens); only the first new tokens miss them, at the far end of a 512-token window.
-# Reading such a turn again would cost seconds on a CPU and minutes on a board.
-WINDOW_SLACK = 32
-
-
-def reusable_prefix(ctx, seq: int, keep: int, n_swa: int) -> int:
-    """How many of `keep` cached tokens of sequence `seq` a new prompt can build on.
-
-    A sliding-window layer (Gemma 3's, window n_swa) keeps a sequence's cells only while
-    they are inside the window: llama.cpp writes new tokens over cells that fell out of it,
-    so a long sequence can lose its start there while the full-attention layers still hold
-    it. The first new token, at `keep`, looks back n_swa positions. A prefix shorter than
-    the window needs all of it; a longer one may lack WINDOW_SLACK of the oldest; otherwise
-    nothing is reused (seen: a 6-token prompt reusing only the BOS of a 1,200-token sequence
-    answered " the state" where the model's answer is " the capital")."""
-    if keep <= 0 or n_swa <= 0:
-        return keep
-    import llama_cpp
-
-    first_held = llama_cpp.llama_memory_seq_pos_min(llama_cpp.llama_get_memory(ctx), seq)
-    if first_held == 0:
-        return keep
-    window_start = keep - n_swa + 1
-    return keep if 0 < first_held <= window_start + WINDOW_SLACK and window_start > 0 else 0
 
 
 def kv_cache_mib(lines: list[str]) -> float | None:

@@ -24,8 +24,9 @@ import structlog
 
 from llamad.config import Config
 from llamad.engine import Generation, TokenLogprob
-from llamad.llama import LlamaEngine, kv_cache_mib, native, reusable_prefix, token_bytes
+from llamad.llama import LlamaEngine, kv_cache_mib, native, token_bytes
 from llamad.logprobs import score
+from llamad.prompt_cache import reusable_prefix
 from llamad.slots_engine import SlotsMixin
 from llamad.tools_sampling import GrammarConstraint
 
