@@ -12,13 +12,17 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.middleware import DefineMiddleware
 
-from llamad import anthropic, openai, responses
-from llamad.auth import ApiKeys, AuthMiddleware
+from llamad.api.anthropic import messages as anthropic
+
+from llamad.api.openai import chat as openai
+
+from llamad.api.responses import routes as responses
+from llamad.serve.auth import ApiKeys, AuthMiddleware
 from llamad.config import Config, api_keys
 from llamad.engine import Engine
-from llamad.errors import REFUSE_WITH_HEADER, body_of, family_of, from_exception, refused_for_balancer
-from llamad.metrics import Metrics
-from llamad.observe import UNMATCHED, ObserveMiddleware, RequestRecord, record_of
+from llamad.serve.errors import REFUSE_WITH_HEADER, body_of, family_of, from_exception, refused_for_balancer
+from llamad.serve.metrics import Metrics
+from llamad.serve.observe import UNMATCHED, ObserveMiddleware, RequestRecord, record_of
 
 log = structlog.get_logger("llamad.app")
 
@@ -86,7 +90,7 @@ def create_app(
     chat engine embeds."""
     metrics_registry = metrics_registry or Metrics()
     if embedder is None and config.embeddings.path:
-        from llamad.llama_embed import EmbeddingEngine
+        from llamad.engine.llama_embed import EmbeddingEngine
 
         embedder = EmbeddingEngine(config)
     keys = ApiKeys(api_keys(config), require_for_metrics=config.server.metrics_require_key)
@@ -112,7 +116,17 @@ def create_app(
             if app.state.engine is not engine:  # swapped in by a reload
                 app.state.engine.close()
 
-    from llamad import completions, embeddings, infill, ollama, ollama_models, tokens
+    from llamad.api.openai import completions
+
+    from llamad.api import embeddings
+
+    from llamad.api.llama_server import infill
+
+    from llamad.api.ollama import chat as ollama
+
+    from llamad.api.ollama import models as ollama_models
+
+    from llamad.api.llama_server import tokenize as tokens
 
     route_handlers: list[Any] = [health, metrics, root, openai.router, anthropic.router, responses.router]
     route_handlers += [completions.router, infill.router, embeddings.router, tokens.router]
@@ -121,7 +135,7 @@ def create_app(
     return Litestar(
         route_handlers=route_handlers,
         lifespan=[lifespan],
-        # api_keys: a holder, so `systemctl reload` can swap keys (llamad.systemd.reload_service).
+        # api_keys: a holder, so `systemctl reload` can swap keys (llamad.service.systemd.reload_service).
         state=State({"engine": engine, "embedder": embedder, "config": config, "metrics": metrics_registry, "api_keys": keys}),
         exception_handlers={Exception: error_handler},
         middleware=[

@@ -11,7 +11,7 @@ from typing import Any
 
 import structlog
 
-from llamad import log as logsetup
+from llamad.service import log as logsetup
 from llamad.config import SECTIONS, ConfigError, LoadedConfig, load_config, resolve_model, to_toml_data
 
 log = structlog.get_logger("llamad")
@@ -47,10 +47,10 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from llamad.answer import answer_events, fold
-    from llamad.chat import Chat, ChatMessage
+    from llamad.serve.answer import answer_events, fold
+    from llamad.engine.chat import Chat, ChatMessage
     from llamad.engine import Generation
-    from llamad.slots_llama import engine_for
+    from llamad.engine.llama_slots import engine_for
 
     loaded = _load(args)
     logsetup.configure(loaded.config.logging.level, loaded.config.logging.format)
@@ -101,7 +101,7 @@ class Server:
         import uvicorn
 
         from llamad.app import create_app
-        from llamad.slots_llama import engine_for
+        from llamad.engine.llama_slots import engine_for
 
         self.loaded = loaded
         # The one place that names the engine factory: the start and every reload build with it
@@ -143,8 +143,8 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self) -> None:
-        from llamad.reload import reload_service
-        from llamad.systemd import supervise
+        from llamad.service.reload import reload_service
+        from llamad.service.systemd import supervise
 
         self._loop = asyncio.get_running_loop()
 
@@ -177,11 +177,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     loaded = _load(args)
     logsetup.configure("warning", loaded.config.logging.format)
-    if args.llama_server:  # llamad beside llama-server in one run (llamad.bench_slots)
-        from llamad.bench_slots import run_side_by_side
+    if args.llama_server:  # llamad beside llama-server in one run (llamad.bench.slots)
+        from llamad.bench.slots import run_side_by_side
 
         return run_side_by_side(loaded, args)
-    from llamad.bench import run_bench
+    from llamad.bench.run import run_bench
 
     return run_bench(loaded, args)
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import msgspec
 
-from llamad.engine_types import Sampling
+from llamad.engine.types import Sampling
 
 if sys.version_info >= (3, 11):
     import tomllib

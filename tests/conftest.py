@@ -25,7 +25,7 @@ from hypothesis import settings
 from litestar.testing import AsyncTestClient
 
 from llamad.app import create_app
-from llamad.bench_servers import dies_with_parent
+from llamad.bench.servers import dies_with_parent
 from llamad.config import load_config
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -1,4 +1,4 @@
-"""A scripted backend for the step loop (llamad.slots): the same interface as the llama.cpp
+"""A scripted backend for the step loop (llamad.engine.slots): the same interface as the llama.cpp
 one, with KV bookkeeping that checks what the loop feeds it (positions in order, logits
 read only where the batch asked for them) and an optional limit on KV cells."""
 

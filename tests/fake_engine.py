@@ -10,10 +10,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from llamad.chat import Chat, messages_as_text
+from llamad.engine.chat import Chat, messages_as_text
 from llamad.engine import Engine, FimTokens, Generation, Prompt, TokenLogprob
-from llamad.logprobs import score
-from llamad.prompt_cache import common_prefix
+from llamad.engine.logprobs import score
+from llamad.engine.prompt_cache import common_prefix
 
 Script = Callable[[Generation], list[str]]
 

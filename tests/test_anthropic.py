@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from litestar.testing import AsyncTestClient, TestClient
 
-from llamad.anthropic_request import MessagesRequest, to_chat
+from llamad.api.anthropic.request import MessagesRequest, to_chat
 from llamad.app import create_app
 from llamad.config import Config, LimitsConfig, ServerConfig
-from llamad.errors import ApiError
+from llamad.serve.errors import ApiError
 from fake_engine import FakeEngine, pieces
 
 STREAM_EVENT = pydantic.TypeAdapter(RawMessageStreamEvent)
@@ -189,7 +189,7 @@ async def hold_engine(http: httpx.AsyncClient, engine: FakeEngine) -> asyncio.Ta
 
 
 async def test_ping_is_sent_while_the_request_waits_for_the_engine(monkeypatch):
-    monkeypatch.setattr("llamad.engine.KEEPALIVE_S", 0.05)
+    monkeypatch.setattr("llamad.engine.base.KEEPALIVE_S", 0.05)
     engine = FakeEngine(token_delay=0.1, script=lambda g: ["x"] * 5)
     async with serve(engine) as client, concurrent(client) as http:
         first = await hold_engine(http, engine)
@@ -611,7 +611,7 @@ def test_no_request_body_causes_a_server_error():
 def test_http_errors_map_to_anthropic_type_names(status, kind):
     from litestar.exceptions import HTTPException
 
-    from llamad.errors import anthropic_body, from_exception
+    from llamad.serve.errors import anthropic_body, from_exception
 
     error = from_exception(HTTPException(status_code=status), "anthropic")
     assert error.status == status and anthropic_body(error)["error"]["type"] == kind

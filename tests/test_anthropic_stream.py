@@ -8,7 +8,7 @@ from anthropic.types import Message, RawMessageStreamEvent
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llamad.answer import (
+from llamad.serve.answer import (
     Finish,
     Keepalive,
     ReasoningDelta,
@@ -18,7 +18,7 @@ from llamad.answer import (
     ToolCallStart,
     Usage,
 )
-from llamad.anthropic_stream import CleanText, MessageStream, fold_message
+from llamad.api.anthropic.stream import CleanText, MessageStream, fold_message
 
 STREAM_EVENT = pydantic.TypeAdapter(RawMessageStreamEvent)
 

@@ -7,8 +7,8 @@ from litestar import Litestar, get, head, post
 from litestar.middleware import DefineMiddleware
 from litestar.testing import AsyncTestClient
 
-from llamad.auth import ApiKeys, AuthMiddleware
-from llamad.errors import family_of
+from llamad.serve.auth import ApiKeys, AuthMiddleware
+from llamad.serve.errors import family_of
 
 KEY = "sk-local-0123456789"
 

@@ -35,7 +35,7 @@ def captured_tools_compile() -> bool:
     """Whether llamad turns every tool schema Claude Code sends into a grammar (issue 10 §1:
     its Workflow tool has a property with only a description, i.e. any value)."""
     from llamad import tools
-    from llamad.chat import ToolSpec
+    from llamad.engine.chat import ToolSpec
 
     specs = [ToolSpec(t["name"], t.get("description", ""), t["input_schema"]) for t in captured(1, tools=True)["tools"]]
     try:

@@ -11,7 +11,7 @@ from contextlib import aclosing
 import pytest
 
 from fake_engine import FakeEngine
-from llamad.chat import Chat, ChatMessage
+from llamad.engine.chat import Chat, ChatMessage
 from llamad.engine import Done, Generation, Overloaded, QueueTimeout, Token
 
 pytestmark = pytest.mark.asyncio
@@ -136,7 +136,7 @@ async def test_prompt_longer_than_context_is_refused_before_queueing():
 
 
 async def test_keepalives_while_the_prompt_is_evaluated_and_none_between_tokens(monkeypatch):
-    monkeypatch.setattr("llamad.engine.KEEPALIVE_S", 0.05)
+    monkeypatch.setattr("llamad.engine.base.KEEPALIVE_S", 0.05)
     engine = await ready(FakeEngine(script=lambda g: ["x"] * 20, token_delay=0.01, prompt_delay=0.4))
     kinds = []
     async with aclosing(engine.stream(await generation(engine))) as events:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from llamad.config import ConfigError, load_config
-from llamad.llama import kv_cache_mib
+from llamad.engine.llama import kv_cache_mib
 
 from conftest import TEST_MODEL
 

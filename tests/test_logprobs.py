@@ -18,8 +18,8 @@ from fake_backend import FakeBackend
 from fake_engine import FAKE_LOGITS, FakeEngine, pieces
 from test_slots import outputs
 from llamad.engine import Done, Generation, Prompt, Token, TokenLogprob
-from llamad.logprobs import FLOOR, score
-from llamad.slots import Sequence, StepLoop
+from llamad.engine.logprobs import FLOOR, score
+from llamad.engine.slots import Sequence, StepLoop
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"

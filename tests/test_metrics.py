@@ -18,9 +18,9 @@ from structlog.testing import capture_logs
 from conftest import config_for_tests
 from fake_engine import FakeEngine
 from llamad.app import create_app
-from llamad.chat import Chat
+from llamad.engine.chat import Chat
 from llamad.engine import Generation, Prompt
-from llamad.prompt_cache import common_prefix
+from llamad.engine.prompt_cache import common_prefix
 
 pytestmark = pytest.mark.asyncio
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from llamad.observe import ObserveMiddleware
+from llamad.serve.observe import ObserveMiddleware
 
 pytestmark = pytest.mark.asyncio
 

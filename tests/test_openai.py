@@ -292,7 +292,7 @@ async def test_full_queue_gets_429_with_retry_after(tmp_path):
 
 
 async def test_keep_alive_comments_only_while_the_client_waits(make_client, monkeypatch):
-    monkeypatch.setattr("llamad.engine.KEEPALIVE_S", 0.05)
+    monkeypatch.setattr("llamad.engine.base.KEEPALIVE_S", 0.05)
     body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
     async with make_client(FakeEngine(token_delay=0.001)) as client:
         quick = (await client.post(CHAT, json=body)).text

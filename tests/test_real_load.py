@@ -33,7 +33,7 @@ MESSAGES = "/v1/messages"
 # before 4,000 characters, and no token is longer than 31 of them, so it runs at least ~130
 # tokens (the model cannot stop it, whatever it wants to say).
 # An answer that cannot end early: at least 8 strings of 1,000 characters (1,000 is the longest
-# minLength the grammar enforces, llamad.tools_schema.MAX_COUNT; no Gemma token is longer
+# minLength the grammar enforces, llamad.grammar.schema.MAX_COUNT; no Gemma token is longer
 # than 31 characters, so at least ~260 tokens).
 NEVER_SHORT = {
     "type": "json_schema",

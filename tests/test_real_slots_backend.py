@@ -13,14 +13,14 @@ import pytest
 
 from conftest import TEST_MODEL, config_for_tests
 from llamad.config import LoadedConfig
-from llamad.engine_types import Generation, Prompt, Sampling
+from llamad.engine.types import Generation, Prompt, Sampling
 
 pytestmark = [pytest.mark.real, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from llamad.slots_llama import LlamaSlotsEngine
+    from llamad.engine.llama_slots import LlamaSlotsEngine
 
     config = config_for_tests(tmp_path_factory.mktemp("backend"), MODEL_PATH=TEST_MODEL, PARALLEL="2", N_CTX="1024", N_THREADS="2")
     engine = LlamaSlotsEngine(config, Path(TEST_MODEL))
@@ -100,7 +100,7 @@ def test_a_prefix_is_reusable_only_while_the_sliding_window_layers_hold_what_it_
 
 
 def test_engine_alone_phase_times_each_width(tmp_path):
-    from llamad.bench_ceiling import decode_rates
+    from llamad.bench.ceiling import decode_rates
 
     config = config_for_tests(tmp_path, MODEL_PATH=TEST_MODEL, N_CTX="512", N_THREADS="2")
     result = decode_rates(LoadedConfig(config=config), Path(TEST_MODEL), streams=(1, 4), steps=8)

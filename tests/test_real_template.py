@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from conftest import TEST_MODEL
-from llamad.answer import answer_events, fold
-from llamad.chat import Chat, ChatMessage, ToolSpec
+from llamad.serve.answer import answer_events, fold
+from llamad.engine.chat import Chat, ChatMessage, ToolSpec
 from llamad.config import Config, ModelConfig
 from llamad.engine import Generation, Sampling
-from llamad.llama import LlamaEngine
+from llamad.engine.llama import LlamaEngine
 
 pytestmark = pytest.mark.real
 

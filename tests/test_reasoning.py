@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llamad.reasoning import ReasoningSplitter
+from llamad.serve.reasoning import ReasoningSplitter
 
 
 def split(pieces: list[str], starts_in_reasoning: bool = False) -> tuple[str, str]:

@@ -112,10 +112,10 @@ async def test_log_content_puts_prompt_and_completion_in_the_request_line(make_c
 
 
 def test_an_app_without_the_anthropic_routes_does_not_start():
-    """If llamad.anthropic cannot be imported, building the app fails loudly instead of
+    """If llamad.api.anthropic.messages cannot be imported, building the app fails loudly instead of
     serving without the Anthropic routes."""
     code = (
-        "import sys; sys.modules['llamad.anthropic'] = None\n"
+        "import sys; sys.modules['llamad.api.anthropic.messages'] = None\n"
         "from llamad.app import create_app\n"
         "from llamad.config import Config\n"
         "create_app(Config(), None)\n"
@@ -123,4 +123,4 @@ def test_an_app_without_the_anthropic_routes_does_not_start():
     root = Path(__file__).resolve().parent.parent
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120, cwd=root)
     assert result.returncode != 0
-    assert "llamad.anthropic" in result.stderr
+    assert "llamad.api.anthropic.messages" in result.stderr

@@ -363,7 +363,7 @@ async def test_an_error_after_the_stream_began_is_an_error_event_then_failed(mak
 async def test_keep_alive_events_while_the_prompt_is_evaluated(make_client, monkeypatch):
     """Keep-alives are `response.in_progress` events, not SSE comments: Codex's idle
     timeout counts events only, and a long prompt on a small board takes minutes."""
-    monkeypatch.setattr("llamad.engine.KEEPALIVE_S", 0.05)
+    monkeypatch.setattr("llamad.engine.base.KEEPALIVE_S", 0.05)
     async with make_client(FakeEngine(token_delay=0.001)) as client:
         quick = (await client.post(RESPONSES, json={"input": "hi", "stream": True})).text
     async with make_client(FakeEngine(prompt_delay=0.3)) as client:

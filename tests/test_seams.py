@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fake_engine import FakeEngine
-from llamad.reload import reload_service
+from llamad.service.reload import reload_service
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "llamad"
@@ -78,14 +78,14 @@ def test_llamad_modules_import_each_other_without_a_circle():
 
 def test_the_service_side_never_names_the_llama_engine():
     graph = _import_graph()
-    for module in ("llamad.systemd", "llamad.reload", "llamad.config"):
-        assert "llamad.llama" not in graph[module], f"{module} imports llamad.llama; the CLI injects the engine"
+    for module in ("llamad.service.systemd", "llamad.service.reload", "llamad.config"):
+        assert "llamad.engine.llama" not in graph[module], f"{module} imports llamad.engine.llama; the CLI injects the engine"
     # No hidden default that builds a LlamaEngine: the caller must say which engine.
     assert inspect.signature(reload_service).parameters["engine_factory"].default is inspect.Parameter.empty
 
 
 def test_systemd_and_reload_load_and_reload_without_llama_cpp(tmp_path):
-    """In a process where llama_cpp and llamad.llama cannot be imported, the service side
+    """In a process where llama_cpp and llamad.engine.llama cannot be imported, the service side
     imports and runs a whole reload with an injected (fake) engine."""
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF" + b"\0" * 64)
@@ -95,9 +95,9 @@ def test_systemd_and_reload_load_and_reload_without_llama_cpp(tmp_path):
 import asyncio, sys
 from types import SimpleNamespace
 sys.modules["llama_cpp"] = None      # any import of it raises ImportError
-sys.modules["llamad.llama"] = None
+sys.modules["llamad.engine.llama"] = None
 sys.path.insert(0, {str(ROOT / "tests")!r})
-import llamad.systemd, llamad.reload
+import llamad.service.systemd, llamad.service.reload
 from llamad.config import load_config
 from fake_engine import FakeEngine
 
@@ -107,7 +107,7 @@ async def main():
     await state.engine.load()
     with open({str(config)!r}, "a") as f:
         f.write('n_ctx = 1024\\n')
-    result = await llamad.reload.reload_service(
+    result = await llamad.service.reload.reload_service(
         state, {str(config)!r}, engine_factory=lambda c, p: FakeEngine(model_id="after"), env={{}}
     )
     assert result.ok and result.model_swapped and state.engine.model_id == "after", result

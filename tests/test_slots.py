@@ -1,4 +1,4 @@
-"""The continuous-batching step loop (llamad.slots) with a scripted backend: admission,
+"""The continuous-batching step loop (llamad.engine.slots) with a scripted backend: admission,
 slot choice, chunked prefill, cancellation, KV exhaustion, and the engine glue (streams
 decoding together, a hang-up handing its slot on, SIGTERM drain)."""
 
@@ -13,11 +13,11 @@ import pytest
 from fake_backend import FakeBackend
 from fake_engine import FakeEngine
 from test_engine import collect
-from llamad.chat import Chat, ChatMessage
+from llamad.engine.chat import Chat, ChatMessage
 from llamad.engine import Generation, Prompt, ShuttingDown, Token
-from llamad.prompt_cache import PromptStateCache
-from llamad.slots import EVICT_FOR_PROMPT, MIN_PREFILL_CHUNK, Sequence, StepLoop
-from llamad.slots_engine import SlotsMixin
+from llamad.engine.prompt_cache import PromptStateCache
+from llamad.engine.slots import EVICT_FOR_PROMPT, MIN_PREFILL_CHUNK, Sequence, StepLoop
+from llamad.engine.slots_engine import SlotsMixin
 
 
 def sequence(tokens: list[int], max_tokens: int = 1000) -> Sequence:

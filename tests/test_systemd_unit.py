@@ -14,11 +14,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from llamad.auth import ApiKeys
+from llamad.serve.auth import ApiKeys
 from llamad.config import load_config
 from llamad.engine import Done, Generation, Prompt
-from llamad.reload import reload_service
-from llamad.systemd import Notifier, notify_reload, status_line, supervise, watchdog_loop
+from llamad.service.reload import reload_service
+from llamad.service.systemd import Notifier, notify_reload, status_line, supervise, watchdog_loop
 from fake_engine import FakeEngine
 from must_run import require_tools
 
@@ -196,7 +196,7 @@ async def test_loading_extends_the_start_timeout_until_ready(notify_socket, monk
     """supervise() keeps asking for more start time while the server is not up yet (a big
     model loading), then sends READY=1 once it is."""
     address, sock = notify_socket
-    monkeypatch.setattr("llamad.systemd.EXTEND_TIMEOUT_S", 0.05)
+    monkeypatch.setattr("llamad.service.systemd.EXTEND_TIMEOUT_S", 0.05)
     engine = FakeEngine()
     await engine.load()
     state = SimpleNamespace(engine=engine, api_keys=ApiKeys())
@@ -344,7 +344,7 @@ async def test_a_swapped_engine_waits_for_requests_that_hold_it_but_have_not_que
     path = _write_config(tmp_path / "llamad.toml", model_a)
     state = await _state(path)
     old = state.engine
-    old.holders += 1  # what llamad.observe.engine_of does for a request in flight
+    old.holders += 1  # what llamad.serve.observe.engine_of does for a request in flight
     _write_config(path, _gguf(tmp_path / "b.gguf"))
     result = await reload_service(state, path, engine_factory=_factory([]), env={})
     assert result.ok and result.model_swapped
@@ -400,7 +400,7 @@ def _drain(sock) -> list[str]:
 
 
 async def test_ready_only_once_the_socket_is_bound_then_reload_on_sighup(tmp_path, notify_socket):
-    from llamad.systemd import supervise
+    from llamad.service.systemd import supervise
 
     address, sock = notify_socket
     model = _gguf(tmp_path / "a.gguf")
@@ -439,7 +439,7 @@ async def test_ready_only_once_the_socket_is_bound_then_reload_on_sighup(tmp_pat
 
 
 async def test_a_model_that_failed_to_load_is_a_failed_start_under_systemd(notify_socket):
-    from llamad.systemd import supervise
+    from llamad.service.systemd import supervise
 
     address, sock = notify_socket
     engine = FakeEngine()

@@ -19,11 +19,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llamad.answer import PlainText
-from llamad.chat import ToolSpec
-from llamad.tools import ToolChoice, ToolSchemaError, plan
-from llamad.tools_parse import ToolCallParser
-from llamad.tools_sampling import GrammarConstraint
+from llamad.serve.answer import PlainText
+from llamad.engine.chat import ToolSpec
+from llamad.tools.plan import ToolChoice, ToolSchemaError, plan
+from llamad.tools.parse import ToolCallParser
+from llamad.grammar.constraint import GrammarConstraint
 
 DEMO = Path.home() / ".cache/llamad/models/gemma-3-270m-q4_k_m.gguf"
 MODEL = Path(os.environ.get("LLAMAD_TEST_MODEL") or DEMO)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from llamad.chat import Chat, ChatMessage, ToolCall, ToolSpec
-from llamad.errors import ApiError
-from llamad.tools import check_history
+from llamad.engine.chat import Chat, ChatMessage, ToolCall, ToolSpec
+from llamad.serve.errors import ApiError
+from llamad.tools.plan import check_history
 
 WEATHER = ToolSpec("get_weather", "", {"type": "object", "properties": {"city": {"type": "string"}}})
 

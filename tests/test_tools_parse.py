@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llamad.answer import TextDelta, ToolCallDelta, ToolCallEnd, ToolCallStart
-from llamad.tools_json import JsonPrefix, close_json
-from llamad.tools_parse import ToolCallParser, new_call_id
+from llamad.serve.answer import TextDelta, ToolCallDelta, ToolCallEnd, ToolCallStart
+from llamad.tools.json_repair import JsonPrefix, close_json
+from llamad.tools.parse import ToolCallParser, new_call_id
 
 TOOLS = ["get_weather", "search"]
 WEATHER = {"city": "Paris", "unit": "c"}

@@ -1,5 +1,5 @@
 """No valid tool schema is refused: every JSON Schema keyword gives a grammar llama.cpp
-compiles, each keyword is enforced or loosened as the table in llamad.tools_grammar says,
+compiles, each keyword is enforced or loosened as the table in llamad.tools.grammar says,
 and what the grammar lets through is valid JSON that satisfies every enforced keyword.
 
 llama.cpp itself decides: `check_grammar` compiles each grammar, and its grammar sampler
@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gbnf_walk import Walker
-from llamad.chat import ToolSpec
-from llamad.tools import ToolChoice, ToolSchemaError, plan
-from llamad.tools_sampling import check_grammar
-from llamad.tools_schema import normalise
+from llamad.engine.chat import ToolSpec
+from llamad.tools.plan import ToolChoice, ToolSchemaError, plan
+from llamad.grammar.constraint import check_grammar
+from llamad.grammar.schema import normalise
 from tiny_gguf import write_tiny_llama
 
 CAPTURES = Path(__file__).parent / "data" / "captures"

@@ -1,6 +1,6 @@
 """Embeddings: OpenAI's POST /v1/embeddings and Ollama's POST /api/embed (and its older
 /api/embeddings). The vectors are the chat model's own hidden states, mean-pooled and
-L2-normalised (llamad.llama_embed), computed behind the same queue as generation; all the
+L2-normalised (llamad.engine.llama_embed), computed behind the same queue as generation; all the
 inputs of a request go through the engine as one batch."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import msgspec
 from litestar import Request, Response, Router, post
 
 from llamad.engine import Engine, check_token_ids
-from llamad.errors import bad_request
-from llamad.observe import engine_of, record_of
-from llamad.requests import decode_body, read_body
+from llamad.serve.errors import bad_request
+from llamad.serve.observe import engine_of, record_of
+from llamad.serve.body import decode_body, read_body
 
 MAX_INPUTS = 2048  # OpenAI's own limit per request
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llamad.config import LoadedConfig
-from llamad.engine_types import Generation, Prompt, Sampling
+from llamad.engine.types import Generation, Prompt, Sampling
 
 PROMPT_TOKENS = 32
 
@@ -25,7 +25,7 @@ def decode_rates(loaded: LoadedConfig, model: Path, streams: tuple[int, ...] = (
     steps (decode and sample), in a context with max(streams) slots."""
     import msgspec
 
-    from llamad.slots_llama import LlamaSlotsEngine
+    from llamad.engine.llama_slots import LlamaSlotsEngine
 
     config = loaded.config
     n_slots = max(streams)

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from llamad.bench_report import render_table
-from llamad.bench_servers import start_llamad
+from llamad.bench.report import render_table
+from llamad.bench.servers import start_llamad
 from llamad.config import LoadedConfig, resolve_model
 
 PROMPT = [
@@ -63,8 +63,8 @@ class EngineBench:
     def __init__(self, loaded: LoadedConfig, tokens: int):
         import llama_cpp
 
-        from llamad.chat import Chat, ChatMessage
-        from llamad.llama import LlamaEngine
+        from llamad.engine.chat import Chat, ChatMessage
+        from llamad.engine.llama import LlamaEngine
 
         self.tokens = tokens
         self.engine = LlamaEngine(loaded.config, resolve_model(loaded).path)

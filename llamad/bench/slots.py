@@ -6,7 +6,7 @@ batching. Three servers run side by side on loopback: llamad (with the configure
 and context per slot. Every phase runs against each server in turn, so a machine that gets
 busier or quieter moves all three alike; ratios between them are the figures to read.
 
-First, before any server starts, llama.cpp's batched decode alone (llamad.bench_ceiling): the
+First, before any server starts, llama.cpp's batched decode alone (llamad.bench.ceiling): the
 ceiling of every server's "4 streams / 1 stream" on this machine. Then the phases: one
 stream's decode rate; 1, 2, 4 and 8 parallel streams (aggregate tokens/s, time
 to first token p50/p90/max); a cold prompt of about `--prefix-tokens` words (~3,250 Gemma tokens for 2,300) and its time to first token; three
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llamad.bench import (
+from llamad.bench.run import (
     Http,
     _manual,
     _median,
@@ -35,8 +35,8 @@ from llamad.bench import (
     bench_cache,
     bench_concurrency,
 )
-from llamad.bench_ceiling import decode_rates
-from llamad.bench_servers import dies_with_parent, free_port, start_llamad, wait_healthy
+from llamad.bench.ceiling import decode_rates
+from llamad.bench.servers import dies_with_parent, free_port, start_llamad, wait_healthy
 from llamad.config import LoadedConfig, resolve_model
 
 STREAMS = (1, 2, 4, 8)

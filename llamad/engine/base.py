@@ -1,11 +1,11 @@
 """The engine: one model, its lock, and generation as a stream of typed events.
 
-The request and event types live in llamad.engine_types (and are importable from here).
+The request and event types live in llamad.engine.types (and are importable from here).
 `Engine` holds everything that does not depend on llama.cpp: the scheduler (the lock and
 its bounded FIFO queue), the worker thread that keeps inference off the event loop,
 cancellation, stop sequences and token limits. A subclass supplies three things: `load`,
 `prepare` (chat -> prompt tokens) and `decode` (prompt -> one text piece per token). The
-real subclass is `LlamaEngine` (llamad.llama); the fast tests use a fake with the same
+real subclass is `LlamaEngine` (llamad.engine.llama); the fast tests use a fake with the same
 three methods, so everything here is exercised by both tiers.
 """
 
@@ -20,9 +20,9 @@ from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
 
 import anyio
 
-from llamad.chat import Chat
-from llamad.prompt_cache import shared_head
-from llamad.engine_types import (  # the types are part of this module's interface too
+from llamad.engine.chat import Chat
+from llamad.engine.prompt_cache import shared_head
+from llamad.engine.types import (  # the types are part of this module's interface too
     EngineNotReady,
     ContextOverflow,
     PromptError,
@@ -42,9 +42,9 @@ from llamad.engine_types import (  # the types are part of this module's interfa
     TokenOutOfRange,
     check_token_ids,
 )
-from llamad.logprobs import Aligner
-from llamad.scheduler import Overloaded, QueueTimeout, Scheduler, ShuttingDown
-from llamad.stops import find_stop, held_back
+from llamad.engine.logprobs import Aligner
+from llamad.engine.scheduler import Overloaded, QueueTimeout, Scheduler, ShuttingDown
+from llamad.engine.stops import find_stop, held_back
 
 T = TypeVar("T")
 
@@ -104,7 +104,7 @@ class KeepaliveTimer:
 
 @dataclass
 class EngineStats:
-    """What the engine did, counted as it happens (read by llamad.metrics)."""
+    """What the engine did, counted as it happens (read by llamad.serve.metrics)."""
 
     requests: int = 0  # generations that reached their end
     prompt_tokens: int = 0  # prompts the engine took; a request the queue refused is not here
@@ -134,7 +134,7 @@ class Engine:
         # One worker thread: the model is only ever touched from this thread.
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamad-engine")
         self._running: threading.Event | None = None
-        # Requests that took this engine and are not over yet (llamad.observe.engine_of).
+        # Requests that took this engine and are not over yet (llamad.serve.observe.engine_of).
         self.holders = 0
         # Prompt tokens every prompt starts with (BOS, the template's opening): reusing only
         # these is no cache hit. Measured on load (`_measure_shared_head`).

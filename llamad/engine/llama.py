@@ -23,7 +23,7 @@ import msgspec
 import numpy as np
 import structlog
 
-from llamad.chat import (
+from llamad.engine.chat import (
     FOLD_SYSTEM_FORMATS,
     fallback_format,
     Chat,
@@ -32,9 +32,9 @@ from llamad.chat import (
 )
 from llamad.config import KV_CACHE_TYPES, Config, file_identity, sampling_defaults
 from llamad.engine import Cancelled, Engine, FimTokens, Generation, GrammarRejected, Prompt, PromptError, TokenLogprob
-from llamad.logprobs import score
-from llamad.prompt_cache import PromptStateCache, common_prefix, reusable_prefix
-from llamad.tools_sampling import GrammarConstraint, GrammarError, check_grammar
+from llamad.engine.logprobs import score
+from llamad.engine.prompt_cache import PromptStateCache, common_prefix, reusable_prefix
+from llamad.grammar.constraint import GrammarConstraint, GrammarError, check_grammar
 
 log = structlog.get_logger("llamad.engine")
 native_log = structlog.get_logger("llama.cpp")
@@ -128,7 +128,7 @@ class LlamaEngine(Engine):
         self.prompt_step = config.model.n_batch  # set at load: tokens per prompt step
         # The file as loaded (path, size, mtime): a reload swaps the model when it changes.
         self.model_identity: tuple[str, int, int] | None = None
-        self.embedder = None  # llamad.llama_embed.Embedder, made on the first embedding request
+        self.embedder = None  # llamad.engine.llama_embed.Embedder, made on the first embedding request
         capacity = config.model.prompt_cache_bytes
         self.prompt_cache = PromptStateCache(capacity) if capacity > 0 else None
 
@@ -352,7 +352,7 @@ class LlamaEngine(Engine):
         return min(self.n_ctx, self.config.embeddings.batch_tokens)
 
     def _embed(self, batch: list[list[int]]) -> list[list[float]]:
-        from llamad.llama_embed import Embedder
+        from llamad.engine.llama_embed import Embedder
 
         assert self.llm is not None
         if self.embedder is None:  # made on first use: a chat-only server pays nothing
@@ -372,7 +372,7 @@ class LlamaEngine(Engine):
             # Before most of the live context is overwritten, keep it for a later turn.
             if llm.n_tokens - prefix > max(prefix, 32):
                 # Without the last answer, which a next turn may render differently (see
-                # llamad.slots.StepLoop._save).
+                # llamad.engine.slots.StepLoop._save).
                 end = max(self._live_prompt_len, prefix)
                 if 0 < end < llm.n_tokens and llm._ctx.kv_cache_seq_rm(-1, end, -1):  # noqa: SLF001
                     llm.n_tokens = end
@@ -422,7 +422,7 @@ class LlamaEngine(Engine):
         s = generation.sampling
         llm.set_seed(s.seed if s.seed is not None else random.randrange(2**31))
         vocab = llm._model.vocab  # noqa: SLF001
-        # Grammars go through a logits processor, not `grammar=`: see llamad.tools_sampling.
+        # Grammars go through a logits processor, not `grammar=`: see llamad.grammar.constraint.
         constraint = None
         if generation.grammar:
             # A prompt that leaves the model inside <think> gets the grammar after </think>.

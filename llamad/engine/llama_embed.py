@@ -20,7 +20,7 @@ from typing import Iterator
 
 import structlog
 
-from llamad.chat import Chat
+from llamad.engine.chat import Chat
 from llamad.config import Config, EmbeddingsConfig
 from llamad.engine import Engine, Generation, Prompt
 

@@ -1,5 +1,5 @@
 """The llama.cpp side of continuous batching: one context with N sequences, its batch,
-and a C sampler chain per sequence (see llamad.slots for the step loop).
+and a C sampler chain per sequence (see llamad.engine.slots for the step loop).
 
 llama-cpp-python's `Llama` gives its context one sequence; the batched engine keeps the
 `Llama` for the vocabulary, tokenizer and chat template (with a small context of its own)
@@ -24,11 +24,11 @@ import structlog
 
 from llamad.config import Config
 from llamad.engine import Generation, TokenLogprob
-from llamad.llama import LlamaEngine, kv_cache_mib, native, token_bytes
-from llamad.logprobs import score
-from llamad.prompt_cache import reusable_prefix
-from llamad.slots_engine import SlotsMixin
-from llamad.tools_sampling import GrammarConstraint
+from llamad.engine.llama import LlamaEngine, kv_cache_mib, native, token_bytes
+from llamad.engine.logprobs import score
+from llamad.engine.prompt_cache import reusable_prefix
+from llamad.engine.slots_engine import SlotsMixin
+from llamad.grammar.constraint import GrammarConstraint
 
 log = structlog.get_logger("llamad.engine")
 
@@ -84,7 +84,7 @@ class SequenceSampler:
 
 
 class LlamaSlotsBackend:
-    """The `llamad.slots.Backend` over one llama.cpp context with `n_slots` sequences."""
+    """The `llamad.engine.slots.Backend` over one llama.cpp context with `n_slots` sequences."""
 
     def __init__(
         self, llm: Any, n_slots: int, n_ctx: int, n_batch: int, prompt_step: int, threads: int,

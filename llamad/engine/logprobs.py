@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from llamad.engine_types import Alternative, TokenLogprob
+from llamad.engine.types import Alternative, TokenLogprob
 
 # OpenAI's value for "very unlikely" where a log probability would be -inf (JSON has no inf).
 FLOOR = -9999.0

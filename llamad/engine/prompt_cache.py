@@ -17,7 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from llamad.chat import Chat, ChatMessage
+from llamad.engine.chat import Chat, ChatMessage
 
 
 @dataclass

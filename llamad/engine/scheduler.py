@@ -1,5 +1,5 @@
 """The engine's lock: `capacity` generations at a time (1 unless the engine decodes
-several sequences together, see llamad.slots), waiters served in arrival order.
+several sequences together, see llamad.engine.slots), waiters served in arrival order.
 
 The queue is bounded (`max_queue`) and a waiter gives up after `queue_timeout` seconds, so
 overload is a fast, clear error instead of a hang. A waiter that is cancelled (its client

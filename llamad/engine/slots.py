@@ -7,9 +7,9 @@ running streams instead of freezing them (chunked prefill). A sequence lives in 
 a slot keeps the KV of the tokens its last sequence fed, and a new request goes to the
 idle slot whose tokens share the longest prefix with its prompt.
 
-The loop knows nothing about llama.cpp: it talks to a `Backend` (llamad.slots_llama for
+The loop knows nothing about llama.cpp: it talks to a `Backend` (llamad.engine.llama_slots for
 the real one, a scripted one in the fast tests). The engine side (`SlotsMixin` in
-llamad.slots_engine) turns a sequence's output queue back into the `_decode` iterator the
+llamad.engine.slots_engine) turns a sequence's output queue back into the `_decode` iterator the
 Engine base consumes, so stop strings, token limits, events and keep-alives are the
 Engine's own.
 """
@@ -26,9 +26,9 @@ from typing import Any, Protocol
 import structlog
 
 from llamad.engine import Generation, TokenLogprob
-from llamad.prompt_cache import PromptStateCache, common_prefix
+from llamad.engine.prompt_cache import PromptStateCache, common_prefix
 
-log = structlog.get_logger("llamad.slots")
+log = structlog.get_logger("llamad.engine.slots")
 
 # A prompt chunk evaluated beside running streams makes their step longer; the chunk is
 # sized so that such a step costs at most this many plain decode steps.
@@ -84,7 +84,7 @@ class Backend(Protocol):
 
     def score(self, index: int, token: int, text: str, top_n: int) -> TokenLogprob:
         """`token`'s log probability and the `top_n` most likely tokens, from the logits of
-        batch entry `index` of the last decode (llamad.logprobs.score)."""
+        batch entry `index` of the last decode (llamad.engine.logprobs.score)."""
         ...
 
     def save_state(self, slot: int) -> bytes | None: ...
@@ -370,7 +370,7 @@ class StepLoop:
         the prompt, but the answer as the client renders it, which may not match token for
         token. And llama.cpp saves no cell outside a sliding window's reach from the last
         position (Gemma 3), so a state saved with its answer lacks what a next turn that
-        diverges inside the answer needs (llamad.llama.reusable_prefix)."""
+        diverges inside the answer needs (llamad.engine.llama.reusable_prefix)."""
         cache = self.prompt_cache
         assert cache is not None
         end = max(slot.prompt_len, keep)

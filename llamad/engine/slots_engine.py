@@ -1,4 +1,4 @@
-"""Engine glue for the step loop (llamad.slots): up to N requests hold the scheduler at
+"""Engine glue for the step loop (llamad.engine.slots): up to N requests hold the scheduler at
 once, each one's text handling runs in a thread of its own and feeds the step loop, which
 only decodes."""
 
@@ -10,9 +10,9 @@ import threading
 from typing import Any, Iterator
 
 from llamad.engine import Generation, TokenLogprob
-from llamad.prompt_cache import PromptStateCache, common_prefix
-from llamad.scheduler import Scheduler
-from llamad.slots import Backend, Sequence, StepLoop
+from llamad.engine.prompt_cache import PromptStateCache, common_prefix
+from llamad.engine.scheduler import Scheduler
+from llamad.engine.slots import Backend, Sequence, StepLoop
 
 
 class SlotsMixin:

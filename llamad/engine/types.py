@@ -93,7 +93,7 @@ class Generation:
     # GBNF grammar that constrains the output (tool calls, JSON); None for free text.
     grammar: str | None = None
     # Log probabilities: None = not asked (the step costs nothing extra); N = each token's
-    # log probability with the N most likely alternatives (llamad.logprobs).
+    # log probability with the N most likely alternatives (llamad.engine.logprobs).
     logprobs: int | None = None
     # llama-server's `ignore_eos`, which benchmarks send: the answer runs to max_tokens (or a
     # stop string the client gave); end-of-generation tokens and the template's turn ends do
@@ -130,7 +130,7 @@ class Alternative:
 
 @dataclass
 class TokenLogprob:
-    """One generated token as the model scored it (see llamad.logprobs for which
+    """One generated token as the model scored it (see llamad.engine.logprobs for which
     distribution). `text` is what the token added to the answer, so the texts of a
     generation's entries joined are its text; `bytes` are the token's own bytes (part of a
     multi-byte character, when a character spans tokens)."""

@@ -1,5 +1,5 @@
 """A JSON Schema `pattern` as GBNF over the JSON text of a string, or None when the grammar
-cannot enforce it (the keyword is then loosened, see llamad.tools_schema).
+cannot enforce it (the keyword is then loosened, see llamad.grammar.schema).
 
 llama-cpp-python's own converter copies the regex almost verbatim into the grammar: `.`
 and `[^x]` then allow a raw `"` or newline (broken JSON), `\\d` is not GBNF, and an

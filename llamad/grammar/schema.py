@@ -1,4 +1,4 @@
-"""Any valid JSON Schema -> the schema the grammar enforces (see llamad.tools_grammar for the
+"""Any valid JSON Schema -> the schema the grammar enforces (see llamad.tools.grammar for the
 table of what is enforced and what is loosened).
 
 `normalise(schema)` is a pure function. It returns a schema written only in the small
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
-from llamad.tools_pattern import pattern_gbnf
-from llamad.tools_schema_merge import (
+from llamad.grammar.pattern import pattern_gbnf
+from llamad.grammar.schema_merge import (
     ANY,
     NEVER,
     Combiner,
@@ -38,7 +38,7 @@ from llamad.tools_schema_merge import (
     object_schema,
     tuple_schema,
 )
-from llamad.tools_schema_refs import MISSING, find, resolve, unescape
+from llamad.grammar.schema_refs import MISSING, find, resolve, unescape
 
 TYPES = ("null", "boolean", "object", "array", "number", "integer", "string")
 MAX_DEPTH = 40  # nesting past this is any value: deeper schemas are not worth the grammar

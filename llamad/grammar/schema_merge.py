@@ -1,4 +1,4 @@
-"""Combining canonical schemas (llamad.tools_schema): `union` for anyOf, `intersect` for
+"""Combining canonical schemas (llamad.grammar.schema): `union` for anyOf, `intersect` for
 allOf and for keywords beside an anyOf or a $ref. Where the grammar cannot say both at
 once, the result is a superset and the keyword is loosened.
 """

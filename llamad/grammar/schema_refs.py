@@ -1,5 +1,5 @@
 """Finding subschemas inside one JSON Schema document: JSON Pointers (RFC 6901) for local
-`$ref`s, and a depth-first search for `$id` / `$anchor` targets (llamad.tools_schema)."""
+`$ref`s, and a depth-first search for `$id` / `$anchor` targets (llamad.grammar.schema)."""
 
 from __future__ import annotations
 

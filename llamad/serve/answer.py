@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol, Sequence, Union
 
 from llamad.engine import Done, Engine, Generation, Started, Token, TokenLogprob, Waiting
-from llamad.reasoning import ReasoningSplitter
+from llamad.serve.reasoning import ReasoningSplitter
 
 
 @dataclass
@@ -73,7 +73,7 @@ AnswerEvent = Union[Keepalive, ReasoningDelta, TextDelta, ToolCallStart, ToolCal
 
 
 class ToolParser(Protocol):
-    """Turns answer text into text and tool-call events (see llamad.tools)."""
+    """Turns answer text into text and tool-call events (see llamad.tools.plan)."""
 
     def feed(self, text: str) -> list[AnswerEvent]: ...
 

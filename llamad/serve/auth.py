@@ -14,9 +14,9 @@ from typing import Any, Iterable
 
 import structlog
 
-from llamad.errors import ApiError, body_of, family_of
+from llamad.serve.errors import ApiError, body_of, family_of
 
-log = structlog.get_logger("llamad.auth")
+log = structlog.get_logger("llamad.serve.auth")
 
 OPEN_PATHS = frozenset({"/health"})
 METRICS_PATH = "/metrics"

@@ -10,7 +10,7 @@ import msgspec
 from litestar import Request
 from litestar.exceptions import InternalServerException
 
-from llamad.errors import ApiError, bad_request
+from llamad.serve.errors import ApiError, bad_request
 
 T = TypeVar("T")
 

@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Callable
 import structlog
 from litestar import Request
 
-from llamad.answer import Answer, AnswerEvent, fold_event
+from llamad.serve.answer import Answer, AnswerEvent, fold_event
 
 # A deadline per send. asyncio.timeout (3.11+) is a timer; wait_for (3.10, and 3.11's
 # implementation) wraps every send in a new task, which showed up as ~15% of the event

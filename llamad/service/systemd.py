@@ -4,7 +4,7 @@
 sockets written with a leading '@') without libsystemd. Outside systemd every call is a
 no-op, so the serve loop calls it unconditionally.
 
-On SIGHUP (`systemctl reload llamad`) `supervise` runs `llamad.reload.reload_service`.
+On SIGHUP (`systemctl reload llamad`) `supervise` runs `llamad.service.reload.reload_service`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable, Mapping
 
 import structlog
 
-log = structlog.get_logger("llamad.systemd")
+log = structlog.get_logger("llamad.service.systemd")
 
 # Sent while the model loads so a large model never trips TimeoutStartSec.
 EXTEND_TIMEOUT_S = 60.0
@@ -132,7 +132,7 @@ async def supervise(
     watchdog, keeps STATUS= current, runs `reload` on SIGHUP and says STOPPING=1 on shutdown.
 
     `state` is the app's state (`.engine`, `.config`, `.api_keys`), which a reload updates;
-    `reload` is the CLI's (llamad.reload.reload_service with the engine class bound)."""
+    `reload` is the CLI's (llamad.service.reload.reload_service with the engine class bound)."""
     notifier = notifier or Notifier()
     loop = asyncio.get_running_loop()
     reload_lock = asyncio.Lock()

@@ -5,7 +5,7 @@ always `<tool_call>\\n{"name": "<offered tool>", "arguments": <object matching t
 schema>}\\n</tool_call>`, a structured answer always matches its schema.
 
 Every valid JSON Schema (draft 2020-12, 2019-09, draft-07 and older as clients send them)
-becomes a grammar. llamad.tools_schema first rewrites it into the canonical subset that
+becomes a grammar. llamad.grammar.schema first rewrites it into the canonical subset that
 llama-cpp-python's `SchemaConverter` turns into a correct grammar; `_Converter` below fixes
 what the stock converter gets wrong (string escaping, `{}` as any value, `$ref` names,
 patterns, raw control characters in strings). Each keyword is either enforced or loosened
@@ -24,7 +24,7 @@ satisfy every enforced keyword:
 | `allOf` | enforced by merging the branches; where two branches' `pattern`/`format` differ, or `additionalProperties: false` meets the other branch's properties, loosened |
 | `items`, `prefixItems`, draft-07 `items: [...]` / `additionalItems`, `minItems`, `maxItems` (up to 1000) | enforced; a tuple is written at its full length (narrower) |
 | `minLength`, `maxLength` (up to 1000) | enforced, unless a `pattern` or `format` on the same string is (then loosened) |
-| `pattern` | enforced when it translates exactly (llamad.tools_pattern); look-arounds, back-references, flags, `\\b` → loosened |
+| `pattern` | enforced when it translates exactly (llamad.grammar.pattern); look-arounds, back-references, flags, `\\b` → loosened |
 | `format` `date`, `time`, `date-time`, `uuid` | enforced (shape; dates are not calendar-checked) |
 | other `format`s | loosened: any string |
 | `minimum` / `exclusiveMinimum` that come to ≥ 0 (numbers, integers) or ≥ 1 (integers) | enforced (no minus sign; no leading zero) |
@@ -52,12 +52,12 @@ from typing import Any
 
 import structlog
 
-from llamad.chat import ToolSpec
-from llamad.tools_pattern import JSON_CHAR, gbnf_literal, pattern_gbnf, repeat as _repeat
-from llamad.tools_sampling import lazy
-from llamad.tools_schema import MalformedSchema, normalise
+from llamad.engine.chat import ToolSpec
+from llamad.grammar.pattern import JSON_CHAR, gbnf_literal, pattern_gbnf, repeat as _repeat
+from llamad.grammar.constraint import lazy
+from llamad.grammar.schema import MalformedSchema, normalise
 
-log = structlog.get_logger("llamad.tools")
+log = structlog.get_logger("llamad.tools.plan")
 
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
@@ -82,7 +82,7 @@ def _converter_class():
     from llama_cpp.llama_grammar import INVALID_RULE_CHARS_RE, PRIMITIVE_RULES, SchemaConverter
 
     class _Converter(SchemaConverter):
-        """SchemaConverter, corrected for the canonical schemas of llamad.tools_schema."""
+        """SchemaConverter, corrected for the canonical schemas of llamad.grammar.schema."""
 
         def __init__(self) -> None:
             super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
@@ -276,7 +276,7 @@ def build_grammar(
 ) -> str | None:
     """The GBNF for a request, or None when the output is free text.
 
-    mode "required": only tool calls. mode "auto": a lazy grammar (llamad.tools_sampling):
+    mode "required": only tool calls. mode "auto": a lazy grammar (llamad.grammar.constraint):
     free text until `<tool_call>`, from there only calls; or, when `answer_schema` is set,
     the JSON answer or calls. With no
     tools (or mode "none") and an `answer_schema`: only the JSON answer.

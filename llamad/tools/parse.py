@@ -27,9 +27,9 @@ import secrets
 import string
 from typing import Any
 
-from llamad.answer import AnswerEvent, TextDelta, ToolCallDelta, ToolCallEnd, ToolCallStart
-from llamad.tools_grammar import CALL_CLOSE, CALL_OPEN, call_prefix
-from llamad.tools_json import JsonPrefix
+from llamad.serve.answer import AnswerEvent, TextDelta, ToolCallDelta, ToolCallEnd, ToolCallStart
+from llamad.tools.grammar import CALL_CLOSE, CALL_OPEN, call_prefix
+from llamad.tools.json_repair import JsonPrefix
 
 PYTHON_TAG = "<|python_tag|>"
 MISTRAL_CALLS = "[TOOL_CALLS]"

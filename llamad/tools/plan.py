@@ -23,13 +23,13 @@ prompt:
 followed by a line for the tool choice ("You must call a function." / "You must call the
 function get_weather." / "Call at most one function."). Earlier calls in the history are
 rendered the same way, and tool results as `<tool_response>…</tool_response>` in a user
-turn (llamad.chat.messages_as_text).
+turn (llamad.engine.chat.messages_as_text).
 
-Decoding is constrained by a GBNF grammar (llamad.tools_grammar): with tool_choice
+Decoding is constrained by a GBNF grammar (llamad.tools.grammar): with tool_choice
 required/any/named the whole output is one (or, with parallel calls, several) call block
 whose arguments match the tool's schema; with auto the model writes free text, and once it
 writes `<tool_call>` the rest is constrained the same way. Calls are parsed back by
-llamad.tools_parse, which also reads Llama 3, Mistral and bare-JSON calls.
+llamad.tools.parse, which also reads Llama 3, Mistral and bare-JSON calls.
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from llamad.answer import PlainText, ToolParser
-from llamad.chat import Chat, ToolCall, ToolSpec
-from llamad.errors import bad_request
-from llamad.tools_grammar import ToolSchemaError, build_grammar
-from llamad.tools_json import close_json
-from llamad.tools_parse import ToolCallParser, new_call_id
+from llamad.serve.answer import PlainText, ToolParser
+from llamad.engine.chat import Chat, ToolCall, ToolSpec
+from llamad.serve.errors import bad_request
+from llamad.tools.grammar import ToolSchemaError, build_grammar
+from llamad.tools.json_repair import close_json
+from llamad.tools.parse import ToolCallParser, new_call_id
 
 __all__ = ["ToolChoice", "ToolPlan", "ToolSchemaError", "apply", "check_history", "new_call_id", "plan", "tools_prompt"]
 

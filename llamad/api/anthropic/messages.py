@@ -1,8 +1,8 @@
 """Anthropic Messages routes: /v1/messages (and /think, /clean) and count_tokens.
 
-A request is translated into the shared Chat (llamad.anthropic_request); the reply is the
-answer events of llamad.answer run through the `MessageStream` state machine
-(llamad.anthropic_stream): framed for a stream, folded for a plain response — one code
+A request is translated into the shared Chat (llamad.api.anthropic.request); the reply is the
+answer events of llamad.serve.answer run through the `MessageStream` state machine
+(llamad.api.anthropic.stream): framed for a stream, folded for a plain response — one code
 path."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import structlog
 from litestar import Request, Response, Router, post
 from litestar.response import Stream
 
-from llamad import sse
-from llamad.anthropic_request import (
+from llamad.serve import sse
+from llamad.api.anthropic.request import (
     MessagesRequest,
     max_tokens_of,
     prepare,
@@ -23,15 +23,15 @@ from llamad.anthropic_request import (
     stop_sequences_of,
     wants_thinking,
 )
-from llamad.anthropic_stream import MessageStream, WireEvent, cleaned, fold_message
-from llamad.answer import AnswerEvent, Finish, Keepalive, PlainText, admitted, answer_events
+from llamad.api.anthropic.stream import MessageStream, WireEvent, cleaned, fold_message
+from llamad.serve.answer import AnswerEvent, Finish, Keepalive, PlainText, admitted, answer_events
 from llamad.config import LimitsConfig
 from llamad.engine import ContextOverflow, Engine, Generation
-from llamad.errors import ApiError, anthropic_body, from_exception
-from llamad.observe import engine_of, record_of, with_content_logged
-from llamad.requests import decode_body, read_body, unless_disconnected
+from llamad.serve.errors import ApiError, anthropic_body, from_exception
+from llamad.serve.observe import engine_of, record_of, with_content_logged
+from llamad.serve.body import decode_body, read_body, unless_disconnected
 
-log = structlog.get_logger("llamad.anthropic")
+log = structlog.get_logger("llamad.api.anthropic.messages")
 
 # -- answers ---------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Anthropic Messages requests: the schema, and its translation into the shared Chat,
 sampling settings and tool plan. Pure functions of the request (and, for the tool plan,
-what the engine's template supports); the routes live in llamad.anthropic.
+what the engine's template supports); the routes live in llamad.api.anthropic.messages.
 
 What Claude Code sends, field by field, and what happens to it (README, "Claude Code"):
 - the system block `x-anthropic-billing-header: cc_version=…; cc_entrypoint=…; [cch=…;]`
@@ -22,11 +22,11 @@ from typing import Any, Union
 
 import msgspec
 
-from llamad.answer import ToolParser
-from llamad.chat import Chat, ChatMessage, ToolCall, ToolSpec
+from llamad.serve.answer import ToolParser
+from llamad.engine.chat import Chat, ChatMessage, ToolCall, ToolSpec
 from llamad.config import LimitsConfig
 from llamad.engine import Engine, Sampling
-from llamad.errors import ApiError, bad_request, check_range
+from llamad.serve.errors import ApiError, bad_request, check_range
 
 # -- request schema (unknown fields such as cache_control are accepted and ignored) --------
 

@@ -1,7 +1,7 @@
 """Answer events -> Anthropic Messages stream events, and those events folded into a message.
 
 `MessageStream` is the small state machine between the shared answer pipeline
-(llamad.answer) and the wire: it numbers content blocks from 0, keeps exactly one block
+(llamad.serve.answer) and the wire: it numbers content blocks from 0, keeps exactly one block
 open at a time, closes a thinking block with one `signature_delta`, and ends with
 `message_delta` (stop reason, cumulative usage) and `message_stop`. A streamed reply
 frames its events; a non-streamed reply is the same events folded by `fold_message`.
@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 
 import structlog
 
-from llamad.answer import (
+from llamad.serve.answer import (
     AnswerEvent,
     Finish,
     Keepalive,
@@ -33,7 +33,7 @@ from llamad.answer import (
     ToolCallStart,
 )
 
-log = structlog.get_logger("llamad.anthropic")
+log = structlog.get_logger("llamad.api.anthropic.messages")
 
 # A local model signs nothing; clients only need an opaque, non-empty string to replay.
 THINKING_SIGNATURE = "llamad-unsigned"

@@ -13,13 +13,13 @@ import msgspec
 from litestar import Request, Response, Router, post
 from litestar.response import Stream
 
-from llamad import sse
-from llamad.answer import AnswerEvent, Finish, TextDelta, admitted, answer_events
+from llamad.serve import sse
+from llamad.serve.answer import AnswerEvent, Finish, TextDelta, admitted, answer_events
 from llamad.engine import Engine, Generation, Prompt
-from llamad.errors import bad_request, from_exception, openai_body
-from llamad.observe import engine_of, record_of
-from llamad.openai_sampling import SamplingFields, sampling_of, stop_list
-from llamad.requests import decode_body, read_body, unless_disconnected
+from llamad.serve.errors import bad_request, from_exception, openai_body
+from llamad.serve.observe import engine_of, record_of
+from llamad.api.openai.sampling import SamplingFields, sampling_of, stop_list
+from llamad.serve.body import decode_body, read_body, unless_disconnected
 
 
 def no_fim_error(param: str):

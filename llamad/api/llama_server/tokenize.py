@@ -10,9 +10,9 @@ import msgspec
 from litestar import Request, Router, post
 
 from llamad.engine import Engine, check_token_ids
-from llamad.errors import bad_request
-from llamad.observe import engine_of
-from llamad.requests import decode_body, read_body
+from llamad.serve.errors import bad_request
+from llamad.serve.observe import engine_of
+from llamad.serve.body import decode_body, read_body
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):

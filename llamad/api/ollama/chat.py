@@ -3,7 +3,7 @@ speak: a translation onto the same pipeline as the other faces (Chat -> tools.ap
 engine.prepare -> Generation -> answer events), framed as NDJSON or folded into one object.
 
 Replies carry the model name the client asked for (Ollama echoes it); the listings
-(version, tags, show, ps) are in llamad.ollama_models. Errors are `{"error": "..."}` (llamad.errors.ollama_body), also inside a stream.
+(version, tags, show, ps) are in llamad.api.ollama.models. Errors are `{"error": "..."}` (llamad.serve.errors.ollama_body), also inside a stream.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import msgspec
 from litestar import Request, Response, Router, post
 from litestar.response import Stream
 
-from llamad import openai_logprobs, tools
-from llamad.answer import (
+from llamad.api.openai import logprobs as openai_logprobs
+
+from llamad import tools
+from llamad.serve.answer import (
     Answer,
     AnswerEvent,
     FoldedCall,
@@ -34,13 +36,13 @@ from llamad.answer import (
     answer_events,
     fold,
 )
-from llamad.chat import Chat
+from llamad.engine.chat import Chat
 from llamad.engine import ContextOverflow, Engine, Generation, Prompt, TokenLogprob
-from llamad.errors import from_exception, ollama_body
-from llamad.infill import infill_prompt
-from llamad.observe import engine_of, record_of
-from llamad.ollama_models import iso
-from llamad.ollama_request import (
+from llamad.serve.errors import from_exception, ollama_body
+from llamad.api.llama_server.infill import infill_prompt
+from llamad.serve.observe import engine_of, record_of
+from llamad.api.ollama.models import iso
+from llamad.api.ollama.request import (
     ChatRequest,
     Common,
     GenerateRequest,
@@ -54,8 +56,8 @@ from llamad.ollama_request import (
     to_chat,
     wants_thinking,
 )
-from llamad.requests import decode_body, read_body, unless_disconnected
-from llamad.tools_json import close_json
+from llamad.serve.body import decode_body, read_body, unless_disconnected
+from llamad.tools.json_repair import close_json
 
 NDJSON = "application/x-ndjson"
 DONE_REASONS = {"stop": "stop", "length": "length", "tool_calls": "stop"}

@@ -13,8 +13,8 @@ import msgspec
 from litestar import Request, Router, get, post
 
 from llamad.engine import Engine
-from llamad.observe import engine_of
-from llamad.requests import decode_body, read_body
+from llamad.serve.observe import engine_of
+from llamad.serve.body import decode_body, read_body
 
 # The Ollama API version whose shapes these routes follow (clients gate features on it).
 OLLAMA_API_VERSION = "0.13.0"

@@ -9,10 +9,10 @@ from typing import Any, Union
 
 import msgspec
 
-from llamad.chat import Chat, ChatMessage, ToolCall, ToolSpec
+from llamad.engine.chat import Chat, ChatMessage, ToolCall, ToolSpec
 from llamad.config import LimitsConfig
 from llamad.engine import Sampling
-from llamad.errors import bad_request, check_range
+from llamad.serve.errors import bad_request, check_range
 
 
 class FunctionCall(msgspec.Struct):

@@ -13,8 +13,10 @@ import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.response import Stream
 
-from llamad import openai_logprobs, sse
-from llamad.answer import (
+from llamad.api.openai import logprobs as openai_logprobs
+
+from llamad.serve import sse
+from llamad.serve.answer import (
     Answer,
     AnswerEvent,
     Finish,
@@ -27,12 +29,12 @@ from llamad.answer import (
     answer_events,
     fold,
 )
-from llamad.chat import Chat, ChatMessage, ToolCall, ToolSpec
+from llamad.engine.chat import Chat, ChatMessage, ToolCall, ToolSpec
 from llamad.engine import Engine, Generation
-from llamad.errors import bad_request, from_exception, openai_body
-from llamad.observe import engine_of, record_of, with_content_logged
-from llamad.openai_sampling import SamplingFields, sampling_of, stop_list
-from llamad.requests import decode_body, read_body, unless_disconnected
+from llamad.serve.errors import bad_request, from_exception, openai_body
+from llamad.serve.observe import engine_of, record_of, with_content_logged
+from llamad.api.openai.sampling import SamplingFields, sampling_of, stop_list
+from llamad.serve.body import decode_body, read_body, unless_disconnected
 
 # -- request schema (unknown fields are accepted: clients send extras) ---------------------
 
@@ -180,7 +182,7 @@ def requested_max_tokens(req: ChatRequest, default: int, cap: int) -> int:
 
 
 def tool_choice_of(req: ChatRequest):
-    from llamad.tools import ToolChoice
+    from llamad.tools.plan import ToolChoice
 
     choice = req.tool_choice
     if choice is None:
@@ -208,7 +210,7 @@ def response_format_of(req: ChatRequest) -> dict[str, Any] | None:
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
             raise bad_request("'response_format.json_schema' must be an object with a 'schema'", param="response_format")
         # strict: refuse a schema the grammar cannot fully enforce instead of serving it
-        # with those keywords as advice (llamad.tools_grammar).
+        # with those keywords as advice (llamad.tools.grammar).
         return {"type": "json_schema", "schema": spec.get("schema") or {}, "strict": spec.get("strict") is True}
     raise bad_request(
         f"unsupported response_format type '{fmt.get('type')}'; use text, json_object or json_schema",

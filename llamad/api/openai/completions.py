@@ -1,5 +1,5 @@
 """Legacy text completions: OpenAI's POST /v1/completions (prompt in, text out, no chat
-template; `suffix` for fill-in-the-middle, see llamad.infill). The text comes from the same pipeline as the chat faces
+template; `suffix` for fill-in-the-middle, see llamad.api.llama_server.infill). The text comes from the same pipeline as the chat faces
 (engine.prepare_text / infill_prompt -> Generation -> answer events), unsplit: a raw
 completion's `<think>` is text like any other.
 
@@ -18,8 +18,10 @@ from typing import Any, AsyncIterator, Union
 from litestar import Request, Response, Router, post
 from litestar.response import Stream
 
-from llamad import openai_logprobs, sse
-from llamad.answer import (
+from llamad.api.openai import logprobs as openai_logprobs
+
+from llamad.serve import sse
+from llamad.serve.answer import (
     AnswerEvent,
     Finish,
     Keepalive,
@@ -28,12 +30,12 @@ from llamad.answer import (
     answer_events,
 )
 from llamad.engine import Engine, Generation, Prompt, TokenLogprob
-from llamad.errors import bad_request, from_exception, openai_body
-from llamad.infill import infill_prompt
-from llamad.observe import engine_of, record_of
-from llamad.openai import StreamOptions
-from llamad.openai_sampling import SamplingFields, sampling_of, stop_list
-from llamad.requests import decode_body, read_body, unless_disconnected
+from llamad.serve.errors import bad_request, from_exception, openai_body
+from llamad.api.llama_server.infill import infill_prompt
+from llamad.serve.observe import engine_of, record_of
+from llamad.api.openai.chat import StreamOptions
+from llamad.api.openai.sampling import SamplingFields, sampling_of, stop_list
+from llamad.serve.body import decode_body, read_body, unless_disconnected
 
 MAX_CHOICES = 16
 OPENAI_DEFAULT_MAX_TOKENS = 16  # the legacy API's documented default

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from llamad.engine import TokenLogprob
-from llamad.errors import bad_request
+from llamad.serve.errors import bad_request
 
 LEGACY_MAX = 5  # the legacy API's own limit
 CHAT_MAX = 20

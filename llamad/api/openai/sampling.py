@@ -8,7 +8,7 @@ from typing import Union
 import msgspec
 
 from llamad.engine import Sampling
-from llamad.errors import bad_request, check_range
+from llamad.serve.errors import bad_request, check_range
 
 
 class SamplingFields(msgspec.Struct, kw_only=True):

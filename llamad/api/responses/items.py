@@ -14,8 +14,8 @@ from typing import Any, Mapping, Union
 
 import msgspec
 
-from llamad.errors import bad_request
-from llamad.responses_stream import new_id
+from llamad.serve.errors import bad_request
+from llamad.api.responses.stream import new_id
 
 ID_PREFIXES = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_", "reasoning": "rs_"}
 

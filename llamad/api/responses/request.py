@@ -1,6 +1,6 @@
 """OpenAI Responses requests: the schema, and its translation into the shared Chat,
 sampling settings and tool plan. Pure functions of the request (plus the stored history a
-`previous_response_id` continues); the routes live in llamad.responses.
+`previous_response_id` continues); the routes live in llamad.api.responses.routes.
 
 `input` items are checked one by one, so an error names the item (`input[3].call_id`).
 Item and tool types llamad has no use for are accepted and left out of the prompt:
@@ -18,12 +18,12 @@ from typing import Any, Union
 import msgspec
 import structlog
 
-from llamad.answer import ToolParser
-from llamad.chat import Chat, ChatMessage, ToolCall, ToolSpec
+from llamad.serve.answer import ToolParser
+from llamad.engine.chat import Chat, ChatMessage, ToolCall, ToolSpec
 from llamad.engine import Engine, Sampling
-from llamad.errors import ApiError, bad_request
+from llamad.serve.errors import ApiError, bad_request
 
-log = structlog.get_logger("llamad.responses")
+log = structlog.get_logger("llamad.api.responses.routes")
 
 # -- request schema (unknown fields such as include, store, metadata are accepted) ----------
 
@@ -115,7 +115,7 @@ LOGPROBS_INCLUDE = "message.output_text.logprobs"
 def top_logprobs_of(req: ResponsesRequest) -> int | None:
     """How many alternatives per token the answer's `logprobs` list, or None for none:
     asked by `include: ["message.output_text.logprobs"]` or by `top_logprobs` (0..20)."""
-    from llamad.openai_logprobs import CHAT_MAX
+    from llamad.api.openai.logprobs import CHAT_MAX
 
     if req.top_logprobs is not None and not 0 <= req.top_logprobs <= CHAT_MAX:
         raise bad_request(f"'top_logprobs' must be between 0 and {CHAT_MAX}, got {req.top_logprobs}", param="top_logprobs")

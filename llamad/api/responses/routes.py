@@ -2,10 +2,10 @@
 /v1/responses/{id}, GET /v1/responses/{id}/input_items, and POST
 /v1/responses/input_tokens (the prompt's size, without generating).
 
-A request is translated into the shared Chat (llamad.responses_request); the reply is the
-answer events of llamad.answer run through the `ResponseStream` state machine
-(llamad.responses_stream): framed for a stream, folded for a plain response — one code
-path. Answers are kept in a bounded in-memory store (llamad.responses_store) unless the
+A request is translated into the shared Chat (llamad.api.responses.request); the reply is the
+answer events of llamad.serve.answer run through the `ResponseStream` state machine
+(llamad.api.responses.stream): framed for a stream, folded for a plain response — one code
+path. Answers are kept in a bounded in-memory store (llamad.api.responses.store) unless the
 request says `store: false`.
 """
 
@@ -18,20 +18,20 @@ import structlog
 from litestar import Request, Response, Router, delete, get, post
 from litestar.response import Stream
 
-from llamad import sse
-from llamad.answer import AnswerEvent, Finish, Keepalive, PlainText, admitted, answer_events
-from llamad.chat import ChatMessage, ToolCall
+from llamad.serve import sse
+from llamad.serve.answer import AnswerEvent, Finish, Keepalive, PlainText, admitted, answer_events
+from llamad.engine.chat import ChatMessage, ToolCall
 from llamad.config import LimitsConfig
 from llamad.engine import ContextOverflow, Engine, Generation, Sampling
-from llamad.errors import ApiError, from_exception
-from llamad.observe import engine_of, record_of
-from llamad.requests import decode_body, read_body, unless_disconnected
-from llamad.responses_request import ResponsesRequest, max_output_tokens_of, sampling_of, top_logprobs_of, translate
-from llamad.responses_items import input_items_of, page
-from llamad.responses_store import ResponseStore, StoredResponse
-from llamad.responses_stream import TERMINAL, ResponseStream, WireEvent, final_response
+from llamad.serve.errors import ApiError, from_exception
+from llamad.serve.observe import engine_of, record_of
+from llamad.serve.body import decode_body, read_body, unless_disconnected
+from llamad.api.responses.request import ResponsesRequest, max_output_tokens_of, sampling_of, top_logprobs_of, translate
+from llamad.api.responses.items import input_items_of, page
+from llamad.api.responses.store import ResponseStore, StoredResponse
+from llamad.api.responses.stream import TERMINAL, ResponseStream, WireEvent, final_response
 
-log = structlog.get_logger("llamad.responses")
+log = structlog.get_logger("llamad.api.responses.routes")
 
 
 def store_of(request: Request) -> ResponseStore:

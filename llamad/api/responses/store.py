@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from llamad.chat import ChatMessage
+from llamad.engine.chat import ChatMessage
 
 
 @dataclass
@@ -25,7 +25,7 @@ class StoredResponse:
     # OpenAI does not carry over to a follow-up), for a request that continues it.
     history: list[ChatMessage] = field(default_factory=list)
     # What the model was given, as GET /v1/responses/{id}/input_items lists it
-    # (llamad.responses_items): the continued conversation's items, then this request's input.
+    # (llamad.api.responses.items): the continued conversation's items, then this request's input.
     input_items: list[dict[str, Any]] = field(default_factory=list)
     size: int = 0
 

@@ -1,6 +1,6 @@
 """Answer events -> OpenAI Responses stream events, and the response they add up to.
 
-`ResponseStream` is the state machine between the shared answer pipeline (llamad.answer)
+`ResponseStream` is the state machine between the shared answer pipeline (llamad.serve.answer)
 and the wire. It opens with `response.created` and `response.in_progress`, turns each
 stretch of reasoning, text or tool call into one output item (`reasoning`, `message`,
 `function_call`) with its added / delta / done events, repeats `response.in_progress` as
@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from llamad.answer import (
+from llamad.serve.answer import (
     AnswerEvent,
     Finish,
     Keepalive,
@@ -27,8 +27,8 @@ from llamad.answer import (
     ToolCallEnd,
     ToolCallStart,
 )
-from llamad.errors import OPENAI_TYPES, ApiError
-from llamad.openai_logprobs import token_objects
+from llamad.serve.errors import OPENAI_TYPES, ApiError
+from llamad.api.openai.logprobs import token_objects
 
 # (event type, payload); the payload's "type" equals the event type.
 WireEvent = tuple[str, dict[str, Any]]

@@ -1,0 +1,1 @@
+"""`llamad bench` and its side-by-side runs against llama-server."""

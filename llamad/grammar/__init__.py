@@ -1,0 +1,1 @@
+"""JSON Schema -> GBNF, and the runtime grammar constraint. Imports nothing above it."""
