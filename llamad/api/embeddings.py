@@ -82,7 +82,7 @@ def inputs_of(value: Any, param: str = "input") -> list[str | list[int]]:
 
 
 async def token_lists(engine: Engine, items: list[str | list[int]], truncate: bool, param: str = "input") -> list[list[int]]:
-    engine._require_ready()  # noqa: SLF001
+    engine.require_ready()
 
     def work() -> list[list[int]]:
         return [engine.tokenize(i, add_special=True, parse_special=False) if isinstance(i, str) else i for i in items]
@@ -156,7 +156,7 @@ async def ollama_embed(request: Request) -> Response:
     req = decode_body(await read_body(request), OllamaEmbedRequest)
     model = req.model or engine.model_id
     if req.input is None or req.input == []:  # Ollama's way to load a model: nothing to embed
-        engine._require_ready()  # noqa: SLF001
+        engine.require_ready()
         return Response({"model": model, "embeddings": []})
     sequences = await token_lists(engine, inputs_of(req.input), truncate=req.truncate)
     vectors = await engine.embed(sequences)
@@ -180,7 +180,7 @@ async def ollama_embeddings(request: Request) -> dict[str, Any]:
     engine: Engine = embedding_engine_of(request)
     req = decode_body(await read_body(request), OllamaEmbeddingsRequest)
     if not req.prompt:
-        engine._require_ready()  # noqa: SLF001
+        engine.require_ready()
         return {"embedding": []}
     sequences = await token_lists(engine, [req.prompt], truncate=True, param="prompt")
     [vector] = await engine.embed(sequences)

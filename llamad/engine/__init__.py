@@ -17,6 +17,7 @@ from llamad.engine.types import (
     FimTokens,
     Generation,
     GrammarRejected,
+    NoFimTokens,
     Prompt,
     PromptError,
     Sampling,
@@ -30,6 +31,6 @@ from llamad.engine.types import (
 
 __all__ = [
     "Alternative", "Cancelled", "ContextOverflow", "Done", "Engine", "EngineEvent", "EngineNotReady", "EngineStats",
-    "FimTokens", "Generation", "GrammarRejected", "Overloaded", "Prompt", "PromptError", "QueueTimeout", "Sampling",
+    "FimTokens", "Generation", "GrammarRejected", "NoFimTokens", "Overloaded", "Prompt", "PromptError", "QueueTimeout", "Sampling",
     "ShuttingDown", "Started", "Token", "TokenLogprob", "TokenOutOfRange", "Waiting", "check_token_ids",
 ]

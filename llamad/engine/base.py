@@ -27,6 +27,7 @@ from llamad.engine.types import (  # the types are part of this module's interfa
     ContextOverflow,
     PromptError,
     GrammarRejected,
+    NoFimTokens,
     Cancelled,
     Prompt,
     FimTokens,
@@ -65,6 +66,7 @@ __all__ = [
     "Done",
     "EngineEvent",
     "GrammarRejected",
+    "NoFimTokens",
     "PromptError",
     "TokenOutOfRange",
     "check_token_ids",
@@ -233,14 +235,14 @@ class Engine:
         return self.scheduler.busy
 
     # -- the request path -----------------------------------------------------------------
-    def _require_ready(self) -> None:
+    def require_ready(self) -> None:
         if self.state != "ready":
             raise EngineNotReady(self.state)
 
     async def prepare(self, chat: Chat, grammar: str | None = None) -> Prompt:
         """Renders and tokenizes a chat, and checks that the engine can compile `grammar`
         (no lock needed: both only read the vocabulary)."""
-        self._require_ready()
+        self.require_ready()
 
         def work() -> Prompt:
             if grammar is not None:
@@ -260,7 +262,7 @@ class Engine:
     async def prepare_tokens(self, tokens: list[int], text: str = "", grammar: str | None = None) -> Prompt:
         """A prompt given as token ids (raw text, or fill-in-the-middle): no chat template.
         Raises TokenOutOfRange for an id the vocabulary does not have."""
-        self._require_ready()
+        self.require_ready()
         if not tokens:
             raise PromptError("the prompt is empty: send at least one token")
         check_token_ids(tokens, self.n_vocab)
@@ -272,14 +274,38 @@ class Engine:
 
     async def prepare_text(self, text: str, add_special: bool = True, grammar: str | None = None) -> Prompt:
         """Raw prompt text (no chat template) -> Prompt."""
-        self._require_ready()
+        self.require_ready()
         tokens = await asyncio.to_thread(self.tokenize, text, add_special, True)
         return await self.prepare_tokens(tokens, text, grammar)
+
+    async def prepare_infill(
+        self, prefix: str, suffix: str, extra: str = "", middle: str = "", grammar: str | None = None
+    ) -> Prompt:
+        """Fill-in-the-middle in the model's own FIM tokens, prefix-suffix-middle order as
+        llama.cpp's server writes them: [BOS] <PRE> extra+prefix <SUF> suffix <MID> middle; the
+        answer continues the middle. `extra` is context from other files (llama-server's
+        input_extra), put before the prefix; `middle` is text the middle already starts with.
+        Raises NoFimTokens when the vocabulary has none."""
+        self.require_ready()  # the vocabulary is read below
+        fim = self.fim_tokens()
+        if fim is None:
+            raise NoFimTokens()
+
+        def tokens() -> list[int]:
+            bos = self.tokenize("", add_special=True, parse_special=False)
+            # The user's code is text: "<|fim_prefix|>" typed in a file stays characters.
+            before = self.tokenize(extra + prefix, add_special=False, parse_special=False)
+            after = self.tokenize(suffix, add_special=False, parse_special=False)
+            started = self.tokenize(middle, add_special=False, parse_special=False) if middle else []
+            return bos + [fim.prefix] + before + [fim.suffix] + after + [fim.middle] + started
+
+        ids = await asyncio.to_thread(tokens)
+        return await self.prepare_tokens(ids, text=prefix, grammar=grammar)
 
     async def embed(self, sequences: list[list[int]]) -> list[list[float]]:
         """Pooled vectors for token sequences, behind the same queue as generation (the
         model is one; an embedding request waits its turn like a chat does)."""
-        self._require_ready()
+        self.require_ready()
         for tokens in sequences:
             check_token_ids(tokens, self.n_vocab)
         return await self.exclusively(lambda: self._embed(sequences))
@@ -287,7 +313,7 @@ class Engine:
     async def exclusively(self, work: Callable[[], T]) -> T:
         """Runs `work` on the worker thread while holding the engine (queued FIFO with
         generations, bounded by max_queue and queue_timeout like them)."""
-        self._require_ready()
+        self.require_ready()
         queued_at = time.monotonic()
         waiter = None if self.scheduler.try_acquire() else self.scheduler.enqueue()
         admitted = waiter is None
@@ -318,7 +344,7 @@ class Engine:
         Closing the iterator early (client gone) stops the generation within one decode
         step and hands the engine to the next waiter.
         """
-        self._require_ready()
+        self.require_ready()
         generation = replace(generation, sampling=generation.sampling.resolved(self.default_sampling))
         queued_at = time.monotonic()
         if self.scheduler.try_acquire():

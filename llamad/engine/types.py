@@ -32,6 +32,17 @@ class GrammarRejected(ValueError):
     """llama.cpp cannot compile the grammar built from the request's schemas (-> 400)."""
 
 
+class NoFimTokens(ValueError):
+    """Fill-in-the-middle was asked of a model whose vocabulary has no FIM tokens (-> 400)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "fill-in-the-middle needs FIM tokens (prefix/suffix/middle), and this model's vocabulary has none; "
+            "serve a code model that has them (e.g. Qwen2.5-Coder, CodeGemma, StarCoder2) or send the prompt "
+            "without a suffix"
+        )
+
+
 class Cancelled(Exception):
     pass
 

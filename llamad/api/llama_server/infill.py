@@ -39,7 +39,7 @@ async def infill_prompt(
 
     `extra` is context from other files (llama-server's input_extra), put before the prefix;
     `middle` is text the middle already starts with (llama-server's `prompt`)."""
-    engine._require_ready()  # noqa: SLF001  (the vocabulary is read below)
+    engine.require_ready()  # the vocabulary is read below
     fim = engine.fim_tokens()
     if fim is None:
         raise no_fim_error(param)

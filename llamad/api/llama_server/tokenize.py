@@ -38,7 +38,7 @@ def piece_of(raw: bytes) -> Union[str, list[int]]:
 async def tokenize(request: Request) -> dict[str, Any]:
     engine: Engine = engine_of(request)
     req = decode_body(await read_body(request), TokenizeRequest)
-    engine._require_ready()  # noqa: SLF001
+    engine.require_ready()
     ids = await asyncio.to_thread(engine.tokenize, req.content, req.add_special, req.parse_special)
     if not req.with_pieces:
         return {"tokens": ids}
@@ -50,7 +50,7 @@ async def tokenize(request: Request) -> dict[str, Any]:
 async def detokenize(request: Request) -> dict[str, str]:
     engine: Engine = engine_of(request)
     req = decode_body(await read_body(request), DetokenizeRequest)
-    engine._require_ready()  # noqa: SLF001
+    engine.require_ready()
     try:
         check_token_ids(req.tokens, engine.n_vocab)
     except ValueError as exc:

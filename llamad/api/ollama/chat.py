@@ -247,7 +247,7 @@ async def api_chat(request: Request) -> Response:
     reply = Reply(req.model or engine.model_id, chat=True, started=record_of(request).started)
     response_format_of(req.format)  # a bad format is a 400 even with nothing to answer
     if not req.messages:
-        engine._require_ready()  # noqa: SLF001  "loaded" must be true
+        engine.require_ready()  # "loaded" must be true
         return Response(reply.loaded())
     chat = to_chat(req, request.app.state.config.limits.max_messages)
     grammar, parser = plan_format(chat, req, engine)
@@ -262,7 +262,7 @@ async def api_generate(request: Request) -> Response:
     reply = Reply(req.model or engine.model_id, chat=False, started=record_of(request).started)
     response_format_of(req.format)
     if not req.prompt and not req.suffix:
-        engine._require_ready()  # noqa: SLF001
+        engine.require_ready()
         return Response(reply.loaded())
     if req.suffix or req.raw:
         # No template: fill in the middle (the model's FIM tokens), or the text as it is,

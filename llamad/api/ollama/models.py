@@ -124,7 +124,7 @@ def api_ps(request: Request) -> dict[str, Any]:
 async def api_show(request: Request) -> dict[str, Any]:
     engine: Engine = engine_of(request)
     decode_body(await read_body(request), ShowRequest)
-    engine._require_ready()  # noqa: SLF001
+    engine.require_ready()
     described = engine.describe()
     family = details_of(engine)["family"]
     model_info: dict[str, Any] = {"general.architecture": family}
