@@ -12,19 +12,38 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.middleware import DefineMiddleware
 
-from llamad.api.anthropic import messages as anthropic
-
-from llamad.api.openai import chat as openai
-
+from llamad.api import embeddings
+from llamad.api.anthropic import messages as anthropic_messages
+from llamad.api.llama_server import infill, tokenize
+from llamad.api.ollama import chat as ollama_chat
+from llamad.api.ollama import models as ollama_models
+from llamad.api.openai import chat as openai_chat
+from llamad.api.openai import completions as openai_completions
+from llamad.api.openai import models as openai_models
 from llamad.api.responses import routes as responses
-from llamad.serve.auth import ApiKeys, AuthMiddleware
 from llamad.config import Config, api_keys
 from llamad.engine import Engine
+from llamad.serve.auth import ApiKeys, AuthMiddleware
 from llamad.serve.errors import REFUSE_WITH_HEADER, body_of, family_of, from_exception, refused_for_balancer
 from llamad.serve.metrics import Metrics
 from llamad.serve.observe import UNMATCHED, ObserveMiddleware, RequestRecord, record_of
 
 log = structlog.get_logger("llamad.app")
+
+# Every face's routes: each a translation onto the one request path (llamad.serve.pipeline).
+FACES = [
+    openai_chat.router,
+    openai_completions.router,
+    openai_models.router,
+    anthropic_messages.router,
+    responses.router,
+    ollama_chat.router,
+    ollama_models.router,
+    infill.router,
+    tokenize.router,
+    embeddings.router,
+]
+
 
 def error_handler(request: Request, exc: Exception) -> Response:
     """Every error, in the shape of the API family the path belongs to."""
@@ -116,21 +135,7 @@ def create_app(
             if app.state.engine is not engine:  # swapped in by a reload
                 app.state.engine.close()
 
-    from llamad.api.openai import completions
-
-    from llamad.api import embeddings
-
-    from llamad.api.llama_server import infill
-
-    from llamad.api.ollama import chat as ollama
-
-    from llamad.api.ollama import models as ollama_models
-
-    from llamad.api.llama_server import tokenize as tokens
-
-    route_handlers: list[Any] = [health, metrics, root, openai.router, anthropic.router, responses.router]
-    route_handlers += [completions.router, infill.router, embeddings.router, tokens.router]
-    route_handlers += [ollama.router, ollama_models.router]
+    route_handlers: list[Any] = [health, metrics, root, *FACES]
 
     return Litestar(
         route_handlers=route_handlers,

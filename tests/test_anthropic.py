@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from litestar.testing import AsyncTestClient, TestClient
 
 from llamad.api.anthropic.request import MessagesRequest, to_chat
+from llamad.serve.request import InvalidRequest
 from llamad.app import create_app
 from llamad.config import Config, LimitsConfig, ServerConfig
-from llamad.serve.errors import ApiError
 from fake_engine import FakeEngine, pieces
 
 STREAM_EVENT = pydantic.TypeAdapter(RawMessageStreamEvent)
@@ -394,9 +394,9 @@ def test_tool_history_becomes_tool_calls_and_named_tool_results():
 
 def test_images_are_refused_not_dropped():
     image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(InvalidRequest) as refused:
         to_chat(request_of(messages=[{"role": "user", "content": [image]}]), max_messages=100)
-    assert refused.value.status == 400 and "not supported" in refused.value.message
+    assert "not supported" in refused.value.message
     assert refused.value.param == "messages[0].content[0]"
 
 

@@ -65,6 +65,7 @@ def test_text_only_reply_has_one_text_block_and_end_turn():
     assert_well_formed(wire)
     assert [k for k, _ in wire] == [
         "message_start",
+        "ping",  # at once, as Anthropic's own stream has it
         "content_block_start",
         "content_block_delta",
         "content_block_delta",

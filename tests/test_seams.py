@@ -1,5 +1,7 @@
-"""Seams between llamad's modules: no import circles, the service side (systemd, reload)
-loads without llama.cpp, and the API faces ask the engine through its declared interface."""
+"""Seams between llamad's modules: the folders' layers (a face imports no other face and no
+engine backend, the engine imports nothing above it, grammar/ nothing but the standard
+library and llama.cpp), no import circles, the service side (systemd, reload) loads
+without llama.cpp, and the API faces ask the engine through its declared interface."""
 
 from __future__ import annotations
 
@@ -33,12 +35,93 @@ def _imports_of(path: Path) -> set[str]:
     return found
 
 
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def _import_graph() -> dict[str, set[str]]:
+    """Every module of every folder of the package, and the llamad modules it imports (a
+    `from llamad.x import name` counts as importing llamad.x, and llamad.x.name when that
+    is a module)."""
     graph = {}
-    for path in sorted(PACKAGE.glob("*.py")):
-        name = "llamad" if path.stem == "__init__" else f"llamad.{path.stem}"
-        graph[name] = _imports_of(path) - {name}
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {_module_name(path) for path in paths}
+    for path in paths:
+        name = _module_name(path)
+        found = set()
+        for module in _imports_of(path):
+            found.add(module)
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("llamad"):
+                found |= {f"{node.module}.{alias.name}" for alias in node.names} & modules
+        graph[name] = found - {name}
     return graph
+
+
+# -- the layers the folders stand for ----------------------------------------------------------
+
+BACKENDS = ("llamad.engine.llama", "llamad.engine.llama_slots", "llamad.engine.llama_embed")
+ABOVE_ENGINE = ("llamad.api", "llamad.serve", "llamad.tools", "llamad.service", "llamad.bench", "llamad.app", "llamad.cli")
+
+
+def _under(module: str, prefixes: tuple[str, ...] | str) -> bool:
+    prefixes = (prefixes,) if isinstance(prefixes, str) else prefixes
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def _face_of(module: str) -> str | None:
+    """The face a module belongs to: llamad.api.<face>... (a module directly in api/ that is
+    a face of its own, such as embeddings, is its own face; api/'s shared helpers none)."""
+    parts = module.split(".")
+    if len(parts) < 3 or parts[1] != "api":
+        return None
+    if (PACKAGE / "api" / parts[2]).is_dir():
+        return parts[2]
+    return None if parts[2] in SHARED_API else parts[2]
+
+
+SHARED_API = {"logprobs", "sampling", "__init__"}  # wire pieces several faces share, owned by none
+
+
+def layer_breaks(graph: dict[str, set[str]]) -> list[str]:
+    breaks = []
+    for module, imports in sorted(graph.items()):
+        for imported in sorted(imports):
+            face, other = _face_of(module), _face_of(imported)
+            if _under(module, "llamad.api") and _under(imported, BACKENDS):
+                breaks.append(f"{module} imports the engine backend {imported}")
+            if face and other and face != other:
+                breaks.append(f"{module} (face {face}) imports another face: {imported}")
+            if _under(module, "llamad.engine") and _under(imported, ABOVE_ENGINE):
+                breaks.append(f"{module} (engine) imports {imported}, above the engine")
+            if _under(module, "llamad.grammar") and not _under(imported, "llamad.grammar"):
+                breaks.append(f"{module} (grammar) imports {imported}")
+    return breaks
+
+
+def test_the_layer_check_sees_each_kind_of_break():
+    """Guards the test below: each rule, broken once in a made-up graph, is reported."""
+    made_up = {
+        "llamad.api.openai.chat": {"llamad.engine.llama_slots", "llamad.api.ollama.request", "llamad.api.sampling"},
+        "llamad.engine.slots": {"llamad.serve.answer"},
+        "llamad.grammar.schema": {"llamad.engine.chat"},
+        "llamad.api.embeddings": {"llamad.api.openai.chat"},
+    }
+    found = "\n".join(layer_breaks(made_up))
+    assert "imports the engine backend llamad.engine.llama_slots" in found
+    assert "(face openai) imports another face: llamad.api.ollama.request" in found
+    assert "(engine) imports llamad.serve.answer" in found
+    assert "(grammar) imports llamad.engine.chat" in found
+    assert "(face embeddings) imports another face" in found
+    assert "llamad.api.sampling" not in found  # shared, not a face
+
+
+def test_every_folder_keeps_its_layer():
+    graph = _import_graph()
+    assert {"llamad.api.openai.chat", "llamad.engine.slots", "llamad.grammar.schema", "llamad.serve.pipeline"} <= set(graph)
+    assert layer_breaks(graph) == []
 
 
 def _a_cycle(graph: dict[str, set[str]]) -> list[str] | None:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from llamad.engine.chat import Chat, ChatMessage, ToolCall, ToolSpec
-from llamad.serve.errors import ApiError
-from llamad.tools.plan import check_history
+from llamad.tools.plan import ToolHistoryError, check_history
 
 WEATHER = ToolSpec("get_weather", "", {"type": "object", "properties": {"city": {"type": "string"}}})
 
@@ -32,10 +31,10 @@ def test_history_repairs_and_refusals():
     assert '"name": "search", "arguments": search for llamas' in assistant.content
 
     orphan = history(ChatMessage("user", "hi"), ChatMessage("tool", "18C", tool_call_id="call_9"))
-    with pytest.raises(ApiError) as error:
+    with pytest.raises(ToolHistoryError) as error:
         check_history(orphan, [WEATHER])
-    assert error.value.status == 400 and "messages[1]" in error.value.message and "call_9" in error.value.message
+    assert "messages[1]" in str(error.value) and "call_9" in str(error.value)
 
     nameless = history(ChatMessage("assistant", "", tool_calls=[ToolCall("call_1", "", "{}")]))
-    with pytest.raises(ApiError, match=r"messages\[0\]\.tool_calls\[0\]"):
+    with pytest.raises(ToolHistoryError, match=r"messages\[0\]\.tool_calls\[0\]"):
         check_history(nameless, [WEATHER])

@@ -15,7 +15,7 @@ import msgspec
 from litestar import Request, Response, Router, post
 
 from llamad.engine import Engine, check_token_ids
-from llamad.serve.errors import bad_request
+from llamad.serve.request import InvalidRequest
 from llamad.serve.observe import engine_of, record_of
 from llamad.serve.body import decode_body, read_body
 
@@ -65,19 +65,19 @@ def inputs_of(value: Any, param: str = "input") -> list[str | list[int]]:
     elif isinstance(value, list) and value:
         items = value
     else:
-        raise bad_request(
+        raise InvalidRequest(
             f"'{param}' must be a non-empty string, a list of strings, a list of token ids or a list of such lists",
             param=param,
         )
     if len(items) > MAX_INPUTS:
-        raise bad_request(f"'{param}' holds {len(items)} items; at most {MAX_INPUTS} per request", param=param)
+        raise InvalidRequest(f"'{param}' holds {len(items)} items; at most {MAX_INPUTS} per request", param=param)
     for index, item in enumerate(items):
         where = f"{param}[{index}]" if len(items) > 1 or not isinstance(value, str) else param
         if isinstance(item, str):
             if not item:
-                raise bad_request(f"'{where}' is an empty string; there is nothing to embed", param=where)
+                raise InvalidRequest(f"'{where}' is an empty string; there is nothing to embed", param=where)
         elif not _is_tokens(item):
-            raise bad_request(f"'{where}' must be a non-empty string or a non-empty list of token ids", param=where)
+            raise InvalidRequest(f"'{where}' must be a non-empty string or a non-empty list of token ids", param=where)
     return items
 
 
@@ -93,12 +93,12 @@ async def token_lists(engine: Engine, items: list[str | list[int]], truncate: bo
             try:
                 check_token_ids(item, engine.n_vocab)
             except ValueError as exc:
-                raise bad_request(f"'{param}[{index}]': {exc}", param=f"{param}[{index}]") from None
+                raise InvalidRequest(f"'{param}[{index}]': {exc}", param=f"{param}[{index}]") from None
     limit = engine.embed_max_tokens
     for index, tokens in enumerate(sequences):
         if len(tokens) > limit:
             if not truncate:
-                raise bad_request(
+                raise InvalidRequest(
                     f"'{param}[{index}]' is {len(tokens)} tokens; this model embeds at most {limit} "
                     "(shorten it, or send truncate: true)",
                     param=param,
@@ -110,7 +110,7 @@ async def token_lists(engine: Engine, items: list[str | list[int]], truncate: bo
 
 def check_dimensions(dimensions: int | None, width: int | None) -> None:
     if dimensions is not None and dimensions != width:
-        raise bad_request(
+        raise InvalidRequest(
             f"'dimensions' cannot be changed: this model's vectors have {width} dimensions "
             "(it was not trained to be shortened); send the request without 'dimensions'",
             param="dimensions",
@@ -127,7 +127,7 @@ async def openai_embeddings(request: Request) -> dict[str, Any]:
     engine: Engine = embedding_engine_of(request)
     req = decode_body(await read_body(request), EmbeddingRequest)
     if req.encoding_format not in ("float", "base64"):
-        raise bad_request("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
+        raise InvalidRequest("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
     items = inputs_of(req.input)
     sequences = await token_lists(engine, items, truncate=False)
     vectors = await engine.embed(sequences)

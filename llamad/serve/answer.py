@@ -1,4 +1,4 @@
-"""Engine events -> answer events: the one pipeline both API families read.
+"""Engine events -> answer events: what every face frames (llamad.serve.pipeline runs it).
 
 Token text goes through the reasoning splitter, then (when tools are offered) the tool-call
 parser; what comes out is a stream of typed answer events. A streamed reply frames these
@@ -11,7 +11,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol, Sequence, Union
 
-from llamad.engine import Done, Engine, Generation, Started, Token, TokenLogprob, Waiting
+from llamad.engine import Done, Engine, Generation, Prompt, Started, Token, TokenLogprob, Waiting
 from llamad.serve.reasoning import ReasoningSplitter
 
 
@@ -69,7 +69,16 @@ class Finish:
     decode_s: float = 0.0
 
 
-AnswerEvent = Union[Keepalive, ReasoningDelta, TextDelta, ToolCallStart, ToolCallDelta, ToolCallEnd, Finish]
+@dataclass
+class ChoiceStart:
+    """The next choice begins (a request with several prompts, or n > 1): the events up to
+    the next ChoiceStart answer `prompt`."""
+
+    index: int
+    prompt: Prompt
+
+
+AnswerEvent = Union[Keepalive, ReasoningDelta, TextDelta, ToolCallStart, ToolCallDelta, ToolCallEnd, Finish, ChoiceStart]
 
 
 class ToolParser(Protocol):
@@ -200,23 +209,3 @@ async def fold(events: AsyncIterator[AnswerEvent]) -> Answer:
         async for event in stream:
             fold_event(answer, event)
     return answer
-
-
-async def admitted(events: AsyncIterator[AnswerEvent]) -> AsyncIterator[AnswerEvent]:
-    """Pulls the first event, which comes as soon as the request is admitted to the engine
-    queue, so a full queue raises Overloaded before any response header is sent."""
-    try:
-        first = await events.__anext__()
-    except BaseException:
-        await events.aclose()
-        raise
-
-    async def chained() -> AsyncIterator[AnswerEvent]:
-        try:
-            yield first
-            async for event in events:
-                yield event
-        finally:
-            await events.aclose()
-
-    return chained()

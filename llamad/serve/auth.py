@@ -16,7 +16,7 @@ import structlog
 
 from llamad.serve.errors import ApiError, body_of, family_of
 
-log = structlog.get_logger("llamad.serve.auth")
+log = structlog.get_logger("llamad.auth")
 
 OPEN_PATHS = frozenset({"/health"})
 METRICS_PATH = "/metrics"

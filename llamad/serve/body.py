@@ -10,7 +10,8 @@ import msgspec
 from litestar import Request
 from litestar.exceptions import InternalServerException
 
-from llamad.serve.errors import ApiError, bad_request
+from llamad.serve.errors import ApiError
+from llamad.serve.request import InvalidRequest
 
 T = TypeVar("T")
 
@@ -42,7 +43,7 @@ async def read_body(request: Request) -> bytes:
 def decode_body(body: bytes, schema: type[T]) -> T:
     """Decodes and validates a JSON body; a failure is a 400 that names the field."""
     if not body.strip():
-        raise bad_request("the request body is empty; send a JSON object")
+        raise InvalidRequest("the request body is empty; send a JSON object")
     decoder = _decoders.get(schema)
     if decoder is None:
         decoder = _decoders[schema] = msgspec.json.Decoder(schema)
@@ -55,13 +56,13 @@ def decode_body(body: bytes, schema: type[T]) -> T:
         message = _PATH.sub("", text)
         if param:
             message = f"{message} at '{param}'"
-        raise bad_request(f"invalid request: {message}", param=param or None) from None
+        raise InvalidRequest(f"invalid request: {message}", param=param or None) from None
     except msgspec.DecodeError as exc:
-        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
     except UnicodeDecodeError:
-        raise bad_request("the request body is not valid UTF-8 JSON") from None
+        raise InvalidRequest("the request body is not valid UTF-8 JSON") from None
     except RecursionError:
-        raise bad_request("the request body is nested too deeply") from None
+        raise InvalidRequest("the request body is nested too deeply") from None
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

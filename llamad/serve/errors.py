@@ -1,7 +1,8 @@
-"""Errors as values, and their two wire shapes (OpenAI and Anthropic).
+"""Errors as values, and their wire shapes (OpenAI, Anthropic, Ollama).
 
-Route code raises `ApiError` (or an engine exception, mapped here); each API family's
-exception handler renders it in its own shape with the right status code.
+Translators raise `InvalidRequest` (llamad.serve.request), the tools layer its typed
+errors, the engine its own; `from_exception` is the one place that gives each a status,
+and `body_of` renders it in the family's shape, before any byte or inside a stream.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from llamad.engine import (
     ShuttingDown,
     TokenOutOfRange,
 )
+from llamad.serve.request import InvalidRequest
+from llamad.tools.grammar import ToolSchemaError
 
 
 @dataclass
@@ -35,14 +38,6 @@ class ApiError(Exception):
         return self.message
 
 
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
-    return ApiError(400, message, "invalid_request", param=param, code=code)
-
-
-def check_range(value: float | int | None, name: str, low: float, high: float, prefix: str = "") -> None:
-    """A request field outside [low, high] is a 400 naming it (`prefix`: "options." for Ollama's)."""
-    if value is not None and not (low <= value <= high):
-        raise bad_request(f"'{prefix}{name}' must be between {low} and {high}, got {value}", param=name)
 
 
 HTTP_KINDS = {401: "authentication", 403: "permission", 404: "not_found", 413: "too_large", 429: "rate_limit"}
@@ -91,10 +86,20 @@ def family_of(path: str, anthropic_version: bool) -> str:
 
 
 def from_exception(exc: BaseException, family: str) -> ApiError:
-    """Maps engine and framework exceptions to an ApiError for `family` ("openai"/"anthropic")."""
+    """Maps request, tool, engine and framework exceptions to an ApiError for `family`
+    ("openai", "anthropic", "ollama"): the one place that gives each its status."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, InvalidRequest):
+        return ApiError(400, exc.message, "invalid_request", param=exc.param, code=exc.code)
+    if isinstance(exc, ToolSchemaError):
+        return ApiError(400, str(exc), "invalid_request", param=exc.param or "tools")
     if isinstance(exc, ContextOverflow):
+        if family == "anthropic":
+            # Anthropic's own wording, which Claude Code matches exactly (then it compacts the
+            # conversation); the maximum leaves room for one generated token.
+            message = f"prompt is too long: {exc.prompt_tokens} tokens > {exc.n_ctx - 1} maximum"
+            return ApiError(400, message, "invalid_request", param="messages", code="context_length_exceeded")
         return ApiError(400, str(exc), "invalid_request", param="messages", code="context_length_exceeded")
     if isinstance(exc, GrammarRejected):
         message = f"{exc}: simplify the tool parameters or response schema"

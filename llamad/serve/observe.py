@@ -54,6 +54,7 @@ class RequestRecord:
     first_token_at: float | None = None
     time_to_first_token_s: float | None = None
     decode_s: float = 0.0
+    finished: int = 0  # choices whose answer is complete
     error: str | None = None
     error_status: int | None = None
     # With logging.log_content on: the prompt as the model saw it, and the answer folded.
@@ -70,14 +71,18 @@ class RequestRecord:
             self.first_token_at = time.monotonic()
 
     def finish(self, finish: Any) -> None:
+        """A choice's answer is complete; a request with several choices counts them all."""
         if finish is None:
             return
+        first = self.finished == 0
+        self.finished += 1
         self.finish_reason = finish.reason
-        self.prompt_tokens = finish.usage.prompt_tokens
-        self.completion_tokens = finish.usage.completion_tokens
-        self.cached_tokens = finish.usage.cached_tokens
-        self.time_to_first_token_s = finish.time_to_first_token_s
-        self.decode_s = finish.decode_s
+        self.prompt_tokens = finish.usage.prompt_tokens + (0 if first else self.prompt_tokens)
+        self.completion_tokens = finish.usage.completion_tokens + (0 if first else self.completion_tokens)
+        self.cached_tokens = finish.usage.cached_tokens + (0 if first else self.cached_tokens)
+        if first:
+            self.time_to_first_token_s = finish.time_to_first_token_s
+        self.decode_s += finish.decode_s
 
     def fail(self, error: Any) -> None:
         self.error = str(error)

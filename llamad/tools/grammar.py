@@ -57,7 +57,7 @@ from llamad.grammar.pattern import JSON_CHAR, gbnf_literal, pattern_gbnf, repeat
 from llamad.grammar.constraint import lazy
 from llamad.grammar.schema import MalformedSchema, normalise
 
-log = structlog.get_logger("llamad.tools.plan")
+log = structlog.get_logger("llamad.tools")
 
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"

@@ -36,15 +36,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Callable
 
 from llamad.serve.answer import PlainText, ToolParser
 from llamad.engine.chat import Chat, ToolCall, ToolSpec
-from llamad.serve.errors import bad_request
 from llamad.tools.grammar import ToolSchemaError, build_grammar
 from llamad.tools.json_repair import close_json
 from llamad.tools.parse import ToolCallParser, new_call_id
 
-__all__ = ["ToolChoice", "ToolPlan", "ToolSchemaError", "apply", "check_history", "new_call_id", "plan", "tools_prompt"]
+__all__ = ["ToolChoice", "ToolHistoryError", "ToolPlan", "ToolSchemaError", "apply", "check_history", "new_call_id", "plan", "tools_prompt"]
 
 
 @dataclass
@@ -183,14 +183,14 @@ def apply(
     response_format: dict | None,
     template_supports_tools: bool,
     id_prefix: str,
-) -> tuple[str | None, ToolParser]:
-    """What both API families do with a translated request: check the history's tool
+) -> tuple[str | None, Callable[[], ToolParser]]:
+    """What the request path does with every translated request: check the history's tool
     parts, then, when tools, a forced call or a response format are asked for, add the tool
-    prompt to `chat` and return the grammar and the parser for the answer.
-    Raises ApiError (400) for history or schema problems."""
+    prompt to `chat` and return the grammar and what makes a parser for one answer.
+    Raises ToolHistoryError or ToolSchemaError (each a 400 naming the field)."""
     check_history(chat, chat.tools)  # history holds tool parts even when no tools are offered now
     if not chat.tools and response_format is None and choice.mode != "required":
-        return None, PlainText()
+        return None, PlainText
     offered = chat.tools if choice.mode != "none" else []
     try:
         planned = plan(
@@ -201,9 +201,14 @@ def apply(
             response_format=response_format,
         )
     except ToolSchemaError as exc:
-        raise bad_request(str(exc), param=exc.param or ("tools" if offered else "response_format")) from None
+        exc.param = exc.param or ("tools" if offered else "response_format")
+        raise
     chat.system_suffix = planned.system_suffix
-    return planned.grammar, planned.parser(id_prefix=id_prefix)
+    return planned.grammar, lambda: planned.parser(id_prefix=id_prefix)
+
+
+class ToolHistoryError(ValueError):
+    """The conversation's tool parts do not hold together (-> 400 naming the history)."""
 
 
 def check_history(chat: Chat, offered: list[ToolSpec]) -> None:
@@ -213,8 +218,8 @@ def check_history(chat: Chat, offered: list[ToolSpec]) -> None:
       arguments that are not a JSON object at all are kept, as text, in the assistant turn
       (the call itself is dropped, its id still answers a later tool result).
     - A call to a tool that is not offered (any more) stays: it is what happened.
-    - A tool result whose tool_call_id answers no earlier call -> 400 naming the message.
-    - A call without a name -> 400 naming it.
+    - A tool result whose tool_call_id answers no earlier call -> ToolHistoryError naming the message.
+    - A call without a name -> ToolHistoryError naming it.
     """
     seen_ids: set[str] = set()
     for m_index, message in enumerate(chat.messages):
@@ -224,7 +229,7 @@ def check_history(chat: Chat, offered: list[ToolSpec]) -> None:
             for c_index, call in enumerate(message.tool_calls):
                 where = f"messages[{m_index}].tool_calls[{c_index}]"
                 if not call.name:
-                    raise bad_request(f"{where}: a tool call needs a function name", param="messages")
+                    raise ToolHistoryError(f"{where}: a tool call needs a function name")
                 if call.id:
                     seen_ids.add(call.id)
                 arguments = _repaired_arguments(call.arguments)
@@ -239,10 +244,9 @@ def check_history(chat: Chat, offered: list[ToolSpec]) -> None:
                 message.content = "\n".join([message.content, *as_text]).strip()
         elif message.role == "tool":
             if message.tool_call_id and message.tool_call_id not in seen_ids:
-                raise bad_request(
+                raise ToolHistoryError(
                     f"messages[{m_index}]: the tool result for tool_call_id {message.tool_call_id!r} "
-                    "answers no tool call in an earlier assistant message",
-                    param="messages",
+                    "answers no tool call in an earlier assistant message"
                 )
 
 

@@ -1,6 +1,6 @@
-"""Anthropic Messages requests: the schema, and its translation into the shared Chat,
-sampling settings and tool plan. Pure functions of the request (and, for the tool plan,
-what the engine's template supports); the routes live in llamad.api.anthropic.messages.
+"""Anthropic Messages requests: the schema, and its translation into the neutral request
+(chat, sampling, limits, tool use). Pure functions of the request; the routes live in
+llamad.api.anthropic.messages.
 
 What Claude Code sends, field by field, and what happens to it (README, "Claude Code"):
 - the system block `x-anthropic-billing-header: cc_version=…; cc_entrypoint=…; [cch=…;]`
@@ -17,16 +17,13 @@ What Claude Code sends, field by field, and what happens to it (README, "Claude 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any, Union
 
 import msgspec
 
-from llamad.serve.answer import ToolParser
+from llamad.engine import Sampling
 from llamad.engine.chat import Chat, ChatMessage, ToolCall, ToolSpec
-from llamad.config import LimitsConfig
-from llamad.engine import Engine, Sampling
-from llamad.serve.errors import ApiError, bad_request, check_range
+from llamad.serve.request import InvalidRequest, ModelRequest, ToolUse, check_range
 
 # -- request schema (unknown fields such as cache_control are accepted and ignored) --------
 
@@ -152,9 +149,9 @@ class MessagesRequest(msgspec.Struct, kw_only=True):
 UNSUPPORTED_BLOCKS = (ImageBlock, DocumentBlock)
 
 
-def _unsupported(block: Any, where: str) -> ApiError:
+def _unsupported(block: Any, where: str) -> InvalidRequest:
     kind = block.__struct_config__.tag
-    return bad_request(
+    return InvalidRequest(
         f"{kind} blocks are not supported: this server runs a text-only model; send the content as text",
         param=where,
     )
@@ -171,7 +168,7 @@ def _texts(content: Union[str, list[Any], None], where: str) -> str:
         if isinstance(block, UNSUPPORTED_BLOCKS):
             raise _unsupported(block, f"{where}[{index}]")
         if not isinstance(block, TextBlock):
-            raise bad_request(
+            raise InvalidRequest(
                 f"a {block.__struct_config__.tag} block is not allowed here; only text blocks", param=f"{where}[{index}]"
             )
         parts.append(block.text)
@@ -202,16 +199,16 @@ def to_chat(req: MessagesRequest, max_messages: int) -> Chat:
     """The request as the shared Chat. The system prompt and `role: system` messages before
     the first turn become one system message; later `role: system` messages stay in place."""
     if not req.messages:
-        raise bad_request("'messages' must hold at least one message", param="messages")
+        raise InvalidRequest("'messages' must hold at least one message", param="messages")
     if len(req.messages) > max_messages:
-        raise bad_request(f"too many messages: {len(req.messages)} (the limit is {max_messages})", param="messages")
+        raise InvalidRequest(f"too many messages: {len(req.messages)} (the limit is {max_messages})", param="messages")
     system = [_system_text(req.system)]
     turns: list[ChatMessage] = []
     tool_names: dict[str, str] = {}
     for index, message in enumerate(req.messages):
         where = f"messages[{index}].content"
         if message.content is None:
-            raise bad_request(
+            raise InvalidRequest(
                 f"messages[{index}] has no 'content': every message needs content, a string or a list of content blocks",
                 param=where,
             )
@@ -226,13 +223,13 @@ def to_chat(req: MessagesRequest, max_messages: int) -> Chat:
         elif message.role == "user":
             turns.extend(_user_turns(message, where, tool_names))
         else:
-            raise bad_request(
+            raise InvalidRequest(
                 f"unknown role '{message.role}'; expected user, assistant or system", param=f"messages[{index}].role"
             )
     system_text = "\n\n".join(s for s in system if s)
     messages = ([ChatMessage(role="system", content=system_text)] if system_text else []) + turns
     if not any(turn.role != "system" for turn in turns):
-        raise bad_request("'messages' must hold at least one user or assistant message", param="messages")
+        raise InvalidRequest("'messages' must hold at least one user or assistant message", param="messages")
     return Chat(messages=messages, tools=tool_specs(req.tools))
 
 
@@ -252,7 +249,7 @@ def _assistant_turn(message: InputMessage, where: str, tool_names: dict[str, str
         elif isinstance(block, UNSUPPORTED_BLOCKS):
             raise _unsupported(block, f"{where}[{index}]")
         else:
-            raise bad_request("tool_result blocks belong in user turns", param=f"{where}[{index}]")
+            raise InvalidRequest("tool_result blocks belong in user turns", param=f"{where}[{index}]")
     return ChatMessage(role="assistant", content="\n".join(texts), tool_calls=calls)
 
 
@@ -272,7 +269,7 @@ def _user_turns(message: InputMessage, where: str, tool_names: dict[str, str]) -
             texts.append(block.text)
         elif isinstance(block, ToolResultBlock):
             if block.tool_use_id not in tool_names:
-                raise bad_request(
+                raise InvalidRequest(
                     f"this tool_result answers tool_use_id '{block.tool_use_id}', but no earlier assistant "
                     "turn has a tool_use block with that id",
                     param=f"{where}[{index}].tool_use_id",
@@ -292,7 +289,7 @@ def _user_turns(message: InputMessage, where: str, tool_names: dict[str, str]) -
         elif isinstance(block, (ThinkingBlock, RedactedThinkingBlock)):
             continue
         else:
-            raise bad_request("tool_use blocks belong in assistant turns", param=f"{where}[{index}]")
+            raise InvalidRequest("tool_use blocks belong in assistant turns", param=f"{where}[{index}]")
     flush()
     if not turns:
         # An empty user turn still holds the alternation the templates need.
@@ -304,13 +301,13 @@ def tool_specs(tools: list[Tool] | None) -> list[ToolSpec]:
     specs = []
     for index, tool in enumerate(tools or []):
         if tool.type not in (None, "custom"):
-            raise bad_request(
+            raise InvalidRequest(
                 f"tool '{tool.name}' is a server tool of type '{tool.type}', which this server does not run; "
                 "offer it as a custom tool with an input_schema",
                 param=f"tools[{index}].type",
             )
         if tool.input_schema is None:
-            raise bad_request(f"tool '{tool.name}' has no input_schema", param=f"tools[{index}].input_schema")
+            raise InvalidRequest(f"tool '{tool.name}' has no input_schema", param=f"tools[{index}].input_schema")
         specs.append(ToolSpec(name=tool.name, description=tool.description, parameters=tool.input_schema))
     return specs
 
@@ -326,12 +323,13 @@ def sampling_of(req: MessagesRequest) -> Sampling:
     )
 
 
-def max_tokens_of(req: MessagesRequest, cap: int) -> int:
+def max_tokens_of(req: MessagesRequest) -> int:
+    """Required here (the pipeline clamps it to the server's cap and the context)."""
     if req.max_tokens is None:
-        raise bad_request("'max_tokens' is required: the most tokens the reply may have", param="max_tokens")
+        raise InvalidRequest("'max_tokens' is required: the most tokens the reply may have", param="max_tokens")
     if req.max_tokens < 1:
-        raise bad_request(f"'max_tokens' must be at least 1, got {req.max_tokens}", param="max_tokens")
-    return min(req.max_tokens, cap)
+        raise InvalidRequest(f"'max_tokens' must be at least 1, got {req.max_tokens}", param="max_tokens")
+    return req.max_tokens
 
 
 def stop_sequences_of(req: MessagesRequest) -> list[str]:
@@ -353,48 +351,39 @@ def response_format_of(req: MessagesRequest) -> dict[str, Any] | None:
     if fmt is None:
         return None
     if fmt.type != "json_schema" or not isinstance(fmt.schema, dict):
-        raise bad_request(f"'{param}' must be {{\"type\": \"json_schema\", \"schema\": {{...}}}}", param=param)
+        raise InvalidRequest(f"'{param}' must be {{\"type\": \"json_schema\", \"schema\": {{...}}}}", param=param)
     return {"type": "json_schema", "schema": fmt.schema}
 
 
-@dataclass
-class Plan:
-    """What a request adds to plain generation: tool prompt, grammar and parser."""
-
-    grammar: str | None = None
-    parser: ToolParser | None = None
-
-
-def plan_tools(req: MessagesRequest, chat: Chat, engine: Engine) -> Plan:
-    """Applies tools / output_format to `chat` (its system suffix) and returns the plan."""
-    from llamad import tools
-
-    choice_in = req.tool_choice
-    if isinstance(choice_in, ToolChoiceNone):
-        choice = tools.ToolChoice("none")
-    elif isinstance(choice_in, ToolChoiceAny):
-        choice = tools.ToolChoice("required")
-    elif isinstance(choice_in, ToolChoiceTool):
-        choice = tools.ToolChoice("required", name=choice_in.name)
+def tool_use_of(req: MessagesRequest) -> ToolUse:
+    """tool_choice and output_format as the request path's tool use."""
+    choice = req.tool_choice
+    if isinstance(choice, ToolChoiceNone):
+        mode, name = "none", None
+    elif isinstance(choice, ToolChoiceAny):
+        mode, name = "required", None
+    elif isinstance(choice, ToolChoiceTool):
+        mode, name = "required", choice.name
     else:
-        choice = tools.ToolChoice("auto")
-    grammar, parser = tools.apply(
-        chat,
-        choice,
-        parallel=not getattr(choice_in, "disable_parallel_tool_use", False),
+        mode, name = "auto", None
+    return ToolUse(
+        mode=mode,
+        name=name,
+        parallel=not getattr(choice, "disable_parallel_tool_use", False),
         response_format=response_format_of(req),
-        template_supports_tools=engine.template_supports_tools,
         id_prefix="toolu_",
     )
-    return Plan(grammar=grammar, parser=parser)
 
 
-@dataclass
-class Prepared:
-    chat: Chat
-    plan: Plan
-
-
-def prepare(req: MessagesRequest, engine: Engine, limits: LimitsConfig) -> Prepared:
-    chat = to_chat(req, limits.max_messages)
-    return Prepared(chat=chat, plan=plan_tools(req, chat, engine))
+def to_request(req: MessagesRequest, max_messages: int, keep_reasoning: bool, counting: bool = False) -> ModelRequest:
+    """The request for the one request path (pure: no engine, no HTTP). `counting`: for
+    count_tokens, which sends no max_tokens and generates nothing."""
+    return ModelRequest(
+        chat=to_chat(req, max_messages),
+        sampling=Sampling() if counting else sampling_of(req),
+        max_tokens=None if counting else max_tokens_of(req),
+        stop=stop_sequences_of(req),
+        stop_param="stop_sequences",
+        tools=tool_use_of(req),
+        keep_reasoning=keep_reasoning,
+    )

@@ -33,7 +33,7 @@ from llamad.serve.answer import (
     ToolCallStart,
 )
 
-log = structlog.get_logger("llamad.api.anthropic.messages")
+log = structlog.get_logger("llamad.anthropic")
 
 # A local model signs nothing; clients only need an opaque, non-empty string to replay.
 THINKING_SIGNATURE = "llamad-unsigned"
@@ -91,7 +91,8 @@ class MessageStream:
             "stop_sequence": None,
             "usage": _usage(self.input_tokens, 0, self.expected_reuse),
         }
-        return [("message_start", {"type": "message_start", "message": message})]
+        # A ping follows at once, as Anthropic's own stream has it: the answer is under way.
+        return [("message_start", {"type": "message_start", "message": message}), ("ping", {"type": "ping"})]
 
     def feed(self, event: AnswerEvent) -> list[WireEvent]:
         if isinstance(event, Keepalive):

@@ -10,7 +10,7 @@ import msgspec
 from litestar import Request, Router, post
 
 from llamad.engine import Engine, check_token_ids
-from llamad.serve.errors import bad_request
+from llamad.serve.request import InvalidRequest
 from llamad.serve.observe import engine_of
 from llamad.serve.body import decode_body, read_body
 
@@ -54,7 +54,7 @@ async def detokenize(request: Request) -> dict[str, str]:
     try:
         check_token_ids(req.tokens, engine.n_vocab)
     except ValueError as exc:
-        raise bad_request(str(exc), param="tokens") from None
+        raise InvalidRequest(str(exc), param="tokens") from None
     return {"content": await asyncio.to_thread(engine.detokenize, req.tokens)}
 
 

@@ -1,5 +1,5 @@
-"""Ollama's /api/chat and /api/generate requests: schema, and translation into the shared
-Chat, sampling, limits and response format. Unknown fields are accepted (clients send
+"""Ollama's /api/chat and /api/generate requests: schema, and translation into the neutral
+request (chat or raw prompt, sampling, limits, response format). Unknown fields are accepted (clients send
 extras); values the model cannot honour are refused with a message that says why."""
 
 from __future__ import annotations
@@ -9,10 +9,9 @@ from typing import Any, Union
 
 import msgspec
 
-from llamad.engine.chat import Chat, ChatMessage, ToolCall, ToolSpec
-from llamad.config import LimitsConfig
 from llamad.engine import Sampling
-from llamad.serve.errors import bad_request, check_range
+from llamad.engine.chat import Chat, ChatMessage, ToolCall, ToolSpec
+from llamad.serve.request import UNLIMITED, InvalidRequest, ModelRequest, RawPrompt, ToolUse, check_range
 
 
 class FunctionCall(msgspec.Struct):
@@ -92,13 +91,13 @@ ROLES = {"system", "user", "assistant", "tool"}
 
 def to_chat(req: ChatRequest, max_messages: int) -> Chat:
     if len(req.messages) > max_messages:
-        raise bad_request(f"too many messages: {len(req.messages)} (the limit is {max_messages})")
+        raise InvalidRequest(f"too many messages: {len(req.messages)} (the limit is {max_messages})")
     messages: list[ChatMessage] = []
     for index, message in enumerate(req.messages):
         if message.role not in ROLES:
-            raise bad_request(f"messages[{index}]: unknown role '{message.role}'; expected system, user, assistant or tool")
+            raise InvalidRequest(f"messages[{index}]: unknown role '{message.role}'; expected system, user, assistant or tool")
         if message.images:
-            raise bad_request(f"messages[{index}]: images are not supported by this text-only model")
+            raise InvalidRequest(f"messages[{index}]: images are not supported by this text-only model")
         calls = []
         for n, call in enumerate(message.tool_calls or []):
             arguments = call.function.arguments
@@ -127,9 +126,9 @@ def to_chat(req: ChatRequest, max_messages: int) -> Chat:
 def generate_chat(req: GenerateRequest) -> Chat:
     """/api/generate without `raw`: the prompt is one user turn in the model's template."""
     if req.images:
-        raise bad_request("images are not supported by this text-only model")
+        raise InvalidRequest("images are not supported by this text-only model")
     if req.template:
-        raise bad_request(
+        raise InvalidRequest(
             "a custom 'template' is not supported; render the prompt yourself and send it with \"raw\": true"
         )
     messages = [ChatMessage(role="system", content=req.system)] if req.system else []
@@ -162,29 +161,40 @@ def sampling_of(options: Options | None) -> Sampling:
 def stops_of(options: Options | None) -> list[str]:
     stop = (options or Options()).stop
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > 16:
-        raise bad_request("'options.stop' may hold at most 16 sequences")
     return [s for s in stops if s]
 
 
-def max_tokens_of(options: Options | None, limits: LimitsConfig) -> int:
-    """num_predict: absent -> the server's default; -1 (endless) and -2 (fill the context)
-    -> the hard cap; otherwise capped by it."""
+def max_tokens_of(options: Options | None) -> int | None:
+    """num_predict: absent -> the server's default (None); -1 (endless) and -2 (fill the
+    context) -> as many as allowed (UNLIMITED); the pipeline clamps every value."""
     wanted = (options or Options()).num_predict
-    if wanted is None:
-        return min(limits.default_max_tokens, limits.max_tokens_hard_cap)
-    if wanted <= 0:
-        return limits.max_tokens_hard_cap
-    return min(wanted, limits.max_tokens_hard_cap)
+    if wanted is not None and wanted <= 0:
+        return UNLIMITED
+    return wanted
 
 
-def context_of(options: Options | None, loaded: int) -> int:
-    """num_ctx bounds prompt + answer within the loaded context; a larger one cannot grow
-    it (the context is sized when the model loads), so the loaded size applies."""
+def context_of(options: Options | None) -> int | None:
+    """num_ctx bounds prompt + answer within the loaded context (None: the loaded one); a
+    larger one cannot grow it (the context is sized when the model loads)."""
     wanted = (options or Options()).num_ctx
-    if wanted is None or wanted <= 0:
-        return loaded
-    return min(wanted, loaded)
+    return wanted if wanted is not None and wanted > 0 else None
+
+
+def to_request(req: Common, chat: Chat | None, prompts: list[RawPrompt] | None = None) -> ModelRequest:
+    """The request for the one request path (pure: no engine, no HTTP): `chat` for
+    /api/chat and a templated /api/generate, `prompts` for a raw or fill-in-the-middle one."""
+    return ModelRequest(
+        chat=chat,
+        prompts=prompts or [],
+        sampling=sampling_of(req.options),
+        max_tokens=max_tokens_of(req.options),
+        stop=stops_of(req.options),
+        stop_param="options.stop",
+        tools=ToolUse(response_format=response_format_of(req.format)),
+        keep_reasoning=wants_thinking(req.think),
+        logprobs=logprobs_of(req),
+        n_ctx=context_of(req.options),
+    )
 
 
 def response_format_of(fmt: str | dict[str, Any] | None) -> dict[str, Any] | None:
@@ -195,14 +205,14 @@ def response_format_of(fmt: str | dict[str, Any] | None) -> dict[str, Any] | Non
         return {"type": "json_object"}
     if isinstance(fmt, dict):
         return {"type": "json_schema", "schema": fmt}
-    raise bad_request(f"'format' must be \"json\" or a JSON schema object, got {fmt!r}")
+    raise InvalidRequest(f"'format' must be \"json\" or a JSON schema object, got {fmt!r}")
 
 
 def logprobs_of(req: Common) -> int | None:
     """How many alternatives per token (`top_logprobs`, 0..20), or None without `logprobs`."""
     top = req.top_logprobs
     if top is not None and not 0 <= top <= 20:
-        raise bad_request(f"'top_logprobs' must be between 0 and 20, got {top}")
+        raise InvalidRequest(f"'top_logprobs' must be between 0 and 20, got {top}")
     return (top or 0) if req.logprobs else None
 
 

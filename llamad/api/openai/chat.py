@@ -1,40 +1,25 @@
-"""OpenAI Chat Completions: request schema, translation to and from the shared pipeline,
-and the routes. Streamed and non-streamed answers come from the same answer events."""
+"""OpenAI Chat Completions: the request schema, its translation into the neutral request,
+and the framing of answer events (chunks, or the folded completion); the request path is
+llamad.serve.pipeline."""
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
-from contextlib import aclosing
 from typing import Any, AsyncIterator, Union
 
 import msgspec
-from litestar import Request, Response, Router, get, post
-from litestar.response import Stream
+from litestar import Request, Response, Router, post
 
 from llamad.api.openai import logprobs as openai_logprobs
-
-from llamad.serve import sse
-from llamad.serve.answer import (
-    Answer,
-    AnswerEvent,
-    Finish,
-    Keepalive,
-    ReasoningDelta,
-    TextDelta,
-    ToolCallDelta,
-    ToolCallStart,
-    admitted,
-    answer_events,
-    fold,
-)
+from llamad.api.sampling import SamplingFields, sampling_of, stop_list
 from llamad.engine.chat import Chat, ChatMessage, ToolCall, ToolSpec
-from llamad.engine import Engine, Generation
-from llamad.serve.errors import bad_request, from_exception, openai_body
-from llamad.serve.observe import engine_of, record_of, with_content_logged
-from llamad.api.openai.sampling import SamplingFields, sampling_of, stop_list
-from llamad.serve.body import decode_body, read_body, unless_disconnected
+from llamad.serve import pipeline, sse
+from llamad.serve.answer import AnswerEvent, Finish, Keepalive, ReasoningDelta, TextDelta, ToolCallDelta, ToolCallStart, fold, Answer
+from llamad.serve.body import decode_body, read_body
+from llamad.serve.errors import ApiError, openai_body
+from llamad.serve.pipeline import Prepared
+from llamad.serve.request import InvalidRequest, ModelRequest, ToolUse
 
 # -- request schema (unknown fields are accepted: clients send extras) ---------------------
 
@@ -124,7 +109,7 @@ def _content_text(message: Message, index: int) -> str:
     for part_index, part in enumerate(message.content):
         if not isinstance(part, TextPart):
             kind = part.__struct_config__.tag
-            raise bad_request(
+            raise InvalidRequest(
                 f"content parts of type '{kind}' are not supported by this text-only model",
                 param=f"messages[{index}].content[{part_index}]",
             )
@@ -134,18 +119,18 @@ def _content_text(message: Message, index: int) -> str:
 
 def to_chat(req: ChatRequest, max_messages: int) -> Chat:
     if not req.messages:
-        raise bad_request("'messages' must hold at least one message", param="messages")
+        raise InvalidRequest("'messages' must hold at least one message", param="messages")
     if len(req.messages) > max_messages:
-        raise bad_request(f"too many messages: {len(req.messages)} (the limit is {max_messages})", param="messages")
+        raise InvalidRequest(f"too many messages: {len(req.messages)} (the limit is {max_messages})", param="messages")
     messages: list[ChatMessage] = []
     for index, message in enumerate(req.messages):
         if message.role not in ROLES:
-            raise bad_request(
+            raise InvalidRequest(
                 f"unknown role '{message.role}'; expected one of: system, developer, user, assistant, tool",
                 param=f"messages[{index}].role",
             )
         if message.content is None and not (message.role == "assistant" and message.tool_calls):
-            raise bad_request(
+            raise InvalidRequest(
                 f"messages[{index}] has no 'content': a {message.role} message needs content"
                 + (" (an assistant message may leave it out only when it carries tool_calls)" if message.role == "assistant" else ""),
                 param=f"messages[{index}].content",
@@ -171,32 +156,30 @@ def to_chat(req: ChatRequest, max_messages: int) -> Chat:
     return Chat(messages=messages, tools=tools)
 
 
-def requested_max_tokens(req: ChatRequest, default: int, cap: int) -> int:
+def requested_max_tokens(req: ChatRequest) -> int | None:
+    """What the request asks for (None: the server's default); the pipeline clamps it."""
     wanted = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    if wanted is None:
-        return min(default, cap)
-    if wanted < 1:
-        raise bad_request(f"'{name}' must be at least 1, got {wanted}", param=name)
-    return min(wanted, cap)
+    if wanted is not None and wanted < 1:
+        raise InvalidRequest(f"'{name}' must be at least 1, got {wanted}", param=name)
+    return wanted
 
 
-def tool_choice_of(req: ChatRequest):
-    from llamad.tools.plan import ToolChoice
-
+def tool_choice_of(req: ChatRequest) -> tuple[str, str | None]:
+    """(mode, named tool) of `tool_choice`."""
     choice = req.tool_choice
     if choice is None:
-        return ToolChoice("auto")
+        return "auto", None
     if isinstance(choice, str):
         if choice not in ("auto", "none", "required"):
-            raise bad_request("'tool_choice' must be 'none', 'auto', 'required' or a function object", param="tool_choice")
-        return ToolChoice(choice)
+            raise InvalidRequest("'tool_choice' must be 'none', 'auto', 'required' or a function object", param="tool_choice")
+        return choice, None
     name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
     if choice.get("type") != "function" or not isinstance(name, str):
-        raise bad_request(
+        raise InvalidRequest(
             "'tool_choice' object must be {\"type\": \"function\", \"function\": {\"name\": ...}}", param="tool_choice"
         )
-    return ToolChoice("required", name=name)
+    return "required", name
 
 
 def response_format_of(req: ChatRequest) -> dict[str, Any] | None:
@@ -208,11 +191,11 @@ def response_format_of(req: ChatRequest) -> dict[str, Any] | None:
     if fmt.get("type") == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-            raise bad_request("'response_format.json_schema' must be an object with a 'schema'", param="response_format")
+            raise InvalidRequest("'response_format.json_schema' must be an object with a 'schema'", param="response_format")
         # strict: refuse a schema the grammar cannot fully enforce instead of serving it
         # with those keywords as advice (llamad.tools.grammar).
         return {"type": "json_schema", "schema": spec.get("schema") or {}, "strict": spec.get("strict") is True}
-    raise bad_request(
+    raise InvalidRequest(
         f"unsupported response_format type '{fmt.get('type')}'; use text, json_object or json_schema",
         param="response_format",
     )
@@ -275,48 +258,46 @@ def delta_of(event: AnswerEvent) -> dict[str, Any] | None:
     return None
 
 
-async def stream_frames(
-    events: AsyncIterator[AnswerEvent],
-    completion: Completion,
-    include_usage: bool,
-    request: Request,
-    with_logprobs: bool = False,
-) -> AsyncIterator[bytes]:
-    record = record_of(request)
-    async with aclosing(events) as stream:
-        try:
-            yield sse.data_frame(completion.chunk({"role": "assistant", "content": ""}, usage=include_usage))
-            admission = True
-            async for event in stream:
-                if isinstance(event, Keepalive):
-                    # The first one only says the request was queued or admitted; the role
-                    # chunk already told the client the stream is alive.
-                    if not admission:
-                        yield sse.comment_frame()
-                    admission = False
-                    continue
-                admission = False
-                if isinstance(event, Finish):
-                    record.finish(event)
-                    yield sse.data_frame(completion.chunk({}, event.reason, usage=include_usage))
-                    if include_usage:
-                        final = completion.chunk({}, usage=True)
-                        final["choices"] = []
-                        final["usage"] = usage_of(event)
-                        yield sse.data_frame(final)
-                    yield sse.done_frame()
-                    return
+class ChatReply:
+    """Chat Completions framing: one `chat.completion.chunk` per event, or the folded
+    `chat.completion`."""
+
+    family = "openai"
+    media_type = "text/event-stream"
+
+    def __init__(self, completion: Completion, include_usage: bool, keep_reasoning: bool, with_logprobs: bool):
+        self.completion = completion
+        self.include_usage = include_usage
+        self.keep_reasoning = keep_reasoning
+        self.with_logprobs = with_logprobs
+
+    async def frames(self, events: AsyncIterator[AnswerEvent]) -> AsyncIterator[bytes]:
+        completion, include_usage = self.completion, self.include_usage
+        yield sse.data_frame(completion.chunk({"role": "assistant", "content": ""}, usage=include_usage))
+        async for event in events:
+            if isinstance(event, Keepalive):
+                yield sse.comment_frame()
+            elif isinstance(event, Finish):
+                yield sse.data_frame(completion.chunk({}, event.reason, usage=include_usage))
+                if include_usage:
+                    final = completion.chunk({}, usage=True)
+                    final["choices"] = []
+                    final["usage"] = usage_of(event)
+                    yield sse.data_frame(final)
+                yield sse.done_frame()
+            else:
                 delta = delta_of(event)
                 if delta is not None:
-                    record.first_token()
                     logprobs = None
-                    if with_logprobs and isinstance(event, TextDelta):
+                    if self.with_logprobs and isinstance(event, TextDelta):
                         logprobs = openai_logprobs.chat(event.logprobs)
                     yield sse.data_frame(completion.chunk(delta, usage=include_usage, logprobs=logprobs))
-        except Exception as exc:  # after the headers: the error travels in the stream
-            error = from_exception(exc, "openai")
-            record.fail(error)
-            yield sse.data_frame(openai_body(error))
+
+    def error_frames(self, error: ApiError) -> list[bytes]:
+        return [sse.data_frame(openai_body(error))]
+
+    async def body(self, events: AsyncIterator[AnswerEvent]) -> dict[str, Any]:
+        return completion_body(await fold(events), self.completion, self.keep_reasoning, self.with_logprobs)
 
 
 def message_of(answer: Answer, keep_reasoning: bool) -> dict[str, Any]:
@@ -356,53 +337,34 @@ def completion_body(
 # -- routes --------------------------------------------------------------------------------
 
 
-async def complete(request: Request, keep_reasoning: bool) -> Response:
-    engine: Engine = engine_of(request)
-    limits = request.app.state.config.limits
-    req = decode_body(await read_body(request), ChatRequest)
+def to_request(req: ChatRequest, max_messages: int, keep_reasoning: bool) -> ModelRequest:
+    """The request for the one request path (pure: no engine, no HTTP)."""
     if req.n != 1:
-        raise bad_request("only n=1 is supported", param="n")
-    chat = to_chat(req, limits.max_messages)
-    sampling = sampling_of(req)
-    top_n = openai_logprobs.chat_top_n(req.logprobs, req.top_logprobs)
-    stops = stop_list(req.stop)
-    max_tokens = requested_max_tokens(req, limits.default_max_tokens, limits.max_tokens_hard_cap)
-    response_format = response_format_of(req)
-    from llamad import tools
-
-    grammar, parser = tools.apply(
-        chat,
-        tool_choice_of(req),
-        parallel=req.parallel_tool_calls,
-        response_format=response_format,
-        template_supports_tools=engine.template_supports_tools,
-        id_prefix="call_",
-    )
-    record = record_of(request)
-    prompt = await engine.prepare(chat, grammar)
-    record.prompt_tokens = len(prompt.tokens)
-    generation = Generation(
-        prompt=prompt,
-        max_tokens=engine.clamp_max_tokens(max_tokens, prompt),
-        sampling=sampling,
-        stop=stops,
-        grammar=grammar,
-        logprobs=top_n,
+        raise InvalidRequest("only n=1 is supported", param="n")
+    choice = tool_choice_of(req)
+    return ModelRequest(
+        chat=to_chat(req, max_messages),
+        sampling=sampling_of(req),
+        max_tokens=requested_max_tokens(req),
+        stop=stop_list(req.stop),
+        tools=ToolUse(
+            mode=choice[0], name=choice[1], parallel=req.parallel_tool_calls, response_format=response_format_of(req)
+        ),
+        keep_reasoning=keep_reasoning,
+        logprobs=openai_logprobs.chat_top_n(req.logprobs, req.top_logprobs),
         ignore_eos=req.ignore_eos,
     )
-    completion = Completion(engine.model_id)
-    events = await admitted(answer_events(engine, generation, keep_reasoning, parser))
-    events = with_content_logged(request, prompt.text, events)
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return Stream(
-            stream_frames(events, completion, include_usage, request, with_logprobs=top_n is not None),
-            media_type="text/event-stream",
-            headers=sse.HEADERS,
-        )
-    answer = await unless_disconnected(request, fold(events))
-    record.finish(answer.finish)
-    return Response(completion_body(answer, completion, keep_reasoning, with_logprobs=top_n is not None))
+
+
+async def complete(request: Request, keep_reasoning: bool) -> Response:
+    req = decode_body(await read_body(request), ChatRequest)
+    ask = to_request(req, request.app.state.config.limits.max_messages, keep_reasoning)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def reply(prepared: Prepared) -> ChatReply:
+        return ChatReply(Completion(prepared.model_id), include_usage, keep_reasoning, ask.logprobs is not None)
+
+    return await pipeline.serve(request, ask, reply, stream=req.stream)
 
 
 @post("/v1/chat/completions", status_code=200)
@@ -415,40 +377,7 @@ async def chat_completions_think(request: Request) -> Response:
     return await complete(request, keep_reasoning=True)
 
 
-@get("/v1/models")
-async def list_models(request: Request) -> dict[str, Any]:
-    # Both families list models at this path: OpenAI's list fields and Anthropic's
-    # pagination fields side by side (each SDK ignores the other's).
-    card = model_card(request.app.state.engine)
-    return {"object": "list", "data": [card], "has_more": False, "first_id": card["id"], "last_id": card["id"]}
-
-
-@get("/v1/models/{model_id:path}")
-async def get_model(request: Request) -> dict[str, Any]:
-    # Clients ask for names of their own (also "org/model"); there is one model, so every
-    # name resolves to it.
-    return model_card(request.app.state.engine)
-
-
-def model_card(engine: Engine) -> dict[str, Any]:
-    """The served model in OpenAI's shape, with Anthropic's fields too. `created` is the
-    GGUF file's modification time."""
-    try:
-        created = int(os.stat(str(engine.info.get("path", ""))).st_mtime)
-    except OSError:
-        created = 0
-    return {
-        "id": engine.model_id,
-        "object": "model",
-        "created": created,
-        "owned_by": "llamad",
-        "type": "model",
-        "display_name": engine.model_id,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
-    }
-
-
 router = Router(
     path="/",
-    route_handlers=[chat_completions, chat_completions_think, list_models, get_model],
+    route_handlers=[chat_completions, chat_completions_think],
 )

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from llamad.api.logprobs import token_objects
 from llamad.engine import TokenLogprob
-from llamad.serve.errors import bad_request
+from llamad.serve.request import InvalidRequest
 
 LEGACY_MAX = 5  # the legacy API's own limit
 CHAT_MAX = 20
@@ -18,11 +19,11 @@ def legacy_top_n(logprobs: int | None, echo: bool) -> int | None:
     if logprobs is None:
         return None
     if not 0 <= logprobs <= LEGACY_MAX:
-        raise bad_request(f"'logprobs' must be between 0 and {LEGACY_MAX}, got {logprobs}", param="logprobs")
+        raise InvalidRequest(f"'logprobs' must be between 0 and {LEGACY_MAX}, got {logprobs}", param="logprobs")
     if echo:
         # OpenAI then scores the echoed prompt too; this server scores only what it
         # generates, and half an answer would read as a wrong one.
-        raise bad_request(
+        raise InvalidRequest(
             "'echo' with 'logprobs' asks for the prompt's log probabilities, which this server does not "
             "compute; send one or the other",
             param="echo",
@@ -34,9 +35,9 @@ def chat_top_n(logprobs: bool | None, top_logprobs: int | None) -> int | None:
     """`logprobs` / `top_logprobs` of a chat request -> how many alternatives per token."""
     if top_logprobs is not None:
         if not logprobs:
-            raise bad_request("'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
+            raise InvalidRequest("'top_logprobs' needs 'logprobs' set to true", param="top_logprobs")
         if not 0 <= top_logprobs <= CHAT_MAX:
-            raise bad_request(f"'top_logprobs' must be between 0 and {CHAT_MAX}, got {top_logprobs}", param="top_logprobs")
+            raise InvalidRequest(f"'top_logprobs' must be between 0 and {CHAT_MAX}, got {top_logprobs}", param="top_logprobs")
     if not logprobs:
         return None
     return top_logprobs or 0
@@ -63,16 +64,3 @@ def legacy(entries: Sequence[TokenLogprob], offset: int) -> dict[str, Any]:
 def chat(entries: Sequence[TokenLogprob]) -> dict[str, Any]:
     """`choices[0].logprobs` of a chat completion (or of one chunk)."""
     return {"content": token_objects(entries), "refusal": None}
-
-
-def token_objects(entries: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
-    """Chat's token objects (Ollama's `logprobs` list has the same shape)."""
-    return [
-        {
-            "token": entry.text,
-            "logprob": entry.logprob,
-            "bytes": list(entry.bytes),
-            "top_logprobs": [{"token": alt.text, "logprob": alt.logprob, "bytes": list(alt.bytes)} for alt in entry.top],
-        }
-        for entry in entries
-    ]

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Union
 
 import msgspec
 
-from llamad.serve.errors import bad_request
+from llamad.serve.request import InvalidRequest
 from llamad.api.responses.stream import new_id
 
 ID_PREFIXES = {"message": "msg_", "function_call": "fc_", "function_call_output": "fco_", "reasoning": "rs_"}
@@ -67,7 +67,7 @@ def _limit(query: Mapping[str, str]) -> int:
     except ValueError:
         limit = 0
     if not 1 <= limit <= MAX_LIMIT:
-        raise bad_request(f"'limit' must be an integer from 1 to {MAX_LIMIT}, got '{text}'", param="limit")
+        raise InvalidRequest(f"'limit' must be an integer from 1 to {MAX_LIMIT}, got '{text}'", param="limit")
     return limit
 
 
@@ -75,7 +75,7 @@ def _index_of(items: list[dict[str, Any]], item_id: str, param: str) -> int:
     for index, item in enumerate(items):
         if item.get("id") == item_id:
             return index
-    raise bad_request(f"'{param}': this response has no input item with id '{item_id}'", param=param)
+    raise InvalidRequest(f"'{param}': this response has no input item with id '{item_id}'", param=param)
 
 
 def page(items: list[dict[str, Any]], query: Mapping[str, str]) -> dict[str, Any]:
@@ -85,7 +85,7 @@ def page(items: list[dict[str, Any]], query: Mapping[str, str]) -> dict[str, Any
     limit = _limit(query)
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
-        raise bad_request(f"'order' must be 'asc' or 'desc', got '{order}'", param="order")
+        raise InvalidRequest(f"'order' must be 'asc' or 'desc', got '{order}'", param="order")
     ordered = items if order == "asc" else items[::-1]
     after, before = query.get("after"), query.get("before")
     start, end = 0, len(ordered)

@@ -18,12 +18,13 @@ from typing import Any, Union
 import msgspec
 import structlog
 
-from llamad.serve.answer import ToolParser
+from llamad.engine import Sampling
 from llamad.engine.chat import Chat, ChatMessage, ToolCall, ToolSpec
-from llamad.engine import Engine, Sampling
-from llamad.serve.errors import ApiError, bad_request
+from llamad.serve.request import InvalidRequest, ModelRequest, ToolUse
 
-log = structlog.get_logger("llamad.api.responses.routes")
+CHAT_MAX = 20  # top_logprobs, as in Chat Completions
+
+log = structlog.get_logger("llamad.responses")
 
 # -- request schema (unknown fields such as include, store, metadata are accepted) ----------
 
@@ -115,10 +116,8 @@ LOGPROBS_INCLUDE = "message.output_text.logprobs"
 def top_logprobs_of(req: ResponsesRequest) -> int | None:
     """How many alternatives per token the answer's `logprobs` list, or None for none:
     asked by `include: ["message.output_text.logprobs"]` or by `top_logprobs` (0..20)."""
-    from llamad.api.openai.logprobs import CHAT_MAX
-
     if req.top_logprobs is not None and not 0 <= req.top_logprobs <= CHAT_MAX:
-        raise bad_request(f"'top_logprobs' must be between 0 and {CHAT_MAX}, got {req.top_logprobs}", param="top_logprobs")
+        raise InvalidRequest(f"'top_logprobs' must be between 0 and {CHAT_MAX}, got {req.top_logprobs}", param="top_logprobs")
     if LOGPROBS_INCLUDE in (req.include or []) or req.top_logprobs is not None:
         return req.top_logprobs or 0
     return None
@@ -153,7 +152,7 @@ def _convert(raw: Any, struct: type, where: str) -> Any:
         missing = _MISSING.search(text)
         if missing:  # msgspec names the missing field in the text, not in the path
             param = f"{param}.{missing.group(1)}"
-        raise bad_request(f"invalid request: {_PATH.sub('', text)} at '{param}'", param=param) from None
+        raise InvalidRequest(f"invalid request: {_PATH.sub('', text)} at '{param}'", param=param) from None
 
 
 def _text_of(content: Union[str, list[Any]], where: str) -> str:
@@ -167,7 +166,7 @@ def _text_of(content: Union[str, list[Any]], where: str) -> str:
             texts.append(part.refusal)
         else:
             kind = part.__struct_config__.tag
-            raise bad_request(
+            raise InvalidRequest(
                 f"content parts of type '{kind}' are not supported by this text-only model; send the content as text",
                 param=f"{where}[{index}]",
             )
@@ -192,12 +191,12 @@ def input_messages(items: Union[str, list[dict[str, Any]], None], history: list[
     for index, raw in enumerate(items):
         where = f"input[{index}]"
         if not isinstance(raw, dict):
-            raise bad_request(f"'{where}' must be an object (a message or another input item)", param=where)
+            raise InvalidRequest(f"'{where}' must be an object (a message or another input item)", param=where)
         kind = raw.get("type", "message")  # EasyInputMessage: {role, content} without a type
         if kind == "message":
             item = _convert({k: v for k, v in raw.items() if k != "type"}, MessageItem, where)
             if item.role not in ROLES:
-                raise bad_request(
+                raise InvalidRequest(
                     f"unknown role '{item.role}'; expected one of: user, assistant, system, developer",
                     param=f"{where}.role",
                 )
@@ -215,7 +214,7 @@ def input_messages(items: Union[str, list[dict[str, Any]], None], history: list[
         elif kind == "function_call_output":
             result = _convert({k: v for k, v in raw.items() if k != "type"}, FunctionCallOutputItem, where)
             if result.call_id not in calls:
-                raise bad_request(
+                raise InvalidRequest(
                     f"this function_call_output answers call_id '{result.call_id}', but no earlier function_call "
                     "item (in this input or the previous response) has that call_id",
                     param=f"{where}.call_id",
@@ -252,7 +251,7 @@ def function_tools(req: ResponsesRequest) -> list[ToolSpec]:
     specs = []
     for index, raw in enumerate(req.tools or []):
         if not isinstance(raw, dict):
-            raise bad_request(f"'tools[{index}]' must be an object", param=f"tools[{index}]")
+            raise InvalidRequest(f"'tools[{index}]' must be an object", param=f"tools[{index}]")
         kind = raw.get("type")
         if kind != "function":
             _log_once("tool", str(kind))
@@ -278,7 +277,7 @@ def tool_choice_of(req: ResponsesRequest) -> Choice:
         return Choice()
     if isinstance(choice, str):
         if choice not in ("auto", "none", "required"):
-            raise bad_request(
+            raise InvalidRequest(
                 "'tool_choice' must be 'auto', 'none', 'required' or {\"type\": \"function\", \"name\": ...}",
                 param="tool_choice",
             )
@@ -286,13 +285,13 @@ def tool_choice_of(req: ResponsesRequest) -> Choice:
     kind = choice.get("type")
     if kind == "function":
         if not isinstance(choice.get("name"), str):
-            raise bad_request("'tool_choice' of type function needs a 'name'", param="tool_choice.name")
+            raise InvalidRequest("'tool_choice' of type function needs a 'name'", param="tool_choice.name")
         return Choice("required", name=choice["name"])
     if kind == "allowed_tools":
         mode = choice.get("mode", "auto")
         tools = choice.get("tools")
         if mode not in ("auto", "required") or not isinstance(tools, list):
-            raise bad_request(
+            raise InvalidRequest(
                 "'tool_choice' of type allowed_tools needs 'mode' (auto or required) and a list of 'tools'",
                 param="tool_choice",
             )
@@ -302,7 +301,7 @@ def tool_choice_of(req: ResponsesRequest) -> Choice:
         # A hosted tool (web_search, file_search, custom, mcp, …): left out like the tool itself.
         _log_once("tool_choice", kind)
         return Choice()
-    raise bad_request("'tool_choice' must be a string or an object with a 'type'", param="tool_choice")
+    raise InvalidRequest("'tool_choice' must be a string or an object with a 'type'", param="tool_choice")
 
 
 def response_format_of(req: ResponsesRequest) -> dict[str, Any] | None:
@@ -314,9 +313,9 @@ def response_format_of(req: ResponsesRequest) -> dict[str, Any] | None:
     if fmt.get("type") == "json_schema":
         schema = fmt.get("schema")
         if not isinstance(schema, dict):
-            raise bad_request("'text.format' of type json_schema needs a 'schema' object", param="text.format.schema")
+            raise InvalidRequest("'text.format' of type json_schema needs a 'schema' object", param="text.format.schema")
         return {"type": "json_schema", "schema": schema, "strict": bool(fmt.get("strict"))}
-    raise bad_request(
+    raise InvalidRequest(
         f"unsupported text.format type '{fmt.get('type')}'; use text, json_object or json_schema",
         param="text.format",
     )
@@ -327,7 +326,7 @@ def response_format_of(req: ResponsesRequest) -> dict[str, Any] | None:
 
 def _check_range(value: float | None, name: str, low: float, high: float) -> None:
     if value is not None and not (low <= value <= high):
-        raise bad_request(f"'{name}' must be between {low} and {high}, got {value}", param=name)
+        raise InvalidRequest(f"'{name}' must be between {low} and {high}, got {value}", param=name)
 
 
 def sampling_of(req: ResponsesRequest) -> Sampling:
@@ -339,56 +338,51 @@ def sampling_of(req: ResponsesRequest) -> Sampling:
     )
 
 
-def max_output_tokens_of(req: ResponsesRequest, default: int, cap: int) -> int:
-    if req.max_output_tokens is None:
-        return min(default, cap)
-    if req.max_output_tokens < 1:
-        raise bad_request(
+def max_output_tokens_of(req: ResponsesRequest) -> int | None:
+    """What the request asks for (None: the server's default); the pipeline clamps it."""
+    if req.max_output_tokens is not None and req.max_output_tokens < 1:
+        raise InvalidRequest(
             f"'max_output_tokens' must be at least 1, got {req.max_output_tokens}", param="max_output_tokens"
         )
-    return min(req.max_output_tokens, cap)
+    return req.max_output_tokens
 
 
 # -- the whole translation --------------------------------------------------------------------
 
 
-@dataclass
-class Translated:
-    chat: Chat
-    # The conversation without instructions: what a follow-up request continues.
-    history: list[ChatMessage] = field(default_factory=list)
-    grammar: str | None = None
-    parser: ToolParser | None = None
-
-
-def translate(req: ResponsesRequest, previous: list[ChatMessage], engine: Engine, max_messages: int) -> Translated:
-    """The request as a Chat with its tool plan applied; `previous` is the stored
-    conversation `previous_response_id` names (empty without one)."""
-    from llamad import tools
-
+def to_request(
+    req: ResponsesRequest, previous: list[ChatMessage], max_messages: int, counting: bool = False
+) -> tuple[ModelRequest, list[ChatMessage]]:
+    """The request for the one request path (pure: no engine, no HTTP), and the conversation
+    without instructions, which a follow-up request continues. `previous` is the stored
+    conversation `previous_response_id` names (empty without one). `counting`: for
+    input_tokens, which generates nothing."""
     history = previous + input_messages(req.input, previous)
     if not any(m.role in ("user", "assistant", "tool") for m in history):
-        raise bad_request("'input' must hold at least one message (a string, or a list of input items)", param="input")
+        raise InvalidRequest("'input' must hold at least one message (a string, or a list of input items)", param="input")
     instructions = instructions_text(req)
     messages = ([ChatMessage(role="system", content=instructions)] if instructions else []) + history
     if len(messages) > max_messages:
-        raise bad_request(f"too many messages: {len(messages)} (the limit is {max_messages})", param="input")
+        raise InvalidRequest(f"too many messages: {len(messages)} (the limit is {max_messages})", param="input")
     choice = tool_choice_of(req)
     offered = function_tools(req)
     if choice.allowed is not None:
         offered = [t for t in offered if t.name in choice.allowed]
-    chat = Chat(messages=messages, tools=offered)
-    try:
-        grammar, parser = tools.apply(
-            chat,
-            tools.ToolChoice(choice.mode, name=choice.name),
+    ask = ModelRequest(
+        chat=Chat(messages=messages, tools=offered),
+        sampling=Sampling() if counting else sampling_of(req),
+        max_tokens=None if counting else max_output_tokens_of(req),
+        tools=ToolUse(
+            mode=choice.mode,
+            name=choice.name,
             parallel=req.parallel_tool_calls is not False,
             response_format=response_format_of(req),
-            template_supports_tools=getattr(engine, "template_supports_tools", False),
-            id_prefix="call_",
-        )
-    except ApiError as exc:
-        if exc.param == "messages":  # the shared history check names chat messages; here they are input items
-            exc.param = "input"
-        raise
-    return Translated(chat=chat, history=history, grammar=grammar, parser=parser)
+        ),
+        # The shared history check names chat messages; here they are input items.
+        history_param="input",
+        # Reasoning is always kept: it becomes `reasoning` output items, which clients that
+        # do not show it skip, and it is never fed back as answer text.
+        keep_reasoning=True,
+        logprobs=None if counting else top_logprobs_of(req),
+    )
+    return ask, history

@@ -2,36 +2,30 @@
 /v1/responses/{id}, GET /v1/responses/{id}/input_items, and POST
 /v1/responses/input_tokens (the prompt's size, without generating).
 
-A request is translated into the shared Chat (llamad.api.responses.request); the reply is the
-answer events of llamad.serve.answer run through the `ResponseStream` state machine
-(llamad.api.responses.stream): framed for a stream, folded for a plain response — one code
-path. Answers are kept in a bounded in-memory store (llamad.api.responses.store) unless the
+A request is translated into the neutral request (llamad.api.responses.request) and runs on
+the one request path (llamad.serve.pipeline); the answer events go through the
+`ResponseStream` state machine (llamad.api.responses.stream): framed for a stream, folded
+for a plain response. Answers are kept in a bounded in-memory store (llamad.api.responses.store) unless the
 request says `store: false`.
 """
 
 from __future__ import annotations
 
-from contextlib import aclosing
 from typing import Any, AsyncIterator, Callable
 
-import structlog
 from litestar import Request, Response, Router, delete, get, post
-from litestar.response import Stream
 
-from llamad.serve import sse
-from llamad.serve.answer import AnswerEvent, Finish, Keepalive, PlainText, admitted, answer_events
-from llamad.engine.chat import ChatMessage, ToolCall
-from llamad.config import LimitsConfig
-from llamad.engine import ContextOverflow, Engine, Generation, Sampling
-from llamad.serve.errors import ApiError, from_exception
-from llamad.serve.observe import engine_of, record_of
-from llamad.serve.body import decode_body, read_body, unless_disconnected
-from llamad.api.responses.request import ResponsesRequest, max_output_tokens_of, sampling_of, top_logprobs_of, translate
 from llamad.api.responses.items import input_items_of, page
+from llamad.api.responses.request import ResponsesRequest, to_request
 from llamad.api.responses.store import ResponseStore, StoredResponse
 from llamad.api.responses.stream import TERMINAL, ResponseStream, WireEvent, final_response
-
-log = structlog.get_logger("llamad.api.responses.routes")
+from llamad.engine import Sampling
+from llamad.engine.chat import ChatMessage, ToolCall
+from llamad.serve import pipeline, sse
+from llamad.serve.answer import AnswerEvent
+from llamad.serve.body import decode_body, read_body
+from llamad.serve.errors import ApiError
+from llamad.serve.pipeline import Prepared
 
 
 def store_of(request: Request) -> ResponseStore:
@@ -92,54 +86,35 @@ def answer_turn(response: dict[str, Any]) -> ChatMessage:
     return ChatMessage(role="assistant", content="".join(texts), tool_calls=calls)
 
 
-async def wire_events(
-    events: AsyncIterator[AnswerEvent],
-    machine: ResponseStream,
-    request: Request,
-    on_done: Callable[[dict[str, Any]], None],
-) -> AsyncIterator[WireEvent]:
-    record = record_of(request)
-    async with aclosing(events) as stream:
-        for wire in machine.start():
+class ResponseReply:
+    """Responses framing: the `response.*` events, or the folded response object; the
+    finished response is stored (unless `store: false`) when its terminal event is made."""
+
+    family = "openai"
+    media_type = "text/event-stream"
+
+    def __init__(self, machine: ResponseStream, on_done: Callable[[dict[str, Any]], None]):
+        self.machine = machine
+        self.on_done = on_done
+
+    async def wire(self, events: AsyncIterator[AnswerEvent]) -> AsyncIterator[WireEvent]:
+        for wire in self.machine.start():
             yield wire
-        admission = True
-        async for event in stream:
-            if isinstance(event, Keepalive):
-                # The first one only says the request was admitted; response.in_progress has
-                # just told the client that.
-                if admission:
-                    admission = False
-                    continue
-            elif isinstance(event, Finish):
-                record.finish(event)
-            else:
-                record.first_token()
-            admission = False
-            for wire in machine.feed(event):
+        async for event in events:
+            for wire in self.machine.feed(event):
                 if wire[0] in TERMINAL:
-                    on_done(wire[1]["response"])
+                    self.on_done(wire[1]["response"])
                 yield wire
 
+    async def frames(self, events: AsyncIterator[AnswerEvent]) -> AsyncIterator[bytes]:
+        async for kind, payload in self.wire(events):
+            yield sse.event_frame(kind, payload)
 
-async def stream_frames(wire: AsyncIterator[WireEvent], machine: ResponseStream, request: Request) -> AsyncIterator[bytes]:
-    async with aclosing(wire) as stream:
-        try:
-            async for kind, payload in stream:
-                yield sse.event_frame(kind, payload)
-                if kind in TERMINAL:  # resumed: the client has the terminal event
-                    record_of(request).answer_sent = True
-        except Exception as exc:  # after the headers: the error travels in the stream
-            error = from_exception(exc, "openai")
-            if error.kind == "server":
-                log.exception("stream_failed")
-            record_of(request).fail(error)
-            for kind, payload in machine.fail(error):
-                yield sse.event_frame(kind, payload)
+    def error_frames(self, error: ApiError) -> list[bytes]:
+        return [sse.event_frame(kind, payload) for kind, payload in self.machine.fail(error)]
 
-
-async def collect(wire: AsyncIterator[WireEvent]) -> list[WireEvent]:
-    async with aclosing(wire) as stream:
-        return [item async for item in stream]
+    async def body(self, events: AsyncIterator[AnswerEvent]) -> dict[str, Any]:
+        return final_response([wire async for wire in self.wire(events)])
 
 
 def previous_of(store: ResponseStore, req: ResponsesRequest) -> StoredResponse | None:
@@ -153,43 +128,26 @@ def previous_of(store: ResponseStore, req: ResponsesRequest) -> StoredResponse |
 
 
 async def create_response(request: Request) -> Response:
-    engine: Engine = engine_of(request)
-    limits: LimitsConfig = request.app.state.config.limits
     req = decode_body(await read_body(request), ResponsesRequest)
     store = store_of(request)
     previous = previous_of(store, req)
-    sampling = sampling_of(req)
-    top_n = top_logprobs_of(req)
-    max_tokens = max_output_tokens_of(req, limits.default_max_tokens, limits.max_tokens_hard_cap)
-    translated = translate(req, previous.history if previous else [], engine, limits.max_messages)
-
-    prompt = await engine.prepare(translated.chat, translated.grammar)
-    record_of(request).prompt_tokens = len(prompt.tokens)
-    generation = Generation(
-        prompt=prompt,
-        max_tokens=engine.clamp_max_tokens(max_tokens, prompt),
-        sampling=sampling,
-        grammar=translated.grammar,
-        logprobs=top_n,
-    )
-    # Reasoning is always kept: it becomes `reasoning` output items, which clients that do
-    # not show it skip, and it is never fed back as answer text.
-    events = await admitted(answer_events(engine, generation, True, translated.parser or PlainText()))
-    machine = ResponseStream(
-        echo=echo_of(req, engine.model_id, sampling.resolved(engine.default_sampling), max_tokens),
-        count_tokens=engine.count_tokens,
-        with_logprobs=top_n is not None,
-    )
+    ask, history = to_request(req, previous.history if previous else [], request.app.state.config.limits.max_messages)
 
     def keep(response: dict[str, Any]) -> None:
         if req.store is not False:
             continued = previous.input_items + previous.body["output"] if previous else []
-            store.put(response, translated.history + [answer_turn(response)], input_items_of(req.input, continued))
+            store.put(response, history + [answer_turn(response)], input_items_of(req.input, continued))
 
-    wire = wire_events(events, machine, request, keep)
-    if req.stream:
-        return Stream(stream_frames(wire, machine, request), media_type="text/event-stream", headers=sse.HEADERS)
-    return Response(final_response(await unless_disconnected(request, collect(wire))))
+    def reply(prepared: Prepared) -> ResponseReply:
+        generation = prepared.generations[0]
+        machine = ResponseStream(
+            echo=echo_of(req, prepared.model_id, generation.sampling.resolved(prepared.default_sampling), generation.max_tokens),
+            count_tokens=prepared.count_tokens,
+            with_logprobs=ask.logprobs is not None,
+        )
+        return ResponseReply(machine, keep)
+
+    return await pipeline.serve(request, ask, reply, stream=req.stream)
 
 
 # -- routes ----------------------------------------------------------------------------------
@@ -205,15 +163,11 @@ async def count_input_tokens(request: Request) -> dict[str, Any]:
     """The prompt a POST /v1/responses with this body would give the model (instructions,
     input items, tools, the `previous_response_id` history), counted; nothing is generated
     or stored."""
-    engine: Engine = engine_of(request)
     req = decode_body(await read_body(request), ResponsesRequest)
     previous = previous_of(store_of(request), req)
-    translated = translate(req, previous.history if previous else [], engine, request.app.state.config.limits.max_messages)
-    try:
-        prompt = await engine.prepare(translated.chat)
-    except ContextOverflow as exc:  # still a count: the client asked how big it is
-        return {"object": "response.input_tokens", "input_tokens": exc.prompt_tokens}
-    return {"object": "response.input_tokens", "input_tokens": len(prompt.tokens)}
+    limits = request.app.state.config.limits
+    ask, _ = to_request(req, previous.history if previous else [], limits.max_messages, counting=True)
+    return {"object": "response.input_tokens", "input_tokens": await pipeline.count_prompt(request, ask)}
 
 
 def stored_or_404(request: Request) -> Any:

@@ -28,7 +28,7 @@ from llamad.serve.answer import (
     ToolCallStart,
 )
 from llamad.serve.errors import OPENAI_TYPES, ApiError
-from llamad.api.openai.logprobs import token_objects
+from llamad.api.logprobs import token_objects
 
 # (event type, payload); the payload's "type" equals the event type.
 WireEvent = tuple[str, dict[str, Any]]

@@ -8,7 +8,7 @@ from typing import Union
 import msgspec
 
 from llamad.engine import Sampling
-from llamad.serve.errors import bad_request, check_range
+from llamad.serve.request import InvalidRequest, check_range
 
 
 class SamplingFields(msgspec.Struct, kw_only=True):
@@ -54,5 +54,5 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
         return []
     stops = [stop] if isinstance(stop, str) else stop
     if len(stops) > 16:
-        raise bad_request("'stop' may hold at most 16 sequences", param="stop")
+        raise InvalidRequest("'stop' may hold at most 16 sequences", param="stop")
     return [s for s in stops if s]
