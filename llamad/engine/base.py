@@ -1,11 +1,12 @@
 """The engine: one model, its lock, and generation as a stream of typed events.
 
 The request and event types live in llamad.engine.types (and are importable from here).
-`Engine` holds everything that does not depend on llama.cpp: the scheduler (the lock and
-its bounded FIFO queue), the worker thread that keeps inference off the event loop,
-cancellation, stop sequences and token limits. A subclass supplies three things: `load`,
-`prepare` (chat -> prompt tokens) and `decode` (prompt -> one text piece per token). The
-real subclass is `LlamaEngine` (llamad.engine.llama); the fast tests use a fake with the same
+`Engine` holds everything that does not depend on llama.cpp: the scheduler (the lock for
+`capacity` generations at once and its bounded FIFO queue), the worker threads that keep
+inference off the event loop, cancellation, stop sequences and token limits. A subclass
+supplies three things: `load`, `prepare` (chat -> prompt tokens) and `decode` (prompt -> one
+text piece per token). The real subclass is `LlamaEngine` (llamad.engine.llama), whose
+`decode` feeds the step loop (llamad.engine.slots); the fast tests use a fake with the same
 three methods, so everything here is exercised by both tiers.
 """
 
@@ -125,16 +126,20 @@ class EngineStats:
 class Engine:
     """Base class: the scheduling, threading and text handling shared by every engine."""
 
-    def __init__(self, model_id: str, n_ctx: int, max_queue: int = 16, queue_timeout: float = 60.0):
+    def __init__(
+        self, model_id: str, n_ctx: int, max_queue: int = 16, queue_timeout: float = 60.0, capacity: int = 1
+    ):
         self.model_id = model_id
         self.n_ctx = n_ctx
         self.state = "loading"
         self.error: str | None = None
         self.info: dict[str, object] = {}
-        self.scheduler = Scheduler(max_queue=max_queue, queue_timeout=queue_timeout)
+        # `capacity` generations hold the engine at once (server.parallel for the real one).
+        self.scheduler = Scheduler(max_queue=max_queue, queue_timeout=queue_timeout, capacity=capacity)
         self.stats = EngineStats()
-        # One worker thread: the model is only ever touched from this thread.
-        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamad-engine")
+        # One worker thread per generation held: each runs its request's text handling
+        # (`_generate`) over the `_decode` that feeds it, and `exclusively`'s work.
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=capacity, thread_name_prefix="llamad-engine")
         self._running: threading.Event | None = None
         # Requests that took this engine and are not over yet (llamad.serve.observe.engine_of).
         self.holders = 0
