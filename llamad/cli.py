@@ -50,12 +50,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     from llamad.serve.answer import answer_events, fold
     from llamad.engine.chat import Chat, ChatMessage
     from llamad.engine import Generation
-    from llamad.engine.llama_slots import engine_for
+    from llamad.engine.llama import LlamaEngine
 
     loaded = _load(args)
     logsetup.configure(loaded.config.logging.level, loaded.config.logging.format)
     choice = resolve_model(loaded)
-    engine = engine_for(loaded.config, choice.path)
+    engine = LlamaEngine(loaded.config, choice.path)
 
     async def run() -> int:
         started = time.monotonic()
@@ -101,12 +101,12 @@ class Server:
         import uvicorn
 
         from llamad.app import create_app
-        from llamad.engine.llama_slots import engine_for
+        from llamad.engine.llama import LlamaEngine
 
         self.loaded = loaded
         # The one place that names the engine factory: the start and every reload build with it
-        # (one llama.cpp sequence, or slots decoded together when server.parallel > 1).
-        self.engine_factory = engine_for
+        # (server.parallel slots decoded together in the step loop, one for parallel = 1).
+        self.engine_factory = LlamaEngine
         config = loaded.config
         choice = resolve_model(loaded)
         log.info("model_selected", path=str(choice.path), chosen_by=choice.reason, candidates=len(choice.candidates))

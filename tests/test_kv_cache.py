@@ -80,13 +80,14 @@ def check(tmp_path: Path, toml: str) -> dict:
 def test_check_prints_the_kv_cache_memory_of_the_configured_context(tmp_path):
     f16 = check(tmp_path, "[server]\nparallel = 1\n[model]\nn_ctx = 8192\n")
     q8 = check(tmp_path, '[server]\nparallel = 1\n[model]\nn_ctx = 8192\ntype_k = "q8_0"\ntype_v = "q8_0"\nflash_attn = true\n')
-    # With slots the cache is the slots' context: n_ctx per slot, for every slot.
+    # The cache is the slots' context: n_ctx per slot, for every slot.
     slots = check(tmp_path, "[server]\nparallel = 4\n[model]\nn_ctx = 8192\n")
     assert slots["kv_cache_mib"] == 4 * 144 and slots["flash_attn"] == "auto"
     # Gemma 3 270M: 18 layers, one KV head of 256 dims for K and for V, every layer full size
-    # (llama.cpp's default full-size sliding-window cache): 8192 x 18 x 2 x 256 x 2 bytes.
+    # (the slots' full-size sliding-window cache): 8192 x 18 x 2 x 256 x 2 bytes.
     assert f16["kv_cache_mib"] == 8192 * 18 * 2 * 256 * 2 / 2**20 == 144
-    assert (f16["kv_cache_type"], f16["flash_attn"], f16["n_ctx"]) == ("f16/f16", False, 8192)
+    # flash_attn = false is llama.cpp's own choice whatever server.parallel is.
+    assert (f16["kv_cache_type"], f16["flash_attn"], f16["n_ctx"]) == ("f16/f16", "auto", 8192)
     # q8_0 stores 32 values in 34 bytes.
     assert q8["kv_cache_mib"] == pytest.approx(144 * 34 / 64, abs=0.01)
     assert (q8["kv_cache_type"], q8["flash_attn"]) == ("q8_0/q8_0", True)

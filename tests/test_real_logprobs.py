@@ -1,5 +1,5 @@
-"""Real tier: token log probabilities from both engines (server.parallel = 1, and the default
-slots engine) through the official openai SDK, plain and streamed."""
+"""Real tier: token log probabilities through the official openai SDK, plain and streamed,
+from one slot (server.parallel = 1) and from the default four: the same step loop either way."""
 
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ TOP = 3
 
 
 @pytest.fixture(scope="module")
-def one_at_a_time(tmp_path_factory) -> str:
+def one_slot(tmp_path_factory) -> str:
     with start_server(tmp_path_factory.mktemp("logprobs"), "[server]\nparallel = 1\n") as server:
         yield server.url
 
 
-@pytest.fixture(scope="module", params=["parallel_1", "slots"])
+@pytest.fixture(scope="module", params=["parallel_1", "parallel_4"])
 def client(request) -> openai.OpenAI:
-    url = request.getfixturevalue("one_at_a_time" if request.param == "parallel_1" else "real_server")
+    url = request.getfixturevalue("one_slot" if request.param == "parallel_1" else "real_server")
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 

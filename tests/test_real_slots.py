@@ -207,3 +207,65 @@ def test_a_long_cold_prompt_clears_idle_slots_and_their_conversation_comes_back_
         for _ in range(2):
             client.completions.create(model="m", prompt=cold + " Again.", max_tokens=2, temperature=0)
             assert short() == reference
+
+
+# -- one slot: server.parallel = 1 runs through the same step loop ----------------------------
+
+
+@pytest.fixture(scope="module")
+def one_slot_server(tmp_path_factory):
+    with start_server(tmp_path_factory.mktemp("one-slot"), PARALLEL="1", N_CTX="512") as server:
+        yield server
+
+
+def test_one_slot_is_the_step_loop_with_one_slot(one_slot_server):
+    health = httpx.get(one_slot_server.url + "/health", timeout=10).json()
+    assert health["slots"] == {"total": 1, "busy": 0}
+    info = health["model_info"]
+    assert (info["parallel"], info["kv_tokens"], info["flash_attn"]) == (1, 512, "auto")
+    assert info["kv_cache_mib"] > 0
+
+
+def test_one_slot_answers_the_same_seed_with_the_same_text(one_slot_server):
+    """Sampled (temperature 1), seeded: the same request gives the same answer. Another
+    prompt runs in between, so the second run reads its prompt again as the first did."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=one_slot_server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+    def answer(prompt: str, seed: int) -> str:
+        return client.completions.create(model="m", prompt=prompt, max_tokens=16, temperature=1.0, seed=seed).choices[0].text
+
+    first = answer("Once upon a time, in a lighthouse,", 7)
+    answer("A list of rivers:", 8)
+    assert answer("Once upon a time, in a lighthouse,", 7) == first
+
+
+def test_one_slot_keeps_to_a_json_schema(one_slot_server):
+    from openai import OpenAI
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 24}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"],
+        "additionalProperties": False,
+    }
+    client = OpenAI(base_url=one_slot_server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    response = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "The weather in Paris, as JSON."}], max_tokens=64, temperature=0.8,
+        response_format={"type": "json_schema", "json_schema": {"name": "weather", "schema": schema, "strict": True}},
+    )
+    assert response.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(response.choices[0].message.content), schema)
+
+
+def test_one_slot_stops_at_the_end_of_the_context(one_slot_server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=one_slot_server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    prompt = "one two three four five six seven eight nine ten " * 45
+    result = client.completions.create(model="m", prompt=prompt, max_tokens=400, temperature=0, extra_body=RUN_ON)
+    usage = result.usage
+    assert 400 < usage.prompt_tokens < 512 - 8
+    assert result.choices[0].finish_reason == "length"
+    assert usage.prompt_tokens + usage.completion_tokens == 512

@@ -1,4 +1,4 @@
-"""Real tier: the slots backend over the real engine, without a server around it.
+"""Real tier: the step loop's llama.cpp backend over the real engine, without a server around it.
 
 Greedy requests take their token straight from the logits row instead of through
 llama.cpp's sampler chain; that shortcut must pick exactly what the chain picks. The
@@ -20,10 +20,10 @@ pytestmark = [pytest.mark.real, pytest.mark.timeout(300)]
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from llamad.engine.llama_slots import LlamaSlotsEngine
+    from llamad.engine.llama import LlamaEngine
 
     config = config_for_tests(tmp_path_factory.mktemp("backend"), MODEL_PATH=TEST_MODEL, PARALLEL="2", N_CTX="1024", N_THREADS="2")
-    engine = LlamaSlotsEngine(config, Path(TEST_MODEL))
+    engine = LlamaEngine(config, Path(TEST_MODEL))
     engine._load()
     yield engine
     engine.close()

@@ -1,6 +1,7 @@
 """The continuous-batching step loop (llamad.engine.slots) with a scripted backend: admission,
-slot choice, chunked prefill, cancellation, KV exhaustion, and the engine glue (streams
-decoding together, a hang-up handing its slot on, SIGTERM drain)."""
+slot choice, chunked prefill, cancellation, KV exhaustion, and the engine over it (streams
+decoding together, one slot serving one request at a time, a hang-up handing its slot on,
+SIGTERM drain)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,9 @@ from fake_backend import FakeBackend
 from fake_engine import FakeEngine
 from test_engine import collect
 from llamad.engine.chat import Chat, ChatMessage
-from llamad.engine import Generation, Prompt, ShuttingDown, Token
+from llamad.engine import Engine, Generation, Prompt, ShuttingDown, Token
 from llamad.engine.prompt_cache import PromptStateCache
 from llamad.engine.slots import EVICT_FOR_PROMPT, MIN_PREFILL_CHUNK, Sequence, StepLoop
-from llamad.engine.slots_engine import SlotsMixin
 
 
 def sequence(tokens: list[int], max_tokens: int = 1000) -> Sequence:
@@ -262,17 +262,40 @@ def test_the_newest_stream_ends_with_an_error_when_running_streams_alone_overflo
 # -- the engine glue, through Engine.stream ------------------------------------------------
 
 
-class FakeSlotsEngine(SlotsMixin, FakeEngine):
+class _Capacity(Engine):
+    """Hands `parallel` to Engine as its capacity (FakeEngine does not pass one on)."""
+
+    parallel = 1
+
+    def __init__(self, **kwargs):
+        super().__init__(capacity=self.parallel, **kwargs)
+
+
+class FakeSlotsEngine(FakeEngine, _Capacity):
+    """FakeEngine's prompts over the real step loop and a scripted backend: wired as
+    LlamaEngine wires its llama.cpp backend (capacity = parallel, `_decode` = the loop's
+    `generate`, the reuse forecast = the loop's)."""
+
     def __init__(self, parallel: int = 2, backend: FakeBackend | None = None, **kwargs):
+        self.parallel = parallel
         super().__init__(**kwargs)
-        self._use_slots(parallel, max_queue=kwargs.get("max_queue", 16), queue_timeout=60.0)
         self.backend = backend or FakeBackend(n_slots=parallel, decode_delay=0.005, script=lambda g: [7] * 40)
+        self.loop: StepLoop | None = None
 
     def _load(self) -> None:
-        self._start_slots(self.backend)
+        self.loop = StepLoop(self.backend, engine_stats=self.stats)
+        self.loop.start()
+
+    def _decode(self, generation, cancel):
+        assert self.loop is not None
+        return self.loop.generate(generation, cancel)
+
+    def expected_reuse(self, prompt: Prompt) -> int:
+        return self.loop.forecast_reuse(prompt.tokens) if self.loop is not None else 0
 
     def close(self) -> None:
-        self._stop_slots()
+        if self.loop is not None:
+            self.loop.close()
         super().close()
 
 
@@ -299,6 +322,45 @@ async def test_streams_decode_together_each_with_its_own_limit_and_stop():
         assert results[2][0] == "" and results[2][1].stop_sequence == "t7 t7 t7"
         # They shared decodes: some batch held all three slots.
         assert any(len(set(b["slots"])) == 3 for b in engine.backend.batches)
+    finally:
+        engine.close()
+
+
+@pytest.mark.asyncio
+async def test_one_slot_serves_one_request_at_a_time_in_arrival_order():
+    """parallel = 1 runs through the same loop: one request decodes, the others queue."""
+    engine = FakeSlotsEngine(parallel=1)
+    await engine.load()
+    try:
+        gens = [await generation(engine, f"r{i}", max_tokens=5 + i) for i in range(3)]
+        gens[2] = Generation(prompt=gens[2].prompt, max_tokens=40, stop=["t7 t7"])
+        tasks = []
+        for gen in gens:
+            tasks.append(asyncio.create_task(collect(engine, gen)))
+            await asyncio.sleep(0.001)  # arrival order is creation order
+        results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+        assert [done.completion_tokens for _, done in results[:2]] == [5, 6]
+        assert results[0][0] == "t7 " * 5 and results[2][0] == "" and results[2][1].stop_sequence == "t7 t7"
+        assert engine.scheduler.capacity == 1 and {s for b in engine.backend.batches for s in b["slots"]} == {0}
+        # One after the other: each prompt was read only once the previous answer had ended.
+        # (The prompts are alike: the next one reuses the slot and reads its last token again.)
+        prompt_batches = [i for i, b in enumerate(engine.backend.batches) if b["tokens"] != [7]]
+        assert len(prompt_batches) == 3
+        assert [b - a for a, b in zip(prompt_batches, prompt_batches[1:])] == [5, 6]  # each answer's tokens, then the next prompt
+    finally:
+        engine.close()
+
+
+@pytest.mark.asyncio
+async def test_an_answer_stops_at_the_end_of_the_context():
+    backend = FakeBackend(n_slots=1, n_ctx=16, script=lambda g: [7] * 100)
+    engine = FakeSlotsEngine(parallel=1, backend=backend, n_ctx=16)
+    await engine.load()
+    try:
+        gen = await generation(engine, "hi", max_tokens=1000)  # not clamped: the loop stops it
+        text, done = await asyncio.wait_for(collect(engine, gen), timeout=30)
+        assert done.finish_reason == "length"
+        assert done.prompt_tokens + done.completion_tokens == 16 and text == "t7 " * done.completion_tokens
     finally:
         engine.close()
 
@@ -352,24 +414,25 @@ async def test_sigterm_drain_finishes_running_streams_and_refuses_the_queued():
     assert engine.loop._thread is None  # noqa: SLF001 - the step thread has stopped
 
 
-def test_the_reuse_forecast_is_what_the_chosen_slot_then_reuses():
-    """Anthropic's message_start reports the reuse before admission; with slots it must be
-    the prefix the slot the loop then picks really holds (message_delta's figure)."""
-
-    class Glue(SlotsMixin):
-        pass
-
-    backend = FakeBackend(n_slots=3)
-    glue = Glue()
-    glue.loop = StepLoop(backend)
+@pytest.mark.parametrize("n_slots", [1, 3])
+def test_the_reuse_forecast_is_what_the_chosen_slot_then_reuses(n_slots):
+    """Anthropic's message_start reports the reuse before admission; it must be the prefix
+    the slot the loop then picks really holds (message_delta's figure)."""
+    backend = FakeBackend(n_slots=n_slots)
+    loop = StepLoop(backend)
     conversation_a, conversation_b = list(range(1, 41)), list(range(100, 141))
     for tokens in (conversation_a, conversation_b):
         seq = sequence(tokens)
-        glue.loop.submit(seq)
-        run_until(glue.loop, lambda: seq.ended)
+        loop.submit(seq)
+        run_until(loop, lambda: seq.ended)
     turn2 = conversation_b + [9, 9, 9]
-    forecast = glue.expected_reuse(Prompt(text="", tokens=turn2))
+    forecast = loop.forecast_reuse(turn2)
     seq = sequence(turn2)
-    glue.loop.submit(seq)
-    run_until(glue.loop, lambda: seq.ended)
+    loop.submit(seq)
+    run_until(loop, lambda: seq.ended)
     assert forecast == seq.cached >= 40
+    # A prompt sharing nothing is forecast to reuse nothing, and one the slot holds whole
+    # still evaluates its last token.
+    assert loop.forecast_reuse([500, 501]) == 0
+    assert loop.forecast_reuse(turn2) == len(turn2) - 1
+    assert loop.forecast_reuse([]) == 0

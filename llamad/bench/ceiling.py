@@ -25,12 +25,12 @@ def decode_rates(loaded: LoadedConfig, model: Path, streams: tuple[int, ...] = (
     steps (decode and sample), in a context with max(streams) slots."""
     import msgspec
 
-    from llamad.engine.llama_slots import LlamaSlotsEngine
+    from llamad.engine.llama import LlamaEngine
 
     config = loaded.config
     n_slots = max(streams)
     # The served engine itself, with as many slots as the widest phase; its step loop idles.
-    engine = LlamaSlotsEngine(msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, parallel=n_slots)), model)
+    engine = LlamaEngine(msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, parallel=n_slots)), model)
     engine._load()  # noqa: SLF001 (loaded here without a server around it)
     backend = engine.backend
     assert backend is not None

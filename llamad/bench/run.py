@@ -61,17 +61,33 @@ class EngineBench:
     machine that gets busier or quieter during the benchmark moves both alike."""
 
     def __init__(self, loaded: LoadedConfig, tokens: int):
-        import llama_cpp
+        import os
 
+        import llama_cpp
+        import msgspec
+
+        from llamad.config import KV_CACHE_TYPES
         from llamad.engine.chat import Chat, ChatMessage
         from llamad.engine.llama import LlamaEngine
 
         self.tokens = tokens
-        self.engine = LlamaEngine(loaded.config, resolve_model(loaded).path)
-        self.engine._load()  # noqa: SLF001 - in-process, no event loop needed
-        self.llm = self.engine.llm
-        assert self.llm is not None
-        self.prompt = self.engine._prepare(Chat(messages=[ChatMessage(m["role"], m["content"]) for m in PROMPT]))  # noqa: SLF001
+        config, model = loaded.config, resolve_model(loaded).path
+        # The prompt as the server renders it; that engine (one slot) is closed before
+        # llama-cpp-python's own Llama, with a context as large as one slot's, loads.
+        engine = LlamaEngine(msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, parallel=1)), model)
+        engine._load()  # noqa: SLF001 - in-process, no event loop needed
+        try:
+            self.prompt = engine._prepare(Chat(messages=[ChatMessage(m["role"], m["content"]) for m in PROMPT]))  # noqa: SLF001
+        finally:
+            engine.close()
+        m = config.model
+        threads = m.n_threads or os.cpu_count() or 1
+        self.llm = llama_cpp.Llama(
+            model_path=str(model), n_ctx=m.n_ctx, n_batch=m.n_batch, n_threads=threads, n_threads_batch=threads,
+            n_gpu_layers=m.n_gpu_layers, type_k=KV_CACHE_TYPES[m.type_k], type_v=KV_CACHE_TYPES[m.type_v],
+            # llama-cpp-python's Llama has no "auto": flash attention here only when forced.
+            flash_attn=m.flash_attn, verbose=False,
+        )
         self.is_eog = lambda token: llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token)  # noqa: SLF001
         self.decode_rates: list[float] = []
         self.totals: list[float] = []
@@ -114,7 +130,7 @@ class EngineBench:
             self.reference_rates.append((n - 1) / (last - first))
 
     def close(self) -> dict[str, Any]:
-        self.engine.llm = self.llm = None
+        self.llm = None
         return {
             "prompt_tokens": len(self.prompt.tokens),
             "completion_tokens": int(_median(self.counts)),

@@ -1,18 +1,18 @@
-"""The real engine: one llama_cpp.Llama driven below its completion API.
+"""The real engine: a llama.cpp model whose requests decode in the step loop.
 
-llama-cpp-python's `create_chat_completion(stream=True)` re-detokenizes the whole answer
-at every step; here generation is driven token by token with an incremental UTF-8
-decoder, and the prompt is evaluated batch by batch so a hang-up during a long prompt stops
-at the next batch. Reuse of the KV cache for a shared prompt prefix comes from comparing
-the new prompt with the tokens already in the context.
+One decode path for every `server.parallel`, 1 included, as `llama-server -np 1` runs its
+one slot through the same loop: `parallel` requests hold the engine at once, each one's
+text handling runs in a worker thread of its own (llamad.engine.base) and feeds the step
+loop (llamad.engine.slots), which decodes them together in one llama.cpp context
+(llamad.engine.llama_slots). A `llama_cpp.Llama` with a tiny context of its own supplies the
+vocabulary, tokenizer and chat template. Which cached prefix a prompt reuses is
+llamad.engine.prompt_cache's policy.
 """
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import os
-import random
 import re
 import threading
 import time
@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Iterator
 
 import msgspec
-import numpy as np
 import structlog
 
 from llamad.engine.chat import (
@@ -31,10 +30,11 @@ from llamad.engine.chat import (
     named_formatter,
 )
 from llamad.config import KV_CACHE_TYPES, Config, file_identity, sampling_defaults
-from llamad.engine import Cancelled, Engine, FimTokens, Generation, GrammarRejected, Prompt, PromptError, TokenLogprob
-from llamad.engine.logprobs import score
-from llamad.engine.prompt_cache import PromptStateCache, common_prefix, reusable_prefix
-from llamad.grammar.constraint import GrammarConstraint, GrammarError, check_grammar
+from llamad.engine import Engine, FimTokens, Generation, GrammarRejected, Prompt, PromptError, TokenLogprob
+from llamad.engine.llama_slots import LlamaSlotsBackend
+from llamad.engine.prompt_cache import PromptStateCache
+from llamad.engine.slots import StepLoop
+from llamad.grammar.constraint import GrammarError, check_grammar
 
 log = structlog.get_logger("llamad.engine")
 native_log = structlog.get_logger("llama.cpp")
@@ -109,23 +109,30 @@ def offloaded_layers(lines: list[str]) -> str | None:
 FILE_TYPES = {"0": "F32", "1": "F16", "2": "Q4_0", "3": "Q4_1", "7": "Q8_0", "8": "Q5_0", "9": "Q5_1", "10": "Q2_K",
               "11": "Q3_K_S", "12": "Q3_K_M", "13": "Q3_K_L", "14": "Q4_K_S", "15": "Q4_K_M", "16": "Q5_K_S",
               "17": "Q5_K_M", "18": "Q6_K", "32": "BF16"}
-CPU_PROMPT_STEP = 128
+# The `Llama` object only tokenizes and renders templates; its own context (and compute
+# buffer, n_batch x n_vocab logits) stays tiny.
+HELPER_CONTEXT = 32
 
 
 class LlamaEngine(Engine):
+    """`server.parallel` requests decode together in one context (one for parallel = 1)."""
+
     def __init__(self, config: Config, model_path: Path):
         super().__init__(
             model_id=config.model.name,
             n_ctx=config.model.n_ctx,
             max_queue=config.server.max_queue,
             queue_timeout=config.server.queue_timeout,
+            capacity=config.server.parallel,
         )
         self.config = config
         self.model_path = model_path
+        self.parallel = config.server.parallel
         self.default_sampling = sampling_defaults(config)
-        self.llm = None
+        self.llm = None  # the helper: vocabulary, tokenizer, chat template
         self.template: ChatTemplate | None = None
-        self.prompt_step = config.model.n_batch  # set at load: tokens per prompt step
+        self.backend: LlamaSlotsBackend | None = None  # the context the requests decode in
+        self.loop: StepLoop | None = None
         # The file as loaded (path, size, mtime): a reload swaps the model when it changes.
         self.model_identity: tuple[str, int, int] | None = None
         self.embedder = None  # llamad.engine.llama_embed.Embedder, made on the first embedding request
@@ -160,7 +167,7 @@ class LlamaEngine(Engine):
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(self.model_path),
-                n_ctx=self._llama_n_ctx(),
+                n_ctx=HELPER_CONTEXT,
                 n_batch=m.n_batch,
                 n_threads=threads,
                 n_threads_batch=threads,
@@ -175,14 +182,18 @@ class LlamaEngine(Engine):
         finally:
             load_lines = native.release()
         self.template = self._choose_template()
-        # A hang-up is noticed between prompt steps. On the CPU, 128-token steps evaluate as
-        # fast as 512-token ones (measured: ~470 tok/s either way on the demo model) and
-        # free the engine four times sooner; a GPU wants its full batches.
         offloaded = offloaded_layers(load_lines)
-        on_gpu = offloaded is not None and not offloaded.startswith("0/")
-        self.prompt_step = m.n_batch if on_gpu else min(m.n_batch, CPU_PROMPT_STEP)
-        self._live_prompt_len = 0  # the prompt part of what the context holds
-        self.n_swa = int(llama_cpp.llama_model_n_swa(self.llm._model.model))  # noqa: SLF001 (0: no sliding window)
+        # A prompt read alone goes in n_batch steps (in 128-token steps a cold 2,300-token
+        # prompt took 1.7x llama-server's time here); beside running streams, chunks are
+        # sized by the step loop. A hang-up is noticed between steps.
+        prompt_step = m.n_batch
+        native.capture()
+        try:
+            self.backend = LlamaSlotsBackend(
+                self.llm, self.parallel, m.n_ctx, m.n_batch, prompt_step, threads, flash_attn=m.flash_attn
+            )
+        finally:
+            context_lines = native.release()
         metadata = self.llm.metadata
         self.info = {
             "path": str(self.model_path),
@@ -193,10 +204,14 @@ class LlamaEngine(Engine):
             "n_threads": threads,
             "n_gpu_layers": m.n_gpu_layers,
             "gpu_layers_offloaded": offloaded or "0 (CPU build or none requested)",
-            "prompt_step": self.prompt_step,
-            "kv_cache_mib": kv_cache_mib(load_lines),
+            "prompt_step": prompt_step,
+            "parallel": self.parallel,
+            "kv_tokens": self.parallel * m.n_ctx,
+            # The KV cache that serves requests is the slots' context, not the helper's.
+            "kv_cache_mib": kv_cache_mib(context_lines),
             "kv_cache_type": f"{m.type_k}/{m.type_v}",
-            "flash_attn": m.flash_attn,
+            # true: forced on; "auto": llama.cpp's choice (the backend's flash_attn_type).
+            "flash_attn": True if m.flash_attn else "auto",
         }
         log.info(
             "model_loaded",
@@ -209,14 +224,14 @@ class LlamaEngine(Engine):
             gpu_layers_offloaded=self.info["gpu_layers_offloaded"],
             kv_cache_mib=self.info["kv_cache_mib"],
             kv_cache_type=self.info["kv_cache_type"],
-            flash_attn=m.flash_attn,
+            flash_attn=self.info["flash_attn"],
+            parallel=self.parallel,
+            kv_tokens=self.info["kv_tokens"],
             chat_template=self.template.source,
             load_s=round(time.monotonic() - started, 3),
         )
-
-    def _llama_n_ctx(self) -> int:
-        """The context of the `Llama` object itself (the batched engine decodes elsewhere)."""
-        return self.config.model.n_ctx
+        self.loop = StepLoop(self.backend, self.prompt_cache, engine_stats=self.stats)
+        self.loop.start()
 
     def _choose_template(self) -> ChatTemplate:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -283,12 +298,7 @@ class LlamaEngine(Engine):
             raise GrammarRejected(str(exc)) from None
 
     def expected_reuse(self, prompt: Prompt) -> int:
-        llm = self.llm
-        if llm is None:
-            return 0
-        # Read without the engine: a forecast; at least one token is always evaluated again.
-        live = common_prefix(llm.input_ids[: llm.n_tokens].tolist(), prompt.tokens)
-        return max(0, min(live, len(prompt.tokens) - 1))
+        return self.loop.forecast_reuse(prompt.tokens) if self.loop is not None else 0
 
     def count_tokens(self, text: str) -> int:
         assert self.llm is not None
@@ -361,116 +371,22 @@ class LlamaEngine(Engine):
         return self.embedder.embed(batch)
 
     # -- generation ------------------------------------------------------------------------
-    def _evaluate_prompt(self, tokens: list[int], cancel: threading.Event) -> int:
-        """Brings the context to `tokens`, reusing the longest cached prefix; returns its length."""
-        llm = self.llm
-        assert llm is not None
-        live_tokens = llm.input_ids[: llm.n_tokens].tolist()
-        prefix = common_prefix(live_tokens, tokens)
-        cache = self.prompt_cache
-        if cache is not None:
-            # Before most of the live context is overwritten, keep it for a later turn.
-            if llm.n_tokens - prefix > max(prefix, 32):
-                # Without the last answer, which a next turn may render differently (see
-                # llamad.engine.slots.StepLoop._save).
-                end = max(self._live_prompt_len, prefix)
-                if 0 < end < llm.n_tokens and llm._ctx.kv_cache_seq_rm(-1, end, -1):  # noqa: SLF001
-                    llm.n_tokens = end
-                    live_tokens = live_tokens[:end]
-                cache.save(llm, live_tokens)
-            saved, saved_prefix = cache.best(tokens)
-            if saved is not None and saved_prefix > prefix + 16:
-                if cache.restore(llm, saved):
-                    prefix = saved_prefix
-                else:
-                    llm.reset()
-                    prefix = 0
-        # At least the last prompt token is evaluated again: sampling needs fresh logits.
-        prefix = reusable_prefix(llm._ctx.ctx, 0, min(prefix, len(tokens) - 1), self.n_swa)  # noqa: SLF001
-        if prefix < llm.n_tokens and not llm._ctx.kv_cache_seq_rm(-1, prefix, -1):  # noqa: SLF001
-            llm.reset()
-            llm._ctx.kv_cache_clear()  # noqa: SLF001
-            prefix = 0
-        llm.n_tokens = prefix
-        self._live_prompt_len = len(tokens)
-        rest = tokens[prefix:]
-        step = self.prompt_step
-        for start in range(0, len(rest), step):
-            if cancel.is_set():
-                # Leave the context consistent with what was evaluated so far.
-                raise Cancelled()
-            chunk = rest[start : start + step]
-            llm.eval(chunk)
-            self.stats.prompt_tokens_evaluated += len(chunk)
-        return prefix
-
     def _decode(self, generation: Generation, cancel: threading.Event) -> Iterator[str | int | TokenLogprob]:
-        import llama_cpp
+        assert self.loop is not None
+        return self.loop.generate(generation, cancel)
 
-        llm = self.llm
-        assert llm is not None
-        tokens = generation.prompt.tokens
-        try:
-            cached = self._evaluate_prompt(tokens, cancel)
-        except Cancelled:
-            raise
-        except Exception as exc:
-            llm.reset()
-            raise RuntimeError(f"prompt evaluation failed: {exc}") from None
-        yield cached
+    @property
+    def slot_evictions(self) -> int:
+        return self.loop.stats.evictions if self.loop is not None else 0
 
-        s = generation.sampling
-        llm.set_seed(s.seed if s.seed is not None else random.randrange(2**31))
-        vocab = llm._model.vocab  # noqa: SLF001
-        # Grammars go through a logits processor, not `grammar=`: see llamad.grammar.constraint.
-        constraint = None
-        if generation.grammar:
-            # A prompt that leaves the model inside <think> gets the grammar after </think>.
-            after = "</think>" if generation.prompt.opens_reasoning else None
-            constraint = GrammarConstraint(vocab, generation.grammar, after=after)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        buffer = ctypes.create_string_buffer(256)
-        steps = llm.generate(
-            tokens,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            min_p=s.min_p,
-            temp=s.temperature,
-            repeat_penalty=s.repeat_penalty,
-            frequency_penalty=s.frequency_penalty,
-            presence_penalty=s.presence_penalty,
-            logits_processor=llama_cpp.LogitsProcessorList([constraint]) if constraint else None,
-        )
-        top_n = generation.logprobs
-        n_vocab = llm.n_vocab()
-        try:
-            for token in steps:
-                if llama_cpp.llama_vocab_is_eog(vocab, token) and not generation.ignore_eos:
-                    return
-                n = llama_cpp.llama_token_to_piece(vocab, token, buffer, 256, 0, False)
-                raw = buffer.raw[: max(n, 0)]
-                piece = decoder.decode(raw)
-                if constraint is not None:
-                    constraint.accept(token, piece)
-                if top_n is None:
-                    yield piece
-                else:
-                    # The row the token was sampled from: the last output of the last eval
-                    # (the next eval runs only when this generator is resumed).
-                    row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
-                    yield score(row, token, piece, raw, top_n, lambda i: token_bytes(vocab, i, special=True))
-                if cancel.is_set() or llm.n_tokens >= self.n_ctx - 1:
-                    return
-        finally:
-            steps.close()
-            if constraint is not None:
-                constraint.close()
+    @property
+    def grammar_fallbacks(self) -> int:
+        return self.backend.grammar_fallbacks if self.backend is not None else 0
 
-
-def token_bytes(vocab, token: int, special: bool) -> bytes:
-    """A token's bytes; `special` renders a control token as its text ("<end_of_turn>")."""
-    import llama_cpp
-
-    buffer = ctypes.create_string_buffer(256)
-    n = llama_cpp.llama_token_to_piece(vocab, token, buffer, 256, 0, special)
-    return buffer.raw[: max(n, 0)]
+    def close(self) -> None:
+        if self.loop is not None:
+            self.loop.close()  # ends what it still runs; the worker threads then return
+        super().close()
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None

@@ -1,9 +1,10 @@
-"""The llama.cpp side of continuous batching: one context with N sequences, its batch,
-and a C sampler chain per sequence (see llamad.engine.slots for the step loop).
+"""The llama.cpp side of the step loop: one context with N sequences (N = server.parallel,
+1 included), its batch, and a C sampler chain per sequence (see llamad.engine.slots for the
+loop, llamad.engine.llama for the engine that builds both).
 
-llama-cpp-python's `Llama` gives its context one sequence; the batched engine keeps the
-`Llama` for the vocabulary, tokenizer and chat template (with a small context of its own)
-and creates the shared context from the same model through the low-level API.
+llama-cpp-python's `Llama` gives its context one sequence; the engine keeps the `Llama` for
+the vocabulary, tokenizer and chat template (with a small context of its own) and creates
+the shared context from the same model through the low-level API.
 
 KV memory: the shared context holds `parallel x model.n_ctx` tokens in one unified
 buffer, so every slot can hold a full `model.n_ctx`-token conversation. Gemma 3's
@@ -16,25 +17,15 @@ from __future__ import annotations
 import codecs
 import ctypes
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import structlog
 
-from llamad.config import Config
 from llamad.engine import Generation, TokenLogprob
-from llamad.engine.llama import LlamaEngine, kv_cache_mib, native, token_bytes
 from llamad.engine.logprobs import score
 from llamad.engine.prompt_cache import reusable_prefix
-from llamad.engine.slots_engine import SlotsMixin
 from llamad.grammar.constraint import GrammarConstraint
 
-log = structlog.get_logger("llamad.engine")
-
-# The `Llama` object only tokenizes and renders templates; its own context (and compute
-# buffer, n_batch x n_vocab logits) stays tiny.
-HELPER_CONTEXT = 32
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
@@ -88,7 +79,7 @@ class LlamaSlotsBackend:
 
     def __init__(
         self, llm: Any, n_slots: int, n_ctx: int, n_batch: int, prompt_step: int, threads: int,
-        flash_attn_configured: bool = False,
+        flash_attn: bool = False,
     ):
         import llama_cpp
         from llama_cpp._internals import LlamaContext
@@ -102,7 +93,7 @@ class LlamaSlotsBackend:
         self.vocab = llm._model.vocab  # noqa: SLF001
         self.n_swa = int(llama_cpp.llama_model_n_swa(llm._model.model))  # noqa: SLF001
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        # The `Llama`'s own settings (KV types, flash attention, offload) carry over.
+        # The `Llama`'s own settings (KV types, offload) carry over.
         params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
         params.n_ctx = n_slots * n_ctx
         params.n_batch = n_batch
@@ -112,10 +103,12 @@ class LlamaSlotsBackend:
         params.kv_unified = True
         params.swa_full = True
         params.no_perf = True
-        if not flash_attn_configured:
-            # llama.cpp's own choice, as llama-server makes it: flash attention where the
-            # backend has it (on this CPU it read a cold 2,300-token prompt ~1.6x faster).
-            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        # model.flash_attn = true forces flash attention on; false leaves it to llama.cpp, as
+        # llama-server does: on where the backend has it (on this CPU it read a cold
+        # 2,300-token prompt ~1.6x faster).
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+        )
         # Freed before the model (LlamaContext registers itself with the model's exit stack).
         self.context = LlamaContext(model=llm._model, params=params, verbose=False)  # noqa: SLF001
         self.ctx = self.context.ctx
@@ -241,56 +234,10 @@ class LlamaSlotsBackend:
         return score(row, token, text, token_bytes(vocab, token, special=False), top_n, lambda i: token_bytes(vocab, i, special=True))
 
 
-class LlamaSlotsEngine(SlotsMixin, LlamaEngine):
-    """`server.parallel` > 1: requests decode together in one context."""
+def token_bytes(vocab, token: int, special: bool) -> bytes:
+    """A token's bytes; `special` renders a control token as its text ("<end_of_turn>")."""
+    import llama_cpp
 
-    def __init__(self, config: Config, model_path: Path):
-        super().__init__(config, model_path)
-        self._use_slots(config.server.parallel, config.server.max_queue, config.server.queue_timeout)
-        self.backend: LlamaSlotsBackend | None = None
-
-    def _llama_n_ctx(self) -> int:
-        return HELPER_CONTEXT
-
-    def _load(self) -> None:
-        super()._load()
-        assert self.llm is not None
-        m = self.config.model
-        threads = int(self.info.get("n_threads") or 1)
-        # A prompt read alone goes in n_batch steps: in 128-token steps a cold 2,300-token
-        # prompt took 1.7x llama-server's time here. Beside running streams, chunks are
-        # sized by the step loop.
-        # flash_attn = true forces it on; false leaves it to llama.cpp here, as llama-server
-        # does (the one-at-a-time engine's llama-cpp-python API has no such choice).
-        native.capture()
-        try:
-            self.backend = LlamaSlotsBackend(
-                self.llm, self.parallel, m.n_ctx, m.n_batch, m.n_batch, threads, flash_attn_configured=m.flash_attn
-            )
-        finally:
-            context_lines = native.release()
-        self.info["parallel"] = self.parallel
-        self.info["kv_tokens"] = self.parallel * m.n_ctx
-        # The KV cache that serves requests is the slots' context, not the helper's.
-        self.info["kv_cache_mib"] = kv_cache_mib(context_lines)
-        self.info["flash_attn"] = True if m.flash_attn else "auto"
-        log.info("slots_ready", parallel=self.parallel, n_ctx_per_slot=m.n_ctx, kv_tokens=self.parallel * m.n_ctx)
-        self._start_slots(self.backend, self.prompt_cache)
-
-    @property
-    def grammar_fallbacks(self) -> int:
-        return self.backend.grammar_fallbacks if self.backend is not None else 0
-
-    def close(self) -> None:
-        self._stop_slots()
-        super().close()
-        if self.backend is not None:
-            self.backend.close()
-            self.backend = None
-
-
-def engine_for(config: Config, model_path: Path) -> LlamaEngine:
-    """The engine `server.parallel` asks for: today's one-at-a-time engine for 1."""
-    if config.server.parallel > 1:
-        return LlamaSlotsEngine(config, model_path)
-    return LlamaEngine(config, model_path)
+    buffer = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buffer, 256, 0, special)
+    return buffer.raw[: max(n, 0)]

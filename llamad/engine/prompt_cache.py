@@ -1,9 +1,11 @@
-"""Saved KV states of earlier prompts, for reuse when a later prompt shares their prefix.
+"""The prompt-reuse policy, in one place: which cached prefix a new prompt builds on, and
+the saved KV states of earlier prompts, for reuse when a later prompt shares their prefix.
 
-The live context already serves the common case (the next turn of the chat that just ran).
-This cache covers interleaved clients: before a request overwrites most of the live
-context, that context's KV state is saved here, and a later prompt that shares a longer
-prefix with a saved state than with the live context restores it instead of re-evaluating.
+A slot of the step loop (llamad.engine.slots) already serves the common case: the next turn
+of the chat that just ran there. The saved-state cache covers interleaved clients: before a
+new prompt overwrites most of a slot, the slot's KV state is saved here, and a later prompt
+that shares a longer prefix with a saved state than with its slot restores it instead of
+evaluating it again.
 
 Only the sequence's KV data and its tokens are kept (llama-cpp-python's save_state also
 copies a logits buffer that is n_batch x n_vocab floats, half a gigabyte for Gemma 3).
@@ -12,7 +14,6 @@ Memory is bounded by `model.prompt_cache_bytes`; the least recently used state g
 
 from __future__ import annotations
 
-import ctypes
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -33,6 +34,42 @@ def common_prefix(a: list[int] | tuple[int, ...], b: list[int] | tuple[int, ...]
             break
         n += 1
     return n
+
+
+def usable_prefix(shared: int, prompt_len: int) -> int:
+    """Of `shared` cached tokens, how many a prompt of `prompt_len` tokens builds on: at least
+    its last token is evaluated again, since sampling needs that token's logits."""
+    return max(0, min(shared, prompt_len - 1))
+
+
+# A new prompt goes to the slot with the longest shared prefix only when that prefix is at
+# least this share of the prompt; otherwise to the least recently used slot, so a shared
+# chat-template header does not evict another conversation's cache.
+SLOT_SIMILARITY = 0.1
+
+
+def worth_its_slot(shared: int, prompt_len: int) -> bool:
+    """Whether a slot holding `shared` tokens of the prompt should take it (rather than the
+    least recently used one)."""
+    return shared > 0 and shared >= SLOT_SIMILARITY * prompt_len
+
+
+# Before a new prompt overwrites a slot, what the slot holds is saved for a later turn when
+# more than this many of its tokens (and more than the prompt keeps) are about to go.
+SAVE_WHEN_LOSING = 32
+# A saved state replaces what the slot keeps only when it reuses more than this many tokens
+# more: restoring copies the whole state in.
+RESTORE_GAIN = 16
+
+
+def worth_saving(cached: int, keep: int) -> bool:
+    """Whether a slot holding `cached` tokens, of which a new prompt keeps `keep`, is saved first."""
+    return cached - keep > max(keep, SAVE_WHEN_LOSING)
+
+
+def worth_restoring(saved_prefix: int, keep: int) -> bool:
+    """Whether a saved state sharing `saved_prefix` usable tokens beats a slot keeping `keep`."""
+    return saved_prefix > keep + RESTORE_GAIN
 
 
 # How many of the oldest positions of its window the first tokens after a reused prefix may
@@ -94,20 +131,9 @@ class PromptStateCache:
         """True when a saved state already holds all of `tokens` as its prefix."""
         return any(common_prefix(state.tokens, tokens) >= len(tokens) for state in self._states.values())
 
-    def save(self, llm, tokens: list[int]) -> None:
-        import llama_cpp
-
-        if self.capacity_bytes <= 0 or len(tokens) < self.MIN_TOKENS or self.covers(tokens):
-            return
-        ctx = llm._ctx.ctx  # noqa: SLF001
-        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
-        if size <= 0 or size > self.capacity_bytes:
-            return
-        buffer = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0)
-        if written <= 0:
-            return
-        self.put(tokens, ctypes.string_at(buffer, written))  # at C speed (see slots_llama.save_state)
+    def wants(self, tokens: list[int]) -> bool:
+        """Whether a state holding `tokens` is worth saving: long enough, and not already here."""
+        return len(tokens) >= self.MIN_TOKENS and not self.covers(tokens)
 
     def put(self, tokens: list[int], data: bytes) -> None:
         """Keeps `data`, the saved KV state of one sequence holding `tokens`."""
@@ -124,21 +150,6 @@ class PromptStateCache:
         while self.size_bytes > self.capacity_bytes and self._states:
             _, evicted = self._states.popitem(last=False)
             self.size_bytes -= len(evicted.data)
-
-    def restore(self, llm, state: SavedState) -> bool:
-        import llama_cpp
-
-        ctx = llm._ctx.ctx  # noqa: SLF001
-        llm._ctx.kv_cache_seq_rm(-1, 0, -1)  # noqa: SLF001
-        buffer = (ctypes.c_uint8 * len(state.data)).from_buffer_copy(state.data)
-        if llama_cpp.llama_state_seq_set_data(ctx, buffer, len(state.data), 0) == 0:
-            llm.n_tokens = 0
-            return False
-        n = len(state.tokens)
-        llm.input_ids[:n] = state.tokens
-        llm.n_tokens = n
-        self.restores += 1
-        return True
 
 
 def shared_head(prepare: Callable[[Chat], Any]) -> int:

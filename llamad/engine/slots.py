@@ -7,11 +7,13 @@ running streams instead of freezing them (chunked prefill). A sequence lives in 
 a slot keeps the KV of the tokens its last sequence fed, and a new request goes to the
 idle slot whose tokens share the longest prefix with its prompt.
 
-The loop knows nothing about llama.cpp: it talks to a `Backend` (llamad.engine.llama_slots for
-the real one, a scripted one in the fast tests). The engine side (`SlotsMixin` in
-llamad.engine.slots_engine) turns a sequence's output queue back into the `_decode` iterator the
-Engine base consumes, so stop strings, token limits, events and keep-alives are the
-Engine's own.
+The loop serves every `server.parallel`, 1 included (as `llama-server -np 1` runs its one
+slot through the same loop). It knows nothing about llama.cpp: it talks to a `Backend`
+(llamad.engine.llama_slots for the real one, a scripted one in the fast tests). Its
+`generate` turns a sequence's output queue back into the `_decode` iterator the Engine base
+consumes, so stop strings, token limits, events and keep-alives are the Engine's own. Which
+cached prefix a prompt reuses, and what is saved for later, is llamad.engine.prompt_cache's
+policy.
 """
 
 from __future__ import annotations
@@ -21,12 +23,19 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import structlog
 
 from llamad.engine import Generation, TokenLogprob
-from llamad.engine.prompt_cache import PromptStateCache, common_prefix
+from llamad.engine.prompt_cache import (
+    PromptStateCache,
+    common_prefix,
+    usable_prefix,
+    worth_its_slot,
+    worth_restoring,
+    worth_saving,
+)
 
 log = structlog.get_logger("llamad.engine.slots")
 
@@ -34,10 +43,6 @@ log = structlog.get_logger("llamad.engine.slots")
 # sized so that such a step costs at most this many plain decode steps.
 GAP_FACTOR = 2.0
 MIN_PREFILL_CHUNK = 8
-# A new prompt goes to the slot with the longest shared prefix only when that prefix is
-# at least this share of the prompt; otherwise to the least recently used slot, so a
-# shared chat-template header does not evict another conversation's cache.
-SLOT_SIMILARITY = 0.1
 # A prompt with at least this many tokens still to read moves the idle slots' cached tokens
 # out of the KV (into the saved-state cache, restored when their conversation returns). In
 # the one unified KV buffer, attention spans every cell up to the highest one in use, held
@@ -179,7 +184,7 @@ class StepLoop:
     def __init__(self, backend: Backend, prompt_cache: PromptStateCache | None = None, engine_stats: Any = None):
         self.backend = backend
         # The engine's counters (llamad.engine.EngineStats): prompt tokens evaluated are
-        # counted here, per decoded chunk, as the one-at-a-time engine counts its prompt steps.
+        # counted here, per decoded chunk, so a prompt cut short counts what was evaluated.
         self.engine_stats = engine_stats
         self.slots = [Slot(i) for i in range(backend.n_slots)]
         self.prompt_cache = prompt_cache
@@ -225,6 +230,40 @@ class StepLoop:
     @property
     def busy(self) -> int:
         return sum(1 for slot in self.slots if slot.sequence is not None)
+
+    def generate(self, generation: Generation, cancel: threading.Event) -> Iterator[Any]:
+        """Runs one generation in the loop; yields what the Engine's `_decode` yields (the
+        cached token count once the prompt is evaluated, then one text piece or
+        TokenLogprob per token). Closing the iterator, or setting `cancel`, takes the
+        sequence out of the loop at its next step."""
+        seq = Sequence(generation=generation, cancel=cancel)
+        self.submit(seq)
+        try:
+            while True:
+                try:
+                    item = seq.out.get(timeout=0.05)
+                except queue.Empty:
+                    if cancel.is_set():
+                        return
+                    continue
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.stop(seq)
+
+    def forecast_reuse(self, tokens: list[int]) -> int:
+        """How many of a prompt's tokens the slot the loop would choose now holds: a forecast
+        for headers sent before the request is admitted (Anthropic's message_start). Only
+        compares prefixes, from any thread, so it may race a step; the saved-state cache is
+        not consulted (the loop owns it)."""
+        if not tokens:
+            return 0
+        idle = [slot for slot in self.slots if slot.sequence is None] or self.slots
+        slot = self._choose(idle, tokens)
+        return usable_prefix(common_prefix(list(slot.cached), tokens), len(tokens))
 
     # -- the loop ----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -317,28 +356,27 @@ class StepLoop:
 
     def _choose(self, idle: list[Slot], tokens: list[int]) -> Slot:
         best = max(idle, key=lambda slot: (common_prefix(slot.cached, tokens), -slot.id))
-        shared = common_prefix(best.cached, tokens)
-        if shared > 0 and shared >= SLOT_SIMILARITY * len(tokens):
+        if worth_its_slot(common_prefix(best.cached, tokens), len(tokens)):
             return best
         # Empty slots first (lowest id), then the least recently used.
         return min(idle, key=lambda slot: (slot.last_used, slot.id))
 
     def _place(self, seq: Sequence, slot: Slot) -> None:
         tokens = seq.tokens
-        # At least the last prompt token is evaluated again: sampling needs its logits.
-        keep = min(common_prefix(slot.cached, tokens), len(tokens) - 1)
+        keep = usable_prefix(common_prefix(slot.cached, tokens), len(tokens))
         cache = self.prompt_cache
         if cache is not None:
-            if len(slot.cached) - keep > max(keep, 32):
+            if worth_saving(len(slot.cached), keep):
                 # Most of this slot is about to be overwritten: keep it for a later turn.
                 self._save(slot, keep)
             saved, saved_prefix = cache.best(tokens)
-            if saved is not None and min(saved_prefix, len(tokens) - 1) > keep + 16:
+            restorable = usable_prefix(saved_prefix, len(tokens))
+            if saved is not None and worth_restoring(restorable, keep):
                 self._clear(slot)
                 if self.backend.load_state(slot.id, saved.data):
                     slot.cached = list(saved.tokens)
                     cache.restores += 1
-                    keep = min(saved_prefix, len(tokens) - 1)
+                    keep = restorable
         keep = self.backend.reusable(slot.id, keep)
         if keep < len(slot.cached) and not self.backend.forget(slot.id, keep):
             self._clear(slot)
@@ -370,13 +408,13 @@ class StepLoop:
         the prompt, but the answer as the client renders it, which may not match token for
         token. And llama.cpp saves no cell outside a sliding window's reach from the last
         position (Gemma 3), so a state saved with its answer lacks what a next turn that
-        diverges inside the answer needs (llamad.engine.llama.reusable_prefix)."""
+        diverges inside the answer needs (llamad.engine.prompt_cache.reusable_prefix)."""
         cache = self.prompt_cache
         assert cache is not None
         end = max(slot.prompt_len, keep)
         if 0 < end < len(slot.cached) and self.backend.forget(slot.id, end):
             del slot.cached[end:]
-        if len(slot.cached) < cache.MIN_TOKENS or cache.covers(slot.cached):
+        if not cache.wants(slot.cached):
             return
         data = self.backend.save_state(slot.id)
         if data:
