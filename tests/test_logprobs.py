@@ -1,6 +1,6 @@
 """Token log probabilities: the arithmetic on a logits row, keeping entries aligned with the
-text a client receives (stop sequences, held-back text), both engines' paths (the Engine base
-and the slots step loop), and the two OpenAI wire shapes through the real ASGI stack."""
+text a client receives (stop sequences, held-back text), the Engine base and the step loop,
+and the two OpenAI wire shapes through the real ASGI stack."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from test_engine import collect
 from llamad.engine.chat import Chat, ChatMessage
 from llamad.engine import Engine, Generation, Prompt, ShuttingDown, Token
 from llamad.engine.prompt_cache import PromptStateCache
-from llamad.engine.slots import EVICT_FOR_PROMPT, MIN_PREFILL_CHUNK, Sequence, StepLoop
+from llamad.engine.slots import WAITER_STEP, EVICT_FOR_PROMPT, MIN_PREFILL_CHUNK, Sequence, StepLoop
 
 
 def sequence(tokens: list[int], max_tokens: int = 1000) -> Sequence:
@@ -196,6 +196,24 @@ def test_a_prompt_alone_is_fed_in_prompt_steps():
     run_until(loop, lambda: not seq.prefilling)
     assert [len(b["tokens"]) for b in backend.batches] == [16, 16, 16, 2]
     assert [b["outputs"].count(True) for b in backend.batches] == [0, 0, 0, 1]
+
+
+def test_a_prompt_alone_is_read_in_short_steps_while_a_request_waits():
+    """With a request queued for a slot, a hang-up must hand the slot on soon: a prompt read
+    alone goes in WAITER_STEP tokens a step instead of the backend's full step."""
+    waiting = [False]
+    backend = FakeBackend(n_slots=1, n_batch=512, prompt_step=512)
+    loop = StepLoop(backend, someone_waits=lambda: waiting[0])
+    seq = sequence(list(range(1000, 1600)))
+    loop.submit(seq)
+    run_until(loop, lambda: not seq.prefilling)
+    assert [len(b["tokens"]) for b in backend.batches] == [512, 88]
+    backend.batches.clear()
+    waiting[0] = True
+    other = sequence(list(range(5000, 5600)))
+    loop.submit(other)
+    run_until(loop, lambda: not other.prefilling)
+    assert [len(b["tokens"]) for b in backend.batches if len(b["tokens"]) > 1] == [WAITER_STEP] * 4 + [600 - 4 * WAITER_STEP]
 
 
 def test_the_chunk_beside_streams_shrinks_when_prompt_tokens_are_slow():

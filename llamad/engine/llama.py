@@ -230,7 +230,9 @@ class LlamaEngine(Engine):
             chat_template=self.template.source,
             load_s=round(time.monotonic() - started, 3),
         )
-        self.loop = StepLoop(self.backend, self.prompt_cache, engine_stats=self.stats)
+        self.loop = StepLoop(
+            self.backend, self.prompt_cache, engine_stats=self.stats, someone_waits=self.scheduler.has_waiters
+        )
         self.loop.start()
 
     def _choose_template(self) -> ChatTemplate:

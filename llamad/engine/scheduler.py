@@ -51,6 +51,11 @@ class Scheduler:
         """True once shutdown began (SIGTERM): nothing new is admitted."""
         return self._closed
 
+    def has_waiters(self) -> bool:
+        """Whether a request waits for the engine; safe to read from another thread (one
+        length read, never an iteration of the queue)."""
+        return len(self._waiters) > 0
+
     @property
     def queue_depth(self) -> int:
         return sum(1 for w in self._waiters if not w.done())

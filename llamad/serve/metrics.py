@@ -113,7 +113,7 @@ class Metrics:
         scheduler = engine.scheduler
         metric("llamad_slots_total", "gauge", "Requests the engine decodes together (server.parallel).", [f"llamad_slots_total {scheduler.capacity}"])
         metric("llamad_slots_busy", "gauge", "Slots holding a request now.", [f"llamad_slots_busy {scheduler.active}"])
-        # Sampled tokens the grammar rejected, sampled again among the allowed ones (batched engine).
+        # Sampled tokens the grammar rejected, sampled again among the allowed ones.
         fallbacks = getattr(engine, "grammar_fallbacks", 0)
         metric("llamad_grammar_fallbacks_total", "counter", "Sampled tokens a grammar rejected and that were sampled again.", [f"llamad_grammar_fallbacks_total {fallbacks}"])
         evictions = getattr(engine, "slot_evictions", 0)

@@ -4,7 +4,7 @@ A model change loads the new model beside the old one and swaps it in, the old e
 finishing the requests it already holds. A config with an error is refused with one log
 line and the running configuration stays.
 
-The engine class comes from the caller (the CLI passes llamad.engine.llama_slots.engine_for), so neither this
+The engine class comes from the caller (the CLI passes llamad.engine.llama.LlamaEngine), so neither this
 module nor llamad.service.systemd imports llama.cpp; the sd_notify side of a reload (RELOADING=1,
 READY=1) is llamad.service.systemd's.
 """
@@ -22,7 +22,7 @@ import structlog
 from llamad.config import Config, ConfigError, LoadedConfig, api_keys, file_identity, load_config, resolve_model, sampling_defaults
 from llamad.engine import Engine
 
-log = structlog.get_logger("llamad.service.reload")
+log = structlog.get_logger("llamad.reload")
 
 # Settings only a restart can apply (the socket is bound, the app is built).
 RESTART_ONLY = (
@@ -59,7 +59,7 @@ class ReloadResult:
     needs_restart: list[str] = field(default_factory=list)
 
 
-# Builds the engine for a configuration and a model file (llamad.engine.llama_slots.engine_for, or a fake).
+# Builds the engine for a configuration and a model file (llamad.engine.llama.LlamaEngine, or a fake).
 EngineFactory = Callable[[Config, Path], Engine]
 
 

@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable, Mapping
 
 import structlog
 
-log = structlog.get_logger("llamad.service.systemd")
+log = structlog.get_logger("llamad.systemd")
 
 # Sent while the model loads so a large model never trips TimeoutStartSec.
 EXTEND_TIMEOUT_S = 60.0
