@@ -340,9 +340,6 @@ class Engine:
             elif waiter is not None:
                 self.scheduler.abandon(waiter)
 
-    def clamp_max_tokens(self, requested: int, prompt: Prompt) -> int:
-        return max(1, min(requested, self.n_ctx - len(prompt.tokens)))
-
     async def stream(self, generation: Generation) -> AsyncIterator[EngineEvent]:
         """Waits for the engine (yielding `Waiting` now and then), then streams tokens.
 

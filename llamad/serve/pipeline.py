@@ -25,6 +25,7 @@ from litestar.response import Stream
 from llamad import tools
 from llamad.engine import ContextOverflow, Engine, Generation, NoFimTokens, Prompt, Sampling
 from llamad.engine.chat import Chat
+from llamad.serve import sse
 from llamad.serve.answer import AnswerEvent, ChoiceStart, Finish, Keepalive, ToolParser, answer_events
 from llamad.serve.body import unless_disconnected
 from llamad.serve.errors import ApiError, from_exception
@@ -62,9 +63,6 @@ class Reply(Protocol):
         ...
 
 
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
 @dataclass
 class Prepared:
     """The request as the engine will run it: what a face may put in its first frames."""
@@ -98,7 +96,7 @@ async def serve(request: Request, ask: ModelRequest, reply_for: Callable[[Prepar
     events = observed(record, _choices(engine, prepared, ask.keep_reasoning, first))
     events = with_content_logged(request, "\n\n".join(p.text for p in prepared.prompts), events)
     if stream:
-        return Stream(framed(reply, events, record), media_type=reply.media_type, headers=STREAM_HEADERS)
+        return Stream(framed(reply, events, record), media_type=reply.media_type, headers=sse.HEADERS)  # SSE and NDJSON alike
     return Response(await unless_disconnected(request, folded(reply, events)))
 
 
@@ -107,7 +105,7 @@ async def count_prompt(request: Request, ask: ModelRequest) -> int:
     nothing: a prompt past the context is still counted (the client asked how big it is)."""
     engine: Engine = engine_of(request)
     try:
-        prepared = await prepare(engine, ask, request.app.state.config.limits)
+        prepared = await prepare(engine, ask, request.app.state.config.limits, counting=True)
     except ContextOverflow as exc:
         return exc.prompt_tokens
     return prepared.prompt_tokens
@@ -116,15 +114,18 @@ async def count_prompt(request: Request, ask: ModelRequest) -> int:
 # -- preparation -----------------------------------------------------------------------------
 
 
-async def prepare(engine: Engine, ask: ModelRequest, limits: Any) -> Prepared:
+async def prepare(engine: Engine, ask: ModelRequest, limits: Any, counting: bool = False) -> Prepared:
+    """Tools planned, prompts rendered and tokenized, one Generation per choice. `counting`:
+    only the prompt's size is wanted, so the grammar is not compiled."""
     if len(ask.stop) > MAX_STOPS:
         raise InvalidRequest(f"'{ask.stop_param}' may hold at most {MAX_STOPS} sequences", param=ask.stop_param)
     engine.require_ready()
     grammar, make_parser = _plan_tools(engine, ask)
+    checked = None if counting else grammar
     if ask.chat is not None:
-        prompts = [await engine.prepare(ask.chat, grammar)]
+        prompts = [await engine.prepare(ask.chat, checked)]
     else:
-        prompts = [await _raw_prompt(engine, item, grammar) for item in ask.prompts]
+        prompts = [await _raw_prompt(engine, item, checked) for item in ask.prompts]
     context = min(ask.n_ctx, engine.n_ctx) if ask.n_ctx else engine.n_ctx
     generations: list[Generation] = []
     for prompt in prompts:
@@ -206,11 +207,7 @@ async def _raw_prompt(engine: Engine, item: RawPrompt, grammar: str | None) -> P
 
 def _events(engine: Engine, prepared: Prepared, index: int, keep_reasoning: bool) -> AsyncIterator[AnswerEvent]:
     return answer_events(
-        engine,
-        prepared.generations[index],
-        keep_reasoning or not prepared.split_reasoning,
-        prepared.parsers[index],
-        split_reasoning=prepared.split_reasoning,
+        engine, prepared.generations[index], keep_reasoning, prepared.parsers[index], split_reasoning=prepared.split_reasoning
     )
 
 

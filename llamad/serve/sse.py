@@ -8,6 +8,7 @@ import msgspec
 
 _encoder = msgspec.json.Encoder()
 
+# Every streamed answer (SSE, and Ollama's NDJSON too): no caching, no proxy buffering.
 HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
