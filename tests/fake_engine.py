@@ -45,9 +45,14 @@ class FakeEngine(Engine):
         prefix_reuse: bool = False,
         fim: bool = False,
         template_supports_tools: bool = False,
+        tool_format: str | None = None,
     ):
         super().__init__(model_id=model_id, n_ctx=n_ctx, max_queue=max_queue, queue_timeout=queue_timeout)
         self.native_tools = template_supports_tools
+        if tool_format is not None:  # a family's format (llamad.tools.formats), as a real engine detects it
+            from llamad.tools.formats import FORMATS
+
+            self._tool_format = FORMATS[tool_format]
         self.script = script or (lambda g: ["Hello", " from", " the", " fake", " model."])
         self.token_delay = token_delay
         self.prompt_delay = prompt_delay  # seconds of "prompt evaluation" before the first token

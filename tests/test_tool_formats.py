@@ -43,3 +43,195 @@ def test_no_template_is_hermes_and_think_comes_from_the_vocabulary():
     assert detect(None).name == "hermes"
     assert detect("", {"<think>", "</think>"}).reasoning == THINK_REASONING
     assert detect("{{ messages }} {{ tools }}").name == "json"
+
+
+# -- grammars in each family's format, generated calls parsed back ---------------------------
+
+import json  # noqa: E402
+import random  # noqa: E402
+
+import jsonschema  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from gbnf_walk import Walker  # noqa: E402
+from llamad.engine.chat import ToolSpec  # noqa: E402
+from llamad.serve.answer import TextDelta, ToolCallDelta, ToolCallEnd, ToolCallStart  # noqa: E402
+from llamad.tools.formats import FORMATS  # noqa: E402
+from llamad.tools.plan import ToolChoice, plan  # noqa: E402
+from test_tools_grammar import checker  # noqa: E402,F401  (the llama.cpp grammar sampler fixture)
+
+WEATHER = ToolSpec(
+    "get_weather",
+    "Current weather for a city",
+    {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+)
+SEARCH = ToolSpec(
+    "search",
+    "Web search",
+    {
+        "type": "object",
+        "properties": {
+            "q": {"type": "string"},
+            "n": {"type": "integer", "minimum": 1},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "exact": {"type": "boolean"},
+            "where": {"$ref": "#/$defs/place"},
+        },
+        "required": ["q"],
+        "$defs": {"place": {"type": "object", "properties": {"lat": {"type": "number"}}, "required": ["lat"]}},
+    },
+)
+TOOLS = [WEATHER, SEARCH]
+SCHEMAS = {t.name: t.parameters for t in TOOLS}
+FAMILIES = ["hermes", "qwen3-coder", "llama3", "mistral", "mistral-args", "harmony", "json"]
+
+# One call to get_weather(city="Paris", unit="c") as each family writes it.
+GOLDEN = {
+    "hermes": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>',
+    "qwen3-coder": "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+    "<parameter=unit>\nc\n</parameter>\n</function>\n</tool_call>",
+    "llama3": '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "c"}}',
+    "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}, "id": "a1b2c3d4e"}]',
+    "mistral-args": '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "c"}',
+    "harmony": ' to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris", "unit": "c"}',
+    "json": '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}',
+}
+
+
+def family_plan(name: str, mode: str = "required", parallel: bool = True, tools=TOOLS):
+    return plan(tools, ToolChoice(mode), parallel=parallel, template_supports_tools=True, tool_format=FORMATS[name])
+
+
+def run_parser(planned, chunks: list[str]) -> list:
+    parser = planned.parser()
+    events = []
+    for chunk in chunks:
+        events += parser.feed(chunk)
+    return events + parser.finish()
+
+
+def summary(events: list) -> tuple[str, list[tuple[str, dict]]]:
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    calls: list[list] = []
+    open_index = None
+    for event in events:
+        if isinstance(event, ToolCallStart):
+            assert open_index is None and event.index == len(calls)
+            calls.append([event.name, ""])
+            open_index = event.index
+        elif isinstance(event, ToolCallDelta):
+            assert event.index == open_index
+            calls[event.index][1] += event.arguments
+        elif isinstance(event, ToolCallEnd):
+            assert event.index == open_index
+            open_index = None
+    assert open_index is None, "a call was never ended"
+    return text, [(name, json.loads(arguments)) for name, arguments in calls]
+
+
+def split_at(text: str, borders: list[int]) -> list[str]:
+    cuts = sorted({b % (len(text) + 1) for b in borders} | {0, len(text)})
+    return [text[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_golden_call_is_allowed_by_the_family_grammar_and_parses_back(checker, family):
+    planned = family_plan(family)
+    assert checker.compiles(planned.grammar)
+    assert checker.accepts(planned.grammar, GOLDEN[family]), family
+    expected = ("", [("get_weather", {"city": "Paris", "unit": "c"})])
+    assert summary(run_parser(planned, [GOLDEN[family]])) == expected
+    assert summary(run_parser(planned, list(GOLDEN[family]))) == expected
+    # another family's shape is not this family's call
+    other = GOLDEN["hermes" if family != "hermes" else "qwen3-coder"]
+    assert not checker.accepts(planned.grammar, other)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_grammar_refuses_invalid_arguments(checker, family):
+    grammar = family_plan(family).grammar
+    for bad in ("Paris", "kelvin"):
+        text = GOLDEN[family].replace('"unit": "c"', '"unit": "kelvin"').replace("\nc\n", "\nkelvin\n")
+        if bad == "Paris":
+            text = GOLDEN[family].replace("get_weather", "delete_all")
+        assert not checker.accepts(grammar, text), (family, text)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_calls_walked_from_the_grammar_parse_back_to_schema_valid_arguments(checker, family):
+    planned = family_plan(family)
+    rng = random.Random(family)
+    walker = Walker(planned.grammar, rng, budget=160)
+    for _ in range(25):
+        text = walker.text()
+        assert checker.accepts(planned.grammar, text), text
+        cuts = sorted(rng.sample(range(len(text) + 1), min(6, len(text) + 1)))
+        for chunks in ([text], split_at(text, cuts)):
+            got_text, calls = summary(run_parser(planned, chunks))
+            assert calls, text
+            for name, arguments in calls:
+                jsonschema.validate(arguments, SCHEMAS[name])
+            if family != "harmony":  # harmony's analysis message is split off before the parser
+                assert got_text.strip() == "", text
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_auto_grammar_is_lazy_on_the_family_trigger(family):
+    grammar = family_plan(family, "auto").grammar
+    if family == "hermes":
+        assert grammar.startswith("# lazy: <tool_call>")
+    else:
+        assert grammar.startswith("# lazy: ")
+        assert GOLDEN[family].find(FORMATS[family].trigger) >= 0
+
+
+PARSE_CASES = [
+    # (family, text, expected text, expected calls)
+    ("qwen3-coder", "Let me look.\n" + GOLDEN["qwen3-coder"], "Let me look.\n", [("get_weather", {"city": "Paris", "unit": "c"})]),
+    ("qwen3-coder", GOLDEN["qwen3-coder"] + "\n" + GOLDEN["qwen3-coder"].replace("Paris", "Oslo"), "",
+     [("get_weather", {"city": "Paris", "unit": "c"}), ("get_weather", {"city": "Oslo", "unit": "c"})]),
+    ("qwen3-coder", "<tool_call>\n<function=search>\n<parameter=q>\nline one\n<b>two</b>?\n</parameter>\n"
+     "<parameter=n>\n3\n</parameter>\n<parameter=tags>\n[\"a\", \"b\"]\n</parameter>\n</function>\n</tool_call>", "",
+     [("search", {"q": "line one\n<b>two</b>?", "n": 3, "tags": ["a", "b"]})]),
+    ("qwen3-coder", "<function=search>\n<parameter=q>\n42\n</parameter>\n</function>", "", [("search", {"q": "42"})]),
+    ("qwen3-coder", "<tool_call>\n<function=rm_rf>\n</function>\n</tool_call>", "<tool_call>\n<function=rm_rf>\n</function>\n</tool_call>", []),
+    ("qwen3-coder", "a < b </function> <parameter=x>", "a < b </function> <parameter=x>", []),
+    ("harmony", '<|channel|>commentary to=functions.search <|constrain|>json<|message|>{"q": "x"}', "", [("search", {"q": "x"})]),
+    ("harmony", '<|start|>assistant<|channel|>final<|message|>Hello there.', "Hello there.", []),
+    ("harmony", '<|channel|>final<|message|>It is 5°.<|return|>', "It is 5°.", []),
+    ("harmony", ' to=functions.rm<|channel|>commentary json<|message|>{"a": 1}', '{"a": 1}', []),
+    ("llama3", '<|python_tag|>{"name": "search", "parameters": {"q": "llama"}}', "", [("search", {"q": "llama"})]),
+    ("mistral-args", GOLDEN["mistral-args"] + '[TOOL_CALLS]search[ARGS]{"q": "x"}', "",
+     [("get_weather", {"city": "Paris", "unit": "c"}), ("search", {"q": "x"})]),
+    ("mistral", '[{"name": "search", "arguments": {"q": "x"}, "id": "abcdefghi"}]', "", [("search", {"q": "x"})]),
+]
+
+
+@pytest.mark.parametrize("family,text,expected_text,expected_calls", PARSE_CASES)
+def test_family_parsers_whole_and_char_by_char(family, text, expected_text, expected_calls):
+    planned = family_plan(family, "auto")
+    for chunks in ([text], list(text)):
+        assert summary(run_parser(planned, chunks)) == (expected_text, expected_calls), chunks
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=st.sampled_from(PARSE_CASES), borders=st.lists(st.integers(0, 400), max_size=12))
+def test_family_parsers_any_chunk_borders(case, borders):
+    family, text, expected_text, expected_calls = case
+    planned = family_plan(family, "auto")
+    assert summary(run_parser(planned, split_at(text, borders))) == (expected_text, expected_calls)
+
+
+@pytest.mark.parametrize("cut", range(11, len(GOLDEN["qwen3-coder"]), 5))
+def test_qwen_call_cut_off_anywhere_has_json_arguments(cut):
+    planned = family_plan("qwen3-coder")
+    text, calls = summary(run_parser(planned, [GOLDEN["qwen3-coder"][:cut]]))
+    assert text == ""
+    for name, arguments in calls:
+        assert name == "get_weather" and set(arguments) <= {"city", "unit"}

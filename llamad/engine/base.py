@@ -214,6 +214,15 @@ class Engine:
         API faces put llamad's own tool prompt into the system message."""
         return False
 
+    @property
+    def tool_format(self):
+        """The model family's tool-call format and reasoning markers (a
+        llamad.tools.formats.ToolFormat, detected at load from the chat template and the
+        special tokens); Hermes until a model is loaded or when the template has no tools."""
+        from llamad.engine.tool_formats import HERMES
+
+        return getattr(self, "_tool_format", None) or HERMES
+
     # -- lifecycle --------------------------------------------------------------------------
     async def load(self) -> None:
         loop = asyncio.get_running_loop()

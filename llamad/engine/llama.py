@@ -182,6 +182,7 @@ class LlamaEngine(Engine):
         finally:
             load_lines = native.release()
         self.template = self._choose_template()
+        self._tool_format = self._detect_tool_format()
         offloaded = offloaded_layers(load_lines)
         # A prompt read alone goes in n_batch steps (in 128-token steps a cold 2,300-token
         # prompt took 1.7x llama-server's time here); beside running streams, chunks are
@@ -192,6 +193,7 @@ class LlamaEngine(Engine):
             self.backend = LlamaSlotsBackend(
                 self.llm, self.parallel, m.n_ctx, m.n_batch, prompt_step, threads, flash_attn=m.flash_attn
             )
+            self.backend.shown_tokens = self._shown_tokens()
         finally:
             context_lines = native.release()
         metadata = self.llm.metadata
@@ -273,6 +275,32 @@ class LlamaEngine(Engine):
         return ChatTemplate(
             source=f"format:{name}", render_fn=named_formatter(name), fold_system_prompt=name in FOLD_SYSTEM_FORMATS
         )
+
+    def _shown_tokens(self) -> frozenset[int]:
+        """The token ids of the family's markers (llamad.tools.formats.shown_markers)."""
+        from llamad.engine import tool_formats as formats
+
+        assert self.llm is not None
+        shown = set()
+        for marker in formats.shown_markers(self.tool_format):
+            tokens = self.llm.tokenize(marker.encode("utf-8"), add_bos=False, special=True)
+            if len(tokens) == 1:
+                shown.add(tokens[0])
+        return frozenset(shown)
+
+    def _detect_tool_format(self):
+        """The family's tool format (llamad.tools.formats) from the GGUF template and vocabulary."""
+        from llamad.engine import tool_formats as formats
+
+        assert self.llm is not None and self.template is not None
+        text = self.llm.metadata.get("tokenizer.chat_template") if self.template.source == "gguf" else None
+
+        def tokenize(marker: str) -> list[int]:
+            return self.llm.tokenize(marker.encode("utf-8"), add_bos=False, special=True)
+
+        found = formats.detect(text, formats.special_markers(tokenize))
+        log.info("tool_format_detected", tool_format=found.name, reasoning=found.reasoning)
+        return found
 
     # -- prompts ---------------------------------------------------------------------------
     def _prepare(self, chat: Chat) -> Prompt:

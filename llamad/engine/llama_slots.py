@@ -219,8 +219,12 @@ class LlamaSlotsBackend:
     def is_eog(self, token: int) -> bool:
         return bool(self.ll.llama_vocab_is_eog(self.vocab, token))
 
+    # Control tokens decoded as their text: the model family's call and reasoning markers
+    # (llamad.tools.formats.shown_markers), set by the engine at load.
+    shown_tokens: frozenset[int] = frozenset()
+
     def accept(self, sampler: SequenceSampler, token: int) -> str:
-        n = self.ll.llama_token_to_piece(self.vocab, token, self._piece, 256, 0, False)
+        n = self.ll.llama_token_to_piece(self.vocab, token, self._piece, 256, 0, token in self.shown_tokens)
         text = sampler.decoder.decode(self._piece.raw[: max(n, 0)])
         if sampler.constraint is not None:
             sampler.constraint.accept(token, text)

@@ -118,7 +118,12 @@ async def answer_events(
     split_reasoning: bool = True,
 ) -> AsyncIterator[AnswerEvent]:
     """split_reasoning=False: the output is all text, `<think>` included (raw completions)."""
-    splitter = ReasoningSplitter(starts_in_reasoning=generation.prompt.opens_reasoning) if split_reasoning else None
+    markers = getattr(engine, "tool_format", None)
+    splitter = (
+        ReasoningSplitter(starts_in_reasoning=generation.prompt.opens_reasoning, markers=getattr(markers, "reasoning", None))
+        if split_reasoning
+        else None
+    )
     parser = parser or PlainText()
 
     def route(pieces: list[tuple[str, str]]) -> list[AnswerEvent]:

@@ -180,6 +180,7 @@ def _plan_tools(engine: Engine, ask: ModelRequest) -> tuple[str | None, Callable
             response_format=use.response_format,
             template_supports_tools=engine.template_supports_tools,
             id_prefix=use.id_prefix,
+            tool_format=engine.tool_format,
         )
     except tools.ToolHistoryError as exc:
         raise InvalidRequest(str(exc), param=ask.history_param) from None

@@ -1,4 +1,5 @@
-"""Splits `<think>…</think>` reasoning from answer text, incrementally.
+"""Splits `<think>…</think>` reasoning (or the family's own markers, such as gpt-oss's
+`<|channel|>analysis<|message|>…<|end|>`) from answer text, incrementally.
 
 Text arrives in arbitrary pieces (one per token, tags split anywhere). The splitter holds
 back only the few characters that could still become a tag, so answer text streams with
@@ -14,7 +15,10 @@ CLOSE = "</think>"
 
 
 class ReasoningSplitter:
-    def __init__(self, starts_in_reasoning: bool = False):
+    def __init__(self, starts_in_reasoning: bool = False, markers: tuple[str, str] | None = None):
+        """`markers`: the family's (open, close) reasoning markers (llamad.tools.formats:
+        `<think>`/`</think>`, or harmony's analysis channel); `<think>` when None."""
+        self.open, self.close = markers or (OPEN, CLOSE)
         self.in_reasoning = starts_in_reasoning
         self._held = ""
         # Whitespace right after a tag is dropped: templates put "\n" around them.
@@ -27,7 +31,7 @@ class ReasoningSplitter:
         data = self._held + text
         self._held = ""
         while data:
-            tag = CLOSE if self.in_reasoning else OPEN
+            tag = self.close if self.in_reasoning else self.open
             index = data.find(tag)
             if index == -1:
                 keep = _partial_tag_suffix(data, tag)

@@ -56,6 +56,7 @@ from llamad.engine.chat import ToolSpec
 from llamad.grammar.pattern import JSON_CHAR, gbnf_literal, pattern_gbnf, repeat as _repeat
 from llamad.grammar.constraint import lazy
 from llamad.grammar.schema import MalformedSchema, normalise
+from llamad.tools.formats import ToolFormat
 
 log = structlog.get_logger("llamad.tools")
 
@@ -273,15 +274,27 @@ def build_grammar(
     parallel: bool,
     answer_schema: dict | None,
     answer_strict: bool = False,
+    fmt: "ToolFormat | None" = None,
 ) -> str | None:
     """The GBNF for a request, or None when the output is free text.
 
     mode "required": only tool calls. mode "auto": a lazy grammar (llamad.grammar.constraint):
     free text until `<tool_call>`, from there only calls; or, when `answer_schema` is set,
-    the JSON answer or calls. With no
+    the JSON answer or calls. `fmt`: the family's call format (llamad.tools.formats;
+    llamad.tools.family_grammar), Hermes when None. With no
     tools (or mode "none") and an `answer_schema`: only the JSON answer.
     """
     builder = GrammarBuilder()
+    if fmt is not None and fmt.name != "hermes" and tools and mode in ("required", "auto"):
+        from llamad.tools.family_grammar import calls_rule
+
+        block = calls_rule(builder, tools, parallel, fmt, required=mode == "required")
+        if mode == "auto" and answer_schema is not None:
+            answer = builder.schema_rule(answer_schema, "answer", "response_format schema", answer_strict)
+            builder.add("root", f"{answer} | {block}")
+            return builder.text()
+        builder.add("root", block)
+        return builder.text() if mode == "required" else lazy(builder.text(), fmt.trigger)
     if tools and mode == "required":
         body = _calls_rules(builder, tools, parallel)
         builder.add("root", f"{gbnf_literal(CALL_OPEN)} {body}")

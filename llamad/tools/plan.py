@@ -40,6 +40,7 @@ from typing import Callable
 
 from llamad.serve.answer import PlainText, ToolParser
 from llamad.engine.chat import Chat, ToolCall, ToolSpec
+from llamad.tools.formats import HERMES, ToolFormat
 from llamad.tools.grammar import ToolSchemaError, build_grammar
 from llamad.tools.json_repair import close_json
 from llamad.tools.parse import ToolCallParser, new_call_id
@@ -62,11 +63,19 @@ class ToolPlan:
     # The tools a call may name (the named one only, with a named tool choice).
     callable: list[str] = field(default_factory=list)
     parallel: bool = True
+    # The family's call format (llamad.tools.formats): grammar, parser and history follow it.
+    fmt: ToolFormat = HERMES
+    schemas: dict = field(default_factory=dict)  # callable tool name -> parameters schema
 
     def parser(self, id_prefix: str = "call_") -> ToolParser:
         """A fresh parser for one request's answer."""
         if not self.callable:
             return PlainText()
+        if self.fmt.name in ("qwen3-coder", "harmony"):
+            from llamad.tools.family_parse import HarmonyParser, QwenXmlParser
+
+            kind = QwenXmlParser if self.fmt.name == "qwen3-coder" else HarmonyParser
+            return kind(self.schemas, id_prefix=id_prefix, parallel=self.parallel)
         return ToolCallParser(self.callable, id_prefix=id_prefix, parallel=self.parallel, live=self.grammar is not None)
 
 
@@ -133,8 +142,12 @@ def plan(
     parallel: bool = True,
     template_supports_tools: bool = False,
     response_format: dict | None = None,
+    tool_format: ToolFormat | None = None,
 ) -> ToolPlan:
-    """Prompt text, grammar and parser for a request. Raises ToolSchemaError (-> 400)."""
+    """Prompt text, grammar and parser for a request. Raises ToolSchemaError (-> 400).
+    `tool_format`: the model's family format; used only when the template renders the
+    tools (llamad's own prompt asks for Hermes calls)."""
+    fmt = tool_format if (tool_format is not None and template_supports_tools) else HERMES
     names = [tool.name for tool in tools]
     for i, tool in enumerate(tools):
         if not tool.name or not isinstance(tool.name, str):
@@ -160,7 +173,7 @@ def plan(
 
     offered = [] if mode == "none" else tools
     callable_tools = [t for t in offered if choice.name is None or t.name == choice.name]
-    grammar = build_grammar(callable_tools, mode if offered else "none", parallel, schema, strict)
+    grammar = build_grammar(callable_tools, mode if offered else "none", parallel, schema, strict, fmt=fmt)
     parts = []
     if offered and not template_supports_tools:
         parts.append(tools_prompt(offered, ToolChoice(mode, choice.name), parallel))
@@ -172,6 +185,8 @@ def plan(
         tools=offered,
         callable=[t.name for t in callable_tools],
         parallel=parallel,
+        fmt=fmt,
+        schemas={t.name: t.parameters for t in callable_tools},
     )
 
 
@@ -183,6 +198,7 @@ def apply(
     response_format: dict | None,
     template_supports_tools: bool,
     id_prefix: str,
+    tool_format: ToolFormat | None = None,
 ) -> tuple[str | None, Callable[[], ToolParser]]:
     """What the request path does with every translated request: check the history's tool
     parts, then, when tools, a forced call or a response format are asked for, add the tool
@@ -190,6 +206,10 @@ def apply(
     Raises ToolHistoryError or ToolSchemaError (each a 400 naming the field)."""
     check_history(chat, chat.tools)  # history holds tool parts even when no tools are offered now
     if not chat.tools and response_format is None and choice.mode != "required":
+        if tool_format is not None and tool_format.name == "harmony" and template_supports_tools:
+            from llamad.tools.family_parse import HarmonyParser  # drops the message headers
+
+            return None, lambda: HarmonyParser({}, id_prefix=id_prefix)
         return None, PlainText
     offered = chat.tools if choice.mode != "none" else []
     try:
@@ -199,6 +219,7 @@ def apply(
             parallel=parallel,
             template_supports_tools=template_supports_tools,
             response_format=response_format,
+            tool_format=tool_format,
         )
     except ToolSchemaError as exc:
         exc.param = exc.param or ("tools" if offered else "response_format")
