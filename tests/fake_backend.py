@@ -38,6 +38,7 @@ class FakeBackend:
     grammar_fallbacks: int = 0
     scored: int = 0  # tokens whose logprobs were computed
     lock: threading.Lock = field(default_factory=threading.Lock)
+    forbidden: set[int] = field(default_factory=set)  # tokens draft_fits says a grammar refuses
 
     def __post_init__(self) -> None:
         self.kv = {slot: [] for slot in range(self.n_slots)}
@@ -86,6 +87,13 @@ class FakeBackend:
 
     def is_eog(self, token: int) -> bool:
         return token == EOG
+
+    def draft_fits(self, sampler: FakeSampler, draft: list[int]) -> int:
+        # A "grammar" that forbids the tokens in `forbidden`.
+        for fits, token in enumerate(draft):
+            if token in self.forbidden:
+                return fits
+        return len(draft)
 
     def accept(self, sampler: FakeSampler, token: int) -> str:
         return f"t{token} "

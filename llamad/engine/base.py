@@ -120,6 +120,9 @@ class EngineStats:
     cache_lookups: int = 0
     cache_hits: int = 0  # prompts that reused more than `Engine.shared_head` tokens
     cancelled: int = 0  # stopped early because the consumer went away (hang-up, stall, shutdown)
+    # Speculation (llamad.engine.speculative): draft tokens fed, and those the sampler kept.
+    draft_tokens: int = 0
+    draft_accepted: int = 0
     failed: int = 0  # stopped by an error
 
 

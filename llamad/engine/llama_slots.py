@@ -219,6 +219,11 @@ class LlamaSlotsBackend:
     def is_eog(self, token: int) -> bool:
         return bool(self.ll.llama_vocab_is_eog(self.vocab, token))
 
+    def draft_fits(self, sampler: SequenceSampler, draft: list[int]) -> int:
+        # The sequence's own grammar advances only by the tokens the verification keeps.
+        constraint = sampler.constraint
+        return len(draft) if constraint is None else constraint.allowed_prefix(draft)
+
     # Control tokens decoded as their text: the model family's call and reasoning markers
     # (llamad.tools.formats.shown_markers), set by the engine at load.
     shown_tokens: frozenset[int] = frozenset()

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Protocol
 import structlog
 
 from llamad.engine import Generation, TokenLogprob
+from llamad.engine.speculative import NgramDrafter, Speculation
 from llamad.engine.prompt_cache import (
     PromptStateCache,
     common_prefix,
@@ -87,6 +88,11 @@ class Backend(Protocol):
 
     def is_eog(self, token: int) -> bool: ...
 
+    def draft_fits(self, sampler: Any, draft: list[int]) -> int:
+        """How many of the draft's leading tokens the sequence's grammar allows after what
+        it has accepted (len(draft) without a grammar); the grammar itself is not advanced."""
+        ...
+
     def accept(self, sampler: Any, token: int) -> str:
         """Advances the sequence's grammar and UTF-8 decoder; the token's text."""
         ...
@@ -123,6 +129,8 @@ class Sequence:
     next_token: int | None = None  # sampled, not yet fed
     ended: bool = False
     order: int = 0  # admission order: prompts are evaluated first come, first served
+    drafter: NgramDrafter | None = None  # speculation's lookup, while it is on for this sequence
+    draft: list[int] = field(default_factory=list)  # fed after next_token in the planned step
 
     @property
     def tokens(self) -> list[int]:
@@ -161,17 +169,23 @@ class Plan:
     parts: list[tuple[Sequence, list[int], int]] = field(default_factory=list)
     generating: int = 0
     prefill: int = 0
+    drafted: int = 0  # draft tokens in the batch
 
-    def add(self, seq: Sequence, tokens: list[int], wants_output: bool) -> None:
+    def add(self, seq: Sequence, tokens: list[int], wants_output: bool, every_output: bool = False) -> None:
+        """`every_output`: logits on every entry (a next token and its draft); the part's
+        index is then its first entry's."""
         assert seq.slot is not None
         start = seq.n_past
+        first = len(self.tokens)
         for offset, token in enumerate(tokens):
             self.tokens.append(token)
             self.positions.append(start + offset)
             self.slots.append(seq.slot.id)
-            self.outputs.append(False)
+            self.outputs.append(every_output)
         index = -1
-        if wants_output:
+        if every_output:
+            index = first
+        elif wants_output:
             index = len(self.tokens) - 1
             self.outputs[index] = True
         self.parts.append((seq, tokens, index))
@@ -182,6 +196,9 @@ class SlotStats:
     steps: int = 0
     kv_full: int = 0  # decodes llama.cpp refused for want of KV cells
     evictions: int = 0  # idle slots cleared for a long prompt (EVICT_FOR_PROMPT)
+    drafted: int = 0  # draft tokens fed (speculation)
+    accepted: int = 0  # of these, the ones the sequence's sampler confirmed
+    rolled_back: int = 0  # KV cells of rejected drafts removed
 
 
 class StepLoop:
@@ -191,8 +208,12 @@ class StepLoop:
         prompt_cache: PromptStateCache | None = None,
         engine_stats: Any = None,
         someone_waits: Callable[[], bool] = lambda: False,
+        speculation: Speculation | None = None,
     ):
         self.backend = backend
+        # N-gram drafts (llamad.engine.speculative); None or disabled: none, unless a
+        # generation asks for them (Generation.speculative).
+        self.speculation = speculation
         # True while a request waits for a slot: a prompt read alone then goes in short
         # steps, so a hang-up hands the slot on within one of them.
         self.someone_waits = someone_waits
@@ -404,6 +425,9 @@ class StepLoop:
         seq.order = self._admissions
         seq.n_past = seq.cached = keep
         seq.sampler = self.backend.new_sampler(seq.generation)
+        spec = self.speculation
+        if spec is not None and (seq.generation.speculative if seq.generation.speculative is not None else spec.enabled):
+            seq.drafter = NgramDrafter(spec.ngram, seq.tokens, spec.draft_max, spec.draft_min)
 
     def _evict_idle(self, but: Slot) -> None:
         """Idle slots (other than `but`) give up their KV cells; what they held that is worth
@@ -442,10 +466,18 @@ class StepLoop:
     def _plan(self) -> Plan:
         plan = Plan()
         active = [slot.sequence for slot in self.slots if slot.sequence is not None]
+        # No drafts in a step that reads a prompt: its chunk is sized against a plain step
+        # (GAP_FACTOR), and the prompt's reader waits for nothing else.
+        drafting = self.speculation is not None and not any(s.prefilling for s in active)
+        room = self.backend.n_batch - sum(1 for s in active if not s.prefilling)
         for seq in active:
             if not seq.prefilling:
-                plan.add(seq, [seq.next_token], wants_output=True)
+                draft = self._draft(seq, room) if drafting and seq.drafter is not None else []
+                seq.draft = draft
+                room -= len(draft)
+                plan.add(seq, [seq.next_token, *draft], wants_output=True, every_output=bool(draft))
                 plan.generating += 1
+                plan.drafted += len(draft)
         budget = self._prefill_budget(plan.generating)
         for seq in sorted((s for s in active if s.prefilling), key=lambda s: s.order):
             if budget <= 0:
@@ -456,6 +488,23 @@ class StepLoop:
             plan.prefill += len(chunk)
             budget -= len(chunk)
         return plan
+
+    def _draft(self, seq: Sequence, room: int) -> list[int]:
+        """The draft fed after the sequence's next token: no longer than the batch's room,
+        the tokens max_tokens still allows after the next one, the context, and the prefix
+        of it the sequence's grammar allows."""
+        drafter = seq.drafter
+        assert drafter is not None and seq.next_token is not None
+        drafter_limit = min(
+            room,
+            seq.generation.max_tokens - seq.generated - 1,
+            self.backend.n_ctx - 1 - seq.n_past - 1,  # positions n_past+1 .. n_past+k
+        )
+        draft = drafter.draft(drafter_limit)
+        if draft:
+            fits = self.backend.draft_fits(seq.sampler, draft)
+            draft = draft[:fits] if fits >= drafter.draft_min else []
+        return draft
 
     def _prefill_budget(self, generating: int) -> int:
         b = self.backend
@@ -471,6 +520,8 @@ class StepLoop:
         return max(0, min(room, b.prompt_step, max(MIN_PREFILL_CHUNK, chunk)))
 
     def _learn(self, plan: Plan, elapsed: float) -> None:
+        if plan.drafted:
+            return  # a wider step than the plain one the prefill chunk is sized against
         if plan.prefill == 0:
             self._step_s = elapsed if self._step_s is None else 0.8 * self._step_s + 0.2 * elapsed
         elif plan.generating == 0 or self._step_s is not None:
@@ -484,31 +535,81 @@ class StepLoop:
         for seq, fed, index in plan.parts:
             slot = seq.slot
             assert slot is not None
+            start = seq.n_past
             slot.cached.extend(fed)
             seq.n_past += len(fed)
             if index < 0:
                 continue
+            draft, seq.draft = seq.draft, []
             if seq.gone:
                 self._retire(seq)
+                if draft:
+                    self._roll_back(slot, start + 1)  # the draft was not checked
                 continue
             if seq.prefilling:
                 seq.out.put(seq.cached)  # the prompt is evaluated
-            token = b.sample(seq.sampler, index)
-            seq.next_token = token
-            if b.is_eog(token) and not seq.generation.ignore_eos:
-                self._retire(seq)
-                continue
-            seq.generated += 1
-            text = b.accept(seq.sampler, token)
-            top_n = seq.generation.logprobs
-            # Scored now, while the batch's logits are still the ones the token came from.
-            seq.out.put(text if top_n is None else b.score(index, token, text, top_n))
-            if seq.generated >= seq.generation.max_tokens or len(seq.tokens) + seq.generated >= b.n_ctx:
-                self._retire(seq)
+            # Entry i's logits give the token after it; draft token i is accepted while it is
+            # what the sequence's own sampler draws there (llamad.engine.speculative).
+            accepted = 0
+            for i in range(len(draft) + 1):
+                token = b.sample(seq.sampler, index + i)
+                matched = i < len(draft) and token == draft[i]
+                accepted += matched
+                if not self._emit(seq, token, index + i) or not matched:
+                    break
+            if draft:
+                self.stats.drafted += len(draft)
+                self.stats.accepted += accepted
+                if self.engine_stats is not None:
+                    self.engine_stats.draft_tokens += len(draft)
+                    self.engine_stats.draft_accepted += accepted
+                if seq.drafter is not None:
+                    seq.drafter.verified(len(draft), accepted)
+                # The next token and the accepted draft stay; a rejected tail leaves the KV.
+                self._roll_back(slot, start + 1 + accepted)
+                if seq.slot is slot:
+                    seq.n_past = len(slot.cached)
+
+    def _emit(self, seq: Sequence, token: int, index: int) -> bool:
+        """A sampled token goes to the sequence's stream; False once the sequence is over."""
+        b = self.backend
+        seq.next_token = token
+        if b.is_eog(token) and not seq.generation.ignore_eos:
+            self._retire(seq)
+            return False
+        seq.generated += 1
+        text = b.accept(seq.sampler, token)
+        top_n = seq.generation.logprobs
+        # Scored now, while the batch's logits are still the ones the token came from.
+        seq.out.put(text if top_n is None else b.score(index, token, text, top_n))
+        if seq.generated >= seq.generation.max_tokens or len(seq.tokens) + seq.generated >= b.n_ctx:
+            self._retire(seq)
+            return False
+        if seq.drafter is not None:
+            seq.drafter.append(token)
+        return True
+
+    def _roll_back(self, slot: Slot, keep: int) -> None:
+        """Removes the slot's KV from position `keep` on (a rejected draft's cells)."""
+        if keep >= len(slot.cached):
+            return
+        if not self.backend.forget(slot.id, keep):
+            # Only a whole sequence can go (a recurrent model): speculation needs partial
+            # removal; the engine does not turn it on for such a model.
+            raise RuntimeError("the KV cache cannot remove a rejected draft")
+        self.stats.rolled_back += len(slot.cached) - keep
+        del slot.cached[keep:]
 
     def _no_room(self, plan: Plan) -> None:
         """llama_decode found no KV cells for the batch (nothing was written)."""
         self.stats.kv_full += 1
+        if plan.drafted:
+            # Drafts first: the next step goes without them, and holds what the streams need.
+            for seq, _, _ in plan.parts:
+                seq.draft = []
+                if seq.drafter is not None:
+                    seq.drafter.verified(1, 0)
+            return
         idle = [slot for slot in self.slots if slot.sequence is None and slot.cached]
         if idle:
             for slot in idle:

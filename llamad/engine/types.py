@@ -110,6 +110,9 @@ class Generation:
     # stop string the client gave); end-of-generation tokens and the template's turn ends do
     # not end it.
     ignore_eos: bool = False
+    # N-gram speculation (llamad.engine.speculative): None is the server's [speculative]
+    # setting; False turns it off for this request, True on (where the engine can).
+    speculative: bool | None = None
 
 
 @dataclass

@@ -120,6 +120,28 @@ class GrammarConstraint:
             return True
         return self._allowed(np.array([token], dtype=np.int32), np.zeros(1, dtype=np.float32)).size == 1
 
+    def allowed_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens`, fed in order from here, the grammar allows (all of them while
+        it does not constrain yet); walked on a copy, so this grammar does not advance."""
+        if self.sampler is None:
+            return len(tokens)
+        ll = self.ll
+        probe = ll.llama_sampler_clone(self.sampler)
+        try:
+            for count, token in enumerate(tokens):
+                data = np.zeros(1, dtype=_TOKEN_DATA)
+                data["id"] = token
+                candidates = ll.llama_token_data_array(
+                    data=data.ctypes.data_as(ctypes.POINTER(ll.llama_token_data)), size=1, selected=-1, sorted=False
+                )
+                ll.llama_sampler_apply(probe, ctypes.byref(candidates))
+                if not np.isfinite(data["logit"][0]):
+                    return count
+                ll.llama_sampler_accept(probe, token)
+            return len(tokens)
+        finally:
+            ll.llama_sampler_free(probe)
+
     # -- feeding back what was sampled -------------------------------------------------------
     def accept(self, token: int, text: str) -> None:
         """Advances the grammar by a sampled token (`text`: what it decoded to)."""

@@ -1,0 +1,273 @@
+"""N-gram speculation in the step loop (llamad.engine.speculative, llamad.engine.slots) with the
+scripted backend: drafts from the sequence's own tokens, fed after its next token with logits
+on every entry, accepted while the sampler draws the drafted token, the rejected tail rolled
+back so the slot's `cached` tokens are exactly the KV's; max_tokens, the context, stop strings
+and grammars bound what is drafted and what is emitted."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+
+import pytest
+
+from fake_backend import FakeBackend
+from test_engine import collect
+from test_slots import FakeSlotsEngine, generation
+from llamad.engine import Generation, Prompt
+from llamad.engine.slots import Sequence, StepLoop
+from llamad.engine.speculative import MAX_PAUSE, NgramDrafter, Speculation
+
+pytestmark = pytest.mark.timeout(60)
+
+SPEC = Speculation(enabled=True, ngram=3, draft_max=8, draft_min=2)
+# The prompt holds a passage the answer copies: 20..39, then other tokens.
+PASSAGE = list(range(20, 40))
+PROMPT = [1, 2, 3] + PASSAGE + [90, 91, 92] + PASSAGE[:3]
+
+
+def sequence(tokens: list[int], max_tokens: int = 1000, **options) -> Sequence:
+    return Sequence(generation=Generation(prompt=Prompt(text="", tokens=tokens), max_tokens=max_tokens, **options))
+
+
+def texts(seq: Sequence) -> list[str]:
+    items = []
+    while True:
+        try:
+            item = seq.out.get_nowait()
+        except queue.Empty:
+            return [i for i in items if isinstance(i, str)]
+        items.append(item)
+
+
+def run_until(loop: StepLoop, done, limit: int = 500) -> None:
+    for _ in range(limit):
+        if done():
+            return
+        loop.step()
+    raise AssertionError("the step loop did not get there")
+
+
+def kv_matches(backend: FakeBackend, loop: StepLoop) -> None:
+    """Every slot's KV holds exactly the positions of its cached tokens."""
+    for slot in loop.slots:
+        assert backend.kv[slot.id] == list(range(len(slot.cached))), (slot.id, backend.kv[slot.id], len(slot.cached))
+
+
+# -- the lookup ----------------------------------------------------------------------------------
+
+
+def test_the_draft_is_what_followed_the_latest_earlier_occurrence_of_the_last_ngram():
+    drafter = NgramDrafter(3, [5, 6, 7, 8, 9, 1, 5, 6, 7, 4, 4, 2, 5, 6], draft_max=8)
+    drafter.append(7)  # ... 5 6 7: last seen followed by 4 4 2 5 6 7, which then repeats
+    assert drafter.draft(8) == [4, 4, 2, 5, 6, 7, 4, 4]
+    assert drafter.draft(2) == [4, 4]
+    drafter.append(3)  # 6 7 3: never seen
+    assert drafter.draft(8) == []
+
+
+def test_a_draft_shorter_than_draft_min_is_not_made():
+    drafter = NgramDrafter(2, [1, 2, 3, 9, 1, 2], draft_max=8, draft_min=3)
+    assert drafter.draft(3) == [3, 9, 1]
+    assert drafter.draft(2) == []
+
+
+def test_a_loop_is_drafted_as_far_as_asked():
+    drafter = NgramDrafter(2, [5, 1, 2, 3, 1, 2], draft_max=8)
+    assert drafter.draft(7) == [3, 1, 2, 3, 1, 2, 3]
+    run = NgramDrafter(3, [9] + [7] * 4, draft_max=8)
+    assert run.draft(5) == [7] * 5
+
+
+def test_drafts_grow_while_accepted_shrink_on_rejection_and_pause_after_failures():
+    drafter = NgramDrafter(2, list(range(100)) + [0, 1], draft_max=32, draft_min=2)
+    drafter.span = 4
+    drafter.verified(4, 4)
+    assert drafter.span == 8  # all accepted: twice as long
+    drafter.verified(8, 3)
+    assert drafter.span == 6  # partly: twice what was accepted
+    drafter.verified(6, 0)
+    assert drafter.span == 3 and drafter.pause == 2 and drafter.draft(8) == []
+    drafter.append(2)
+    drafter.append(3)
+    assert drafter.pause == 0 and drafter.draft(8) == [4, 5, 6]
+    for _ in range(10):
+        drafter.verified(3, 0)
+    assert drafter.pause == MAX_PAUSE  # a sequence whose drafts keep failing rarely drafts
+    drafter.verified(3, 1)
+    assert drafter.misses == 0
+
+
+# -- the loop -----------------------------------------------------------------------------------------
+
+
+def test_an_accepted_draft_decodes_several_tokens_in_one_step():
+    # The answer copies the passage; it starts where the prompt's last 3 tokens left it.
+    backend = FakeBackend(n_slots=1, n_batch=64, prompt_step=64, script=lambda g: PASSAGE[3:])
+    loop = StepLoop(backend, speculation=SPEC)
+    seq = sequence(PROMPT)
+    loop.submit(seq)
+    run_until(loop, lambda: seq.ended)
+    assert "".join(texts(seq)) == "".join(f"t{t} " for t in PASSAGE[3:])
+    drafted = [b for b in backend.batches if len(b["tokens"]) > 1 and all(b["outputs"])]
+    assert drafted, backend.batches
+    # The first answer token (23) is fed with the passage's next tokens as its draft.
+    assert drafted[0]["tokens"][:3] == [23, 24, 25]
+    assert loop.stats.accepted > 0 and loop.stats.accepted == loop.stats.drafted - loop.stats.rolled_back
+    # Fewer decode steps than tokens: 17 tokens, one prompt step.
+    assert len(backend.batches) < 1 + len(PASSAGE[3:]) // 2
+    kv_matches(backend, loop)
+
+
+def test_a_rejected_draft_leaves_the_kv_and_the_sampled_token_goes_on():
+    # The answer follows the passage for 5 tokens, then departs from it (an edit).
+    answer = PASSAGE[3:8] + [77, 78, 79, 80]
+    backend = FakeBackend(n_slots=1, n_batch=64, prompt_step=64, script=lambda g: answer)
+    loop = StepLoop(backend, speculation=SPEC)
+    seq = sequence(PROMPT)
+    loop.submit(seq)
+    # Step by step: after every step the slot's cached tokens are the KV's, and they are
+    # the prompt and the answer so far, but for the sampled token not yet fed.
+    emitted: list[str] = []
+    for _ in range(50):
+        if seq.ended:
+            break
+        loop.step()
+        emitted += texts(seq)
+        kv_matches(backend, loop)
+        slot = loop.slots[0]
+        if seq.slot is not None and not seq.prefilling:
+            assert slot.cached == PROMPT + answer[: len(emitted) - 1]
+            assert seq.n_past == len(slot.cached)
+    assert "".join(emitted) == "".join(f"t{t} " for t in answer)
+    assert loop.stats.rolled_back > 0
+    assert loop.stats.accepted < loop.stats.drafted
+
+
+def test_a_draft_never_runs_past_max_tokens_or_the_context():
+    backend = FakeBackend(n_slots=1, n_batch=64, prompt_step=64, script=lambda g: PASSAGE[3:])
+    loop = StepLoop(backend, speculation=SPEC)
+    seq = sequence(PROMPT, max_tokens=6)
+    loop.submit(seq)
+    run_until(loop, lambda: seq.ended)
+    assert texts(seq) == [f"t{t} " for t in PASSAGE[3:9]]
+    # Each step fed at most what max_tokens still allowed: the next token and a draft whose
+    # every token, accepted, would still be within the limit.
+    fed_answer = [t for b in backend.batches[1:] for t in b["tokens"]]
+    assert len(fed_answer) <= 6
+
+    backend = FakeBackend(n_slots=1, n_ctx=len(PROMPT) + 5, n_batch=64, prompt_step=64, script=lambda g: PASSAGE[3:])
+    loop = StepLoop(backend, speculation=SPEC)
+    seq = sequence(PROMPT)
+    loop.submit(seq)
+    run_until(loop, lambda: seq.ended)
+    assert len(texts(seq)) == 5
+    assert max(len(held) for held in backend.kv.values()) <= len(PROMPT) + 5
+
+
+def test_a_draft_the_grammar_refuses_is_cut_before_the_refused_token():
+    backend = FakeBackend(n_slots=1, n_batch=64, prompt_step=64, script=lambda g: PASSAGE[3:12])
+    backend.forbidden = {27}
+    loop = StepLoop(backend, speculation=SPEC)
+    seq = sequence(PROMPT)
+    loop.submit(seq)
+    run_until(loop, lambda: seq.ended)
+    fed = [b["tokens"] for b in backend.batches[1:]]
+    # 23's draft stops before 27; no draft ever carries it.
+    assert fed[0] == [23, 24, 25, 26]
+    assert not any(27 in tokens[1:] for tokens in fed)
+    assert "".join(texts(seq)) == "".join(f"t{t} " for t in PASSAGE[3:12])
+    kv_matches(backend, loop)
+
+
+def test_no_drafts_for_a_request_that_turns_speculation_off_nor_while_a_prompt_is_read():
+    backend = FakeBackend(n_slots=2, n_batch=64, prompt_step=64, script=lambda g: PASSAGE[3:])
+    loop = StepLoop(backend, speculation=SPEC)
+    seq = sequence(PROMPT, speculative=False)
+    loop.submit(seq)
+    run_until(loop, lambda: seq.ended)
+    assert loop.stats.drafted == 0 and all(len(b["tokens"]) == 1 for b in backend.batches[1:])
+
+    # Off in the configuration, on for the request that asks.
+    backend = FakeBackend(n_slots=2, n_batch=64, prompt_step=64, script=lambda g: PASSAGE[3:])
+    loop = StepLoop(backend, speculation=Speculation(enabled=False, ngram=3, draft_max=8, draft_min=2))
+    plain, asking = sequence(PROMPT), sequence(PROMPT + [5], speculative=True)
+    loop.submit(plain)
+    run_until(loop, lambda: plain.ended)
+    assert loop.stats.drafted == 0
+    loop.submit(asking)
+    run_until(loop, lambda: asking.ended)
+    assert loop.stats.drafted > 0
+
+    # A stream that could draft does not while another request's prompt is in the batch.
+    backend = FakeBackend(n_slots=2, n_batch=64, prompt_step=64, script=lambda g: PASSAGE[3:] * 3)
+    loop = StepLoop(backend, speculation=SPEC)
+    first = sequence(PROMPT)
+    loop.submit(first)
+    run_until(loop, lambda: loop.stats.drafted > 0)
+    second = sequence(list(range(200, 260)))
+    loop.submit(second)
+    run_until(loop, lambda: not second.prefilling)
+    reading = [b for b in backend.batches if any(200 <= t < 260 for t in b["tokens"])]
+    assert reading and all(b["slots"].count(0) == 1 for b in reading)  # the stream fed its next token alone
+
+
+def test_kv_full_with_drafts_retries_without_them_and_the_stream_gets_what_it_would_without():
+    def run(speculation):
+        backend = FakeBackend(n_slots=1, n_batch=64, prompt_step=64, kv_cells=len(PROMPT) + 8, script=lambda g: PASSAGE[3:])
+        loop = StepLoop(backend, speculation=speculation)
+        seq = sequence(PROMPT)
+        loop.submit(seq)
+        run_until(loop, lambda: seq.ended)
+        kv_matches(backend, loop)
+        return texts(seq), loop.stats
+
+    plain, plain_stats = run(None)
+    drafted, stats = run(Speculation(enabled=True, ngram=3, draft_max=16, draft_min=2))
+    assert drafted == plain and len(plain) == 9  # the tokens whose KV fits, then KvFull
+    assert stats.kv_full > plain_stats.kv_full == 1
+
+
+def test_a_sequence_that_ends_inside_its_draft_keeps_no_unchecked_token():
+    # The answer copies three tokens, then ends (EOG) where the passage goes on.
+    backend = FakeBackend(n_slots=1, n_batch=64, prompt_step=64, script=lambda g: PASSAGE[3:6])
+    loop = StepLoop(backend, speculation=SPEC)
+    seq = sequence(PROMPT)
+    loop.submit(seq)
+    run_until(loop, lambda: seq.ended)
+    assert texts(seq) == [f"t{t} " for t in PASSAGE[3:6]]
+    kv_matches(backend, loop)
+    assert loop.slots[0].cached[: len(PROMPT) + 3] == PROMPT + PASSAGE[3:6]
+    assert len(loop.slots[0].cached) <= len(PROMPT) + 3
+
+
+# -- through the engine: limits and stop strings ---------------------------------------------------
+
+
+class SpeculatingEngine(FakeSlotsEngine):
+    def _load(self) -> None:
+        self.loop = StepLoop(self.backend, engine_stats=self.stats, speculation=SPEC)
+        self.loop.start()
+
+
+@pytest.mark.asyncio
+async def test_max_tokens_and_stop_strings_hold_with_drafts_and_the_counters_grow():
+    # "t7 t7 ...": after a few tokens every step drafts the rest of the run of sevens.
+    engine = SpeculatingEngine(parallel=2, backend=FakeBackend(n_slots=2, decode_delay=0.002, script=lambda g: [7] * 60))
+    await engine.load()
+    try:
+        limited, stopped = await asyncio.wait_for(
+            asyncio.gather(
+                collect(engine, await generation(engine, "one", max_tokens=23)),
+                collect(engine, Generation(prompt=(await generation(engine, "two")).prompt, max_tokens=60, stop=["t7 t7 t7 t7 t7 t7 t7 t7 t7 t7 t7 t7 t7 t7 t7 t7"])),
+            ),
+            timeout=30,
+        )
+        assert limited[0] == "t7 " * 23 and limited[1].completion_tokens == 23 and limited[1].finish_reason == "length"
+        assert stopped[0] == "" and stopped[1].stop_sequence is not None
+        assert engine.stats.draft_tokens > 0 and 0 < engine.stats.draft_accepted <= engine.stats.draft_tokens
+        engine.loop.close()  # the loop's thread stops (it may still be retiring the stopped one)
+        for slot in engine.loop.slots:
+            assert engine.backend.kv[slot.id] == list(range(len(slot.cached)))
+    finally:
+        engine.close()
