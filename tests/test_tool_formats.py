@@ -235,3 +235,20 @@ def test_qwen_call_cut_off_anywhere_has_json_arguments(cut):
     assert text == ""
     for name, arguments in calls:
         assert name == "get_weather" and set(arguments) <= {"city", "unit"}
+
+
+def two_calls(family: str) -> str:
+    one = GOLDEN[family]
+    if family == "mistral":
+        item = one[len("[TOOL_CALLS][") : -1]
+        return f"[TOOL_CALLS][{item}, {item.replace('Paris', 'Oslo')}]"
+    return one + ("" if family == "mistral-args" else "\n") + one.replace("Paris", "Oslo")
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "harmony"])
+def test_parallel_calls_only_when_allowed(checker, family):
+    text = two_calls(family)
+    assert checker.accepts(family_plan(family, parallel=True).grammar, text), text
+    assert not checker.accepts(family_plan(family, parallel=False).grammar, text), text
+    _, calls = summary(run_parser(family_plan(family, parallel=True), list(text)))
+    assert [c[1]["city"] for c in calls] == ["Paris", "Oslo"]
