@@ -30,6 +30,11 @@ required/any/named the whole output is one (or, with parallel calls, several) ca
 whose arguments match the tool's schema; with auto the model writes free text, and once it
 writes `<tool_call>` the rest is constrained the same way. Calls are parsed back by
 llamad.tools.parse, which also reads Llama 3, Mistral and bare-JSON calls.
+
+When the template renders the tools itself, the model's family format (`tool_format`,
+detected by the engine at load: llamad.tools.formats) replaces Hermes: the grammar wraps
+the family's markers around the arguments (llamad.tools.family_grammar) and the parser
+reads that format (llamad.tools.family_parse for Qwen3-Coder XML and harmony).
 """
 
 from __future__ import annotations
