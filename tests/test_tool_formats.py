@@ -200,6 +200,8 @@ PARSE_CASES = [
      "<parameter=n>\n3\n</parameter>\n<parameter=tags>\n[\"a\", \"b\"]\n</parameter>\n</function>\n</tool_call>", "",
      [("search", {"q": "line one\n<b>two</b>?", "n": 3, "tags": ["a", "b"]})]),
     ("qwen3-coder", "<function=search>\n<parameter=q>\n42\n</parameter>\n</function>", "", [("search", {"q": "42"})]),
+    ("qwen3-coder", "<function=search>\n<parameter=q>\nx\n</parameter>\n<parameter=exact>\nTrue\n</parameter>\n</function>", "",
+     [("search", {"q": "x", "exact": True})]),
     ("qwen3-coder", "<tool_call>\n<function=rm_rf>\n</function>\n</tool_call>", "<tool_call>\n<function=rm_rf>\n</function>\n</tool_call>", []),
     ("qwen3-coder", "a < b </function> <parameter=x>", "a < b </function> <parameter=x>", []),
     ("harmony", '<|channel|>commentary to=functions.search <|constrain|>json<|message|>{"q": "x"}', "", [("search", {"q": "x"})]),

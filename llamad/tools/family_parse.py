@@ -202,8 +202,8 @@ class QwenXmlParser(_Calls):
         if not is_string_schema(schema):
             try:
                 parsed = json.loads(value)
-            except json.JSONDecodeError:
-                parsed = value
+            except json.JSONDecodeError:  # the template renders Python's True/False/None
+                parsed = {"True": True, "False": False, "None": None}.get(value.strip(), value)
         piece = ("{" if not self.members else ", ") + json.dumps(key, ensure_ascii=False) + ": "
         out.append(ToolCallDelta(self.calls, piece + json.dumps(parsed, ensure_ascii=False)))
         self.members += 1
