@@ -254,3 +254,14 @@ def test_parallel_calls_only_when_allowed(checker, family):
     assert not checker.accepts(family_plan(family, parallel=False).grammar, text), text
     _, calls = summary(run_parser(family_plan(family, parallel=True), list(text)))
     assert [c[1]["city"] for c in calls] == ["Paris", "Oslo"]
+
+
+def test_qwen_string_parameters_take_any_text_but_the_closing_tag(checker):
+    grammar = family_plan("qwen3-coder").grammar
+    def with_q(q: str) -> str:
+        return f"<tool_call>\n<function=search>\n<parameter=q>\n{q}\n</parameter>\n</function>\n</tool_call>"
+    for good in ("<div>a</div>", "x </param y", "a < b", "</parameters>", "multi\nline\n\ntext"):
+        assert checker.accepts(grammar, with_q(good)), good
+        assert summary(run_parser(family_plan("qwen3-coder"), list(with_q(good))))[1] == [("search", {"q": good})]
+    for bad in ("a</parameter>b", "<</parameter>"):
+        assert not checker.accepts(grammar, with_q(bad)), bad

@@ -10,8 +10,8 @@ grammar (tool_choice auto) needs it to. What each format writes:
   digits may follow the arguments, as the template renders them).
 - `mistral-args`: `[TOOL_CALLS]n[ARGS]{…}`, repeated for parallel calls.
 - `qwen3-coder`: `<tool_call>\\n<function=n>\\n<parameter=k>\\nv\\n</parameter>\\n…</function>\\n</tool_call>`;
-  a string value is raw text (no `</` inside it; enum and const strings as the exact
-  text), any other value is JSON matching the property's schema. The properties come in
+  a string value is raw text (anything but `</parameter>`; enum and const strings as
+  the exact text), any other value is JSON matching the property's schema. The properties come in
   schema order, required ones always, optional ones each optional; only declared
   properties are written.
 - `harmony`: ` to=functions.n<|channel|>commentary json<|message|>{…}` (also accepted:
@@ -30,8 +30,20 @@ from llamad.grammar.pattern import gbnf_literal
 from llamad.grammar.schema import MalformedSchema, normalise
 from llamad.tools.formats import ToolFormat
 
-XML_TEXT = '( [^<] | "<" [^/] )*'  # raw text without "</"
-HARMONY_TEXT = '( [^<] | "<" [^|] )*'  # raw text without "<|"
+
+
+def text_without(word: str) -> str:
+    """GBNF for any text in which `word` does not occur (`word`'s first character occurs
+    only there)."""
+    first = word[0]
+    options = [f"[^{first}]"]
+    for i in range(1, len(word)):
+        options.append(f"{gbnf_literal(word[:i])} [^{word[i]}{first}]")
+    return "( " + " | ".join(options) + " )*"
+
+
+XML_TEXT = text_without("</parameter>")  # a string parameter's raw text
+HARMONY_TEXT = text_without("<|")  # an analysis message
 
 
 def _args(builder: Any, tool: ToolSpec, i: int) -> str:
