@@ -265,3 +265,35 @@ def test_qwen_string_parameters_take_any_text_but_the_closing_tag(checker):
         assert summary(run_parser(family_plan("qwen3-coder"), list(with_q(good))))[1] == [("search", {"q": good})]
     for bad in ("a</parameter>b", "<</parameter>"):
         assert not checker.accepts(grammar, with_q(bad)), bad
+
+
+# -- the family's control tokens reach the parser as text ---------------------------------
+
+from llamad.tools.formats import shown_markers, special_markers  # noqa: E402
+
+
+def test_markers_asked_of_the_vocabulary_and_shown_per_family():
+    vocabulary = {"[TOOL_CALLS]": [7], "[ARGS]": [8], "<think>": [1, 2]}
+    found = special_markers(lambda text: vocabulary.get(text, [0, 0, 0]))
+    assert found == {"[TOOL_CALLS]", "[ARGS]"}
+    assert detect("{{ tools }}", found).name == "json"  # the template decides the format
+    assert set(shown_markers(FORMATS["mistral-args"])) == {"[TOOL_CALLS]", "[ARGS]"}
+    assert "<|channel|>" in shown_markers(FORMATS["harmony"]) and "<|message|>" in shown_markers(FORMATS["harmony"])
+    assert shown_markers(FORMATS["hermes"]) == ()
+
+
+def test_the_backend_decodes_shown_control_tokens_as_their_text(checker):
+    import codecs
+    import ctypes
+    from types import SimpleNamespace
+
+    from llamad.engine.llama_slots import LlamaSlotsBackend
+
+    ll = checker.ll
+    token = next(t for t in range(ll.llama_vocab_n_tokens(checker.vocab)) if ll.llama_vocab_is_control(checker.vocab, t))
+    backend = SimpleNamespace(ll=ll, vocab=checker.vocab, _piece=ctypes.create_string_buffer(256), shown_tokens=frozenset())
+    sampler = SimpleNamespace(decoder=codecs.getincrementaldecoder("utf-8")(), constraint=None)
+    assert LlamaSlotsBackend.accept(backend, sampler, token) == ""  # hidden, as before
+    backend.shown_tokens = frozenset({token})
+    shown = LlamaSlotsBackend.accept(backend, sampler, token)
+    assert shown.startswith("<") and shown.endswith(">")
