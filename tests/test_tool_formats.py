@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llamad.tools.formats import HARMONY_REASONING, THINK_REASONING, detect
+from llamad.tools.formats import HARMONY_REASONING, MISTRAL_REASONING, THINK_REASONING, detect
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"
 
@@ -29,6 +29,7 @@ def template(name: str) -> str:
         ("mistralai-Mistral-Nemo-Instruct-2407", "mistral", None),
         ("unsloth-mistral-Devstral-Small-2507", "mistral-args", None),
         ("Mistral-Small-3.2-24B-Instruct-2506", "mistral-args", None),
+        ("mistralai-Ministral-3-14B-Reasoning-2512", "mistral-args", MISTRAL_REASONING),
         ("openai-gpt-oss-120b", "harmony", HARMONY_REASONING),
         ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "hermes", THINK_REASONING),
         ("google-gemma-2-2b-it", "hermes", None),

@@ -16,7 +16,8 @@ llama.cpp's common/chat*.cpp):
 | `json` | `{"name": n, "arguments": {…}}` | a template that takes `tools` in none of the shapes above |
 
 Reasoning markers (`ToolFormat.reasoning`): `("<think>", "</think>")` when the template or
-the vocabulary has `<think>`; harmony's analysis channel
+the vocabulary has `<think>`; `("[THINK]", "[/THINK]")` for Mistral's reasoning models;
+harmony's analysis channel
 (`<|channel|>analysis<|message|>` … `<|end|>`) for gpt-oss; None otherwise.
 
 A GGUF without a template, or whose template does not take `tools`, gets `hermes`: llamad
@@ -30,8 +31,9 @@ from dataclasses import dataclass
 
 THINK_REASONING = ("<think>", "</think>")
 HARMONY_REASONING = ("<|channel|>analysis<|message|>", "<|end|>")
+MISTRAL_REASONING = ("[THINK]", "[/THINK]")  # Magistral, Ministral 3 Reasoning
 
-__all__ = ["FORMATS", "HARMONY_REASONING", "MARKERS", "THINK_REASONING", "ToolFormat", "by_name", "detect", "shown_markers", "special_markers"]
+__all__ = ["FORMATS", "HARMONY_REASONING", "MARKERS", "MISTRAL_REASONING", "THINK_REASONING", "ToolFormat", "by_name", "detect", "shown_markers", "special_markers"]
 
 
 
@@ -80,7 +82,7 @@ def detect(template_text: str | None, special_tokens: set[str] | frozenset[str] 
 
     if "<|channel|>" in text or ("<|channel|>" in specials and "<|constrain|>" in specials and not text):
         return _with(FORMATS["harmony"], HARMONY_REASONING, takes_tools or not text)
-    reasoning = THINK_REASONING if has("<think>") else None
+    reasoning = THINK_REASONING if has("<think>") else MISTRAL_REASONING if has("[THINK]") else None
     if not takes_tools:
         return HERMES.with_reasoning(reasoning)
     if "<function=" in text and "<parameter=" in text:
@@ -97,7 +99,7 @@ def detect(template_text: str | None, special_tokens: set[str] | frozenset[str] 
 
 
 # The marker texts `detect` asks the vocabulary about.
-MARKERS = ("<think>", "</think>", "<tool_call>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>", "<|channel|>",
+MARKERS = ("<think>", "</think>", "[THINK]", "[/THINK]", "<tool_call>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>", "<|channel|>",
            "<|message|>", "<|constrain|>", "<|start|>", "<|end|>", "<|call|>", "<|return|>")
 
 

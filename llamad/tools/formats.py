@@ -8,6 +8,7 @@ from llamad.engine.tool_formats import (
     HARMONY_REASONING,
     HERMES,
     MARKERS,
+    MISTRAL_REASONING,
     THINK_REASONING,
     ToolFormat,
     by_name,
@@ -17,6 +18,6 @@ from llamad.engine.tool_formats import (
 )
 
 __all__ = [
-    "FORMATS", "HARMONY_REASONING", "HERMES", "MARKERS", "THINK_REASONING", "ToolFormat", "by_name", "detect",
+    "FORMATS", "HARMONY_REASONING", "HERMES", "MARKERS", "MISTRAL_REASONING", "THINK_REASONING", "ToolFormat", "by_name", "detect",
     "shown_markers", "special_markers",
 ]
