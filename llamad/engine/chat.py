@@ -7,9 +7,15 @@ own Jinja template, a named llama-cpp-python format, or a choice by architecture
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any, Callable
+
+import structlog
+
+log = structlog.get_logger("llamad.engine")
 
 
 @dataclass
@@ -43,6 +49,9 @@ class Chat:
     tools: list[ToolSpec] = field(default_factory=list)
     # Extra system text (tool instructions) appended by the tools layer.
     system_suffix: str = ""
+    # Variables the template is rendered with beyond the conversation (llamad.serve.request's
+    # template_switches): enable_thinking, reasoning_effort, any chat_template_kwargs.
+    switches: dict[str, Any] = field(default_factory=dict)
 
 
 # Architecture -> llama-cpp-python chat format, for GGUF files that carry no template.
@@ -127,7 +136,20 @@ def tool_call_json(call: ToolCall) -> str:
     return json.dumps({"name": call.name, "arguments": arguments}, ensure_ascii=False)
 
 
-def messages_as_text(chat: Chat, template_has_tools: bool) -> list[dict[str, Any]]:
+def call_arguments(arguments: str, as_object: bool) -> Any:
+    """A call's arguments as the template gets them: the JSON object (what Transformers'
+    templates expect: they `tojson` it or walk its items), or the text when it is not one or
+    the template concatenates strings (DeepSeek R1's)."""
+    if not as_object:
+        return arguments
+    try:
+        value = json.loads(arguments) if arguments.strip() else {}
+    except json.JSONDecodeError:
+        return arguments
+    return value if isinstance(value, dict) else arguments
+
+
+def messages_as_text(chat: Chat, template_has_tools: bool, object_arguments: bool = False) -> list[dict[str, Any]]:
     """Chat messages as the dicts a chat template expects.
 
     Templates without tool support get tool calls and tool results as plain text, so
@@ -159,7 +181,7 @@ def messages_as_text(chat: Chat, template_has_tools: bool) -> list[dict[str, Any
                         {
                             "id": call.id,
                             "type": "function",
-                            "function": {"name": call.name, "arguments": call.arguments},
+                            "function": {"name": call.name, "arguments": call_arguments(call.arguments, object_arguments)},
                         }
                         for call in message.tool_calls
                     ]
@@ -214,6 +236,71 @@ def fold_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"role": "user", "content": system}] + rest
 
 
+def gguf_formatter(template: str, bos_token: str, eos_token: str, clock: Callable[[], datetime] = datetime.now) -> Callable[..., Any]:
+    """The GGUF's own Jinja template, rendered as Transformers renders it: llama-cpp-python's
+    Jinja2ChatFormatter (sandbox, trim_blocks/lstrip_blocks, loop controls, `tojson`,
+    `{% generation %}`), plus every extra variable the request gives (enable_thinking,
+    reasoning_effort, ...), and `strftime_now` read from `clock` (tests fix the date)."""
+    from llama_cpp.llama_chat_format import ChatFormatterResponse, Jinja2ChatFormatter
+
+    class GGUFTemplate(Jinja2ChatFormatter):
+        def __call__(self, *, messages: list[dict[str, Any]], tools: Any = None, **kwargs: Any) -> Any:
+            def raise_exception(message: str) -> None:
+                raise TemplateRefused(message)
+
+            variables: dict[str, Any] = {
+                "messages": messages,
+                "tools": tools,
+                "eos_token": self.eos_token,
+                "bos_token": self.bos_token,
+                "add_generation_prompt": self.add_generation_prompt,
+                "raise_exception": raise_exception,
+                "strftime_now": lambda f: clock().strftime(f),
+            }
+            variables.update(kwargs)
+            prompt = self._environment.render(**variables)
+            return ChatFormatterResponse(prompt=prompt, stop=[self.eos_token] if self.eos_token else [], added_special=True)
+
+    return GGUFTemplate(template=template, eos_token=eos_token, bos_token=bos_token)
+
+
+class TemplateRefused(ValueError):
+    """The chat template called raise_exception() on this conversation."""
+
+
+# When the template refuses a valid conversation, it is rewritten into shapes templates
+# commonly accept, in this order: tool call ids as 9 letters and digits (Mistral's
+# templates require them), the system prompt folded into the first user turn (templates
+# without a system role), tool calls and results written as text (templates without a tool
+# role). Each is (what the log says, short ids, fold system, tools as text).
+ADAPTATIONS = (
+    ("tool call ids shortened to 9 letters and digits", True, False, False),
+    ("system prompt folded into the first user turn", False, True, False),
+    ("system prompt folded, tool call ids shortened", True, True, False),
+    ("tool calls and results written as text", False, False, True),
+    ("system prompt folded, tool calls and results written as text", False, True, True),
+)
+
+
+def short_id(call_id: str | None) -> str | None:
+    """A tool call id as 9 letters and digits, the same for the call and its result."""
+    if call_id is None:
+        return None
+    return hashlib.sha1(call_id.encode("utf-8")).hexdigest()[:9]
+
+
+def with_short_ids(chat: Chat) -> Chat:
+    messages = [
+        replace(
+            m,
+            tool_calls=[replace(c, id=short_id(c.id) or "") for c in m.tool_calls],
+            tool_call_id=short_id(m.tool_call_id),
+        )
+        for m in chat.messages
+    ]
+    return replace(chat, messages=messages)
+
+
 @dataclass
 class ChatTemplate:
     """How this model's prompts are written, chosen once at load time."""
@@ -225,18 +312,52 @@ class ChatTemplate:
     supports_tools: bool = False
 
     def render(self, chat: Chat) -> tuple[str, list[str], bool]:
-        """-> (prompt text, template stop strings, prompt already holds BOS text)."""
-        messages = messages_as_text(chat, self.supports_tools)
+        """-> (prompt text, template stop strings, prompt already holds BOS text).
+
+        A template that raises on a valid conversation gets it rewritten (ADAPTATIONS), and
+        the log says how; only when every shape is refused does the error go back."""
+        shape = (False, self.fold_system_prompt, not self.supports_tools)
+        try:
+            return self._rendered(chat, *shape)
+        except Exception as exc:  # raise_exception(), or a template that trips on a shape
+            first = exc
+        tried = {shape}
+        for how, short, fold, tools_as_text in ADAPTATIONS:
+            other = (short, fold or shape[1], tools_as_text or shape[2])
+            if other in tried:
+                continue
+            tried.add(other)
+            try:
+                rendered = self._rendered(chat, *other)
+            except Exception:
+                continue
+            log.warning("chat_template_adapted", template=self.source, refused=str(first), adapted=how)
+            return rendered
+        raise first
+
+    def _rendered(self, chat: Chat, short: bool, fold: bool, tools_as_text: bool) -> tuple[str, list[str], bool]:
+        """Call arguments as JSON objects, else as the text (both are what templates take)."""
+        if short:
+            chat = with_short_ids(chat)
+        try:
+            return self._render(chat, fold, tools_as_text, object_arguments=True)
+        except Exception:
+            if tools_as_text or not any(m.tool_calls for m in chat.messages):
+                raise
+        return self._render(chat, fold, tools_as_text, object_arguments=False)
+
+    def _render(self, chat: Chat, fold: bool, tools_as_text: bool, object_arguments: bool) -> tuple[str, list[str], bool]:
+        messages = messages_as_text(chat, not tools_as_text, object_arguments)
         # A final assistant message is a prefill: the answer continues it (Anthropic's
         # documented behaviour; llama.cpp's server does the same for OpenAI requests).
         prefill = ""
         last = chat.messages[-1] if chat.messages else None
         if last is not None and last.role == "assistant" and not last.tool_calls and messages[-1]["role"] == "assistant":
             prefill = messages.pop()["content"]
-        if self.fold_system_prompt:
+        if fold:
             messages = fold_system(messages)
-        kwargs: dict[str, Any] = {"messages": messages}
-        if self.supports_tools and chat.tools:
+        kwargs: dict[str, Any] = {"messages": messages, **chat.switches}
+        if self.supports_tools and chat.tools and not tools_as_text:
             kwargs["tools"] = [
                 {
                     "type": "function",

@@ -27,6 +27,7 @@ from llamad.engine.chat import (
     fallback_format,
     Chat,
     ChatTemplate,
+    gguf_formatter,
     named_formatter,
 )
 from llamad.config import KV_CACHE_TYPES, Config, file_identity, sampling_defaults
@@ -182,6 +183,7 @@ class LlamaEngine(Engine):
         finally:
             load_lines = native.release()
         self.template = self._choose_template()
+        n_ctx = self._trained_cap(m.n_ctx)
         self._tool_format = self._detect_tool_format()
         offloaded = offloaded_layers(load_lines)
         # A prompt read alone goes in n_batch steps (in 128-token steps a cold 2,300-token
@@ -191,7 +193,7 @@ class LlamaEngine(Engine):
         native.capture()
         try:
             self.backend = LlamaSlotsBackend(
-                self.llm, self.parallel, m.n_ctx, m.n_batch, prompt_step, threads, flash_attn=m.flash_attn
+                self.llm, self.parallel, n_ctx, m.n_batch, prompt_step, threads, flash_attn=m.flash_attn
             )
             self.backend.shown_tokens = self._shown_tokens()
         finally:
@@ -201,14 +203,15 @@ class LlamaEngine(Engine):
             "path": str(self.model_path),
             "architecture": metadata.get("general.architecture", "unknown"),
             "chat_template": self.template.source,
-            "n_ctx": m.n_ctx,
+            "n_ctx": n_ctx,
             "n_ctx_train": self.llm._model.n_ctx_train(),  # noqa: SLF001
+            **({"n_ctx_capped": f"model.n_ctx {m.n_ctx} capped at the GGUF's trained context {n_ctx}"} if n_ctx < m.n_ctx else {}),
             "n_threads": threads,
             "n_gpu_layers": m.n_gpu_layers,
             "gpu_layers_offloaded": offloaded or "0 (CPU build or none requested)",
             "prompt_step": prompt_step,
             "parallel": self.parallel,
-            "kv_tokens": self.parallel * m.n_ctx,
+            "kv_tokens": self.parallel * n_ctx,
             # The KV cache that serves requests is the slots' context, not the helper's.
             "kv_cache_mib": kv_cache_mib(context_lines),
             "kv_cache_type": f"{m.type_k}/{m.type_v}",
@@ -220,7 +223,7 @@ class LlamaEngine(Engine):
             path=str(self.model_path),
             size_bytes=self.model_path.stat().st_size,
             architecture=self.info["architecture"],
-            n_ctx=m.n_ctx,
+            n_ctx=n_ctx,
             n_threads=threads,
             n_gpu_layers=m.n_gpu_layers,
             gpu_layers_offloaded=self.info["gpu_layers_offloaded"],
@@ -238,8 +241,6 @@ class LlamaEngine(Engine):
         self.loop.start()
 
     def _choose_template(self) -> ChatTemplate:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         llm = self.llm
         assert llm is not None
         metadata = llm.metadata
@@ -256,11 +257,10 @@ class LlamaEngine(Engine):
         if template:
             eos = llm.token_eos()
             bos = llm.token_bos()
-            formatter = Jinja2ChatFormatter(
-                template=template,
+            formatter = gguf_formatter(
+                template,
                 eos_token=llm._model.token_get_text(eos) if eos != -1 else "",  # noqa: SLF001
                 bos_token=llm._model.token_get_text(bos) if bos != -1 else "",  # noqa: SLF001
-                stop_token_ids=[eos],
             )
             log.info("chat_template_chosen", source="gguf", reason="the GGUF carries tokenizer.chat_template")
             return ChatTemplate(source="gguf", render_fn=formatter, supports_tools="tools" in template)
@@ -301,6 +301,25 @@ class LlamaEngine(Engine):
         found = formats.detect(text, formats.special_markers(tokenize))
         log.info("tool_format_detected", tool_format=found.name, reasoning=found.reasoning)
         return found
+
+    def _trained_cap(self, wanted: int) -> int:
+        """model.n_ctx, capped at the context the GGUF was trained on (as llama-server does):
+        past it, positions the model never saw make it repeat itself. llamad configures no
+        RoPE scaling, so the cap always applies; a GGUF that carries its own scaling states
+        the scaled length as its trained context."""
+        assert self.llm is not None
+        trained = self.llm._model.n_ctx_train()  # noqa: SLF001
+        if 0 < trained < wanted:
+            log.warning(
+                "n_ctx_capped",
+                n_ctx=wanted,
+                n_ctx_train=trained,
+                reason="model.n_ctx is past the GGUF's trained context; capped at it",
+            )
+            self.n_ctx = trained
+            return trained
+        self.n_ctx = wanted
+        return wanted
 
     # -- prompts ---------------------------------------------------------------------------
     def _prepare(self, chat: Chat) -> Prompt:

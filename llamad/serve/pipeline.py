@@ -15,7 +15,7 @@ stream, and `Reply.family` picks the error shape (llamad.serve.errors).
 from __future__ import annotations
 
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable, Protocol
 
 import structlog
@@ -30,6 +30,7 @@ from llamad.serve.answer import AnswerEvent, ChoiceStart, Finish, Keepalive, Too
 from llamad.serve.body import unless_disconnected
 from llamad.serve.errors import ApiError, from_exception
 from llamad.serve.observe import RequestRecord, engine_of, record_of, with_content_logged
+from llamad.serve.budget import BudgetedEngine
 from llamad.serve.request import (
     MAX_STOPS,
     UNLIMITED,
@@ -39,6 +40,7 @@ from llamad.serve.request import (
     RawPrompt,
     TextPrompt,
     TokenPrompt,
+    template_switches,
 )
 
 log = structlog.get_logger("llamad.request")
@@ -76,6 +78,8 @@ class Prepared:
     split_reasoning: bool = True
     # What a request gets for the sampling settings it leaves out ([sampling] in the TOML).
     default_sampling: Sampling = field(default_factory=Sampling)
+    # Tokens the reasoning may take before it is closed (llamad.serve.budget); None: no limit.
+    thinking_budget: int | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -123,7 +127,8 @@ async def prepare(engine: Engine, ask: ModelRequest, limits: Any, counting: bool
     grammar, make_parser = _plan_tools(engine, ask)
     checked = None if counting else grammar
     if ask.chat is not None:
-        prompts = [await engine.prepare(ask.chat, checked)]
+        chat = replace(ask.chat, switches={**ask.chat.switches, **template_switches(ask)})  # rendered with them
+        prompts = [await engine.prepare(chat, checked)]
     else:
         prompts = [await _raw_prompt(engine, item, checked) for item in ask.prompts]
     context = min(ask.n_ctx, engine.n_ctx) if ask.n_ctx else engine.n_ctx
@@ -152,6 +157,7 @@ async def prepare(engine: Engine, ask: ModelRequest, limits: Any, counting: bool
         count_tokens=engine.count_tokens,
         split_reasoning=ask.chat is not None,
         default_sampling=engine.default_sampling,
+        thinking_budget=ask.thinking_budget,
     )
 
 
@@ -207,6 +213,8 @@ async def _raw_prompt(engine: Engine, item: RawPrompt, grammar: str | None) -> P
 
 
 def _events(engine: Engine, prepared: Prepared, index: int, keep_reasoning: bool) -> AsyncIterator[AnswerEvent]:
+    if prepared.thinking_budget is not None and prepared.split_reasoning:
+        engine = BudgetedEngine(engine, prepared.thinking_budget)  # type: ignore[assignment]
     return answer_events(
         engine, prepared.generations[index], keep_reasoning, prepared.parsers[index], split_reasoning=prepared.split_reasoning
     )

@@ -101,3 +101,26 @@ class ModelRequest:
     ignore_eos: bool = False
     # A context smaller than the loaded one (Ollama's num_ctx): prompt and answer fit in it.
     n_ctx: int | None = None
+    # The chat template's switches, set by each face from its own field: OpenAI's
+    # `chat_template_kwargs` and `reasoning_effort`, Responses' `reasoning.effort`,
+    # Anthropic's `thinking`, Ollama's `think`. `thinking_budget` (Anthropic's
+    # budget_tokens): the reasoning is closed once it has used that many tokens.
+    template_kwargs: dict = field(default_factory=dict)
+    reasoning_effort: str | None = None
+    thinking_budget: int | None = None
+
+
+def template_switches(ask: ModelRequest) -> dict:
+    """The variables the chat template is rendered with beyond the conversation: the
+    client's `chat_template_kwargs` (e.g. enable_thinking), and `reasoning_effort` (gpt-oss's
+    template reads it). An explicit kwarg wins over the face's own field."""
+    switches: dict = {}
+    if ask.reasoning_effort is not None:
+        switches["reasoning_effort"] = ask.reasoning_effort
+    switches.update(ask.template_kwargs)
+    return switches
+
+
+def thinking_switch(enabled: bool | None) -> dict:
+    """`enable_thinking` for the templates that read it (Qwen 3, SmolLM3, GLM, ...)."""
+    return {} if enabled is None else {"enable_thinking": enabled}

@@ -23,7 +23,7 @@ import msgspec
 
 from llamad.engine import Sampling
 from llamad.engine.chat import Chat, ChatMessage, ToolCall, ToolSpec
-from llamad.serve.request import InvalidRequest, ModelRequest, ToolUse, check_range
+from llamad.serve.request import InvalidRequest, ModelRequest, ToolUse, check_range, thinking_switch
 
 # -- request schema (unknown fields such as cache_control are accepted and ignored) --------
 
@@ -386,4 +386,14 @@ def to_request(req: MessagesRequest, max_messages: int, keep_reasoning: bool, co
         stop_param="stop_sequences",
         tools=tool_use_of(req),
         keep_reasoning=keep_reasoning,
+        template_kwargs=thinking_switch(thinking_of(req)),
+        thinking_budget=req.thinking.budget_tokens if isinstance(req.thinking, ThinkingEnabled) else None,
     )
+
+
+def thinking_of(req: MessagesRequest) -> bool | None:
+    """`thinking` as the template's enable_thinking: enabled or adaptive is on, disabled
+    off, absent is the template's own default."""
+    if req.thinking is None:
+        return None
+    return not isinstance(req.thinking, ThinkingDisabled)

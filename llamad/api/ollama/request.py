@@ -11,7 +11,7 @@ import msgspec
 
 from llamad.engine import Sampling
 from llamad.engine.chat import Chat, ChatMessage, ToolCall, ToolSpec
-from llamad.serve.request import UNLIMITED, InvalidRequest, ModelRequest, RawPrompt, ToolUse, check_range
+from llamad.serve.request import UNLIMITED, InvalidRequest, ModelRequest, RawPrompt, ToolUse, check_range, thinking_switch
 
 
 class FunctionCall(msgspec.Struct):
@@ -192,6 +192,8 @@ def to_request(req: Common, chat: Chat | None, prompts: list[RawPrompt] | None =
         stop_param="options.stop",
         tools=ToolUse(response_format=response_format_of(req.format)),
         keep_reasoning=wants_thinking(req.think),
+        template_kwargs=thinking_switch(None if req.think is None else wants_thinking(req.think)),
+        reasoning_effort=req.think if req.think in ("low", "medium", "high") else None,
         logprobs=logprobs_of(req),
         n_ctx=context_of(req.options),
     )

@@ -92,6 +92,9 @@ class ChatRequest(SamplingFields, kw_only=True):
     response_format: Union[dict[str, Any], None] = None
     logprobs: Union[bool, None] = None
     top_logprobs: Union[int, None] = None
+    # The chat template's switches (llama-server's names): e.g. {"enable_thinking": false}.
+    chat_template_kwargs: Union[dict[str, Any], None] = None
+    reasoning_effort: Union[str, None] = None
 
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -353,6 +356,8 @@ def to_request(req: ChatRequest, max_messages: int, keep_reasoning: bool) -> Mod
         keep_reasoning=keep_reasoning,
         logprobs=openai_logprobs.chat_top_n(req.logprobs, req.top_logprobs),
         ignore_eos=req.ignore_eos,
+        template_kwargs=dict(req.chat_template_kwargs or {}),
+        reasoning_effort=req.reasoning_effort,
     )
 
 

@@ -384,5 +384,12 @@ def to_request(
         # do not show it skip, and it is never fed back as answer text.
         keep_reasoning=True,
         logprobs=None if counting else top_logprobs_of(req),
+        reasoning_effort=effort_of(req.reasoning),
     )
     return ask, history
+
+
+def effort_of(reasoning: dict[str, Any] | None) -> str | None:
+    """`reasoning.effort` ("low", "medium", "high"), for the template's reasoning_effort."""
+    effort = (reasoning or {}).get("effort")
+    return effort if isinstance(effort, str) else None
