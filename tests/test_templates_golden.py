@@ -60,6 +60,8 @@ SWITCHES = {
     "smollm3": ModelRequest(template_kwargs={"enable_thinking": False}),
     "glm-4.6": ModelRequest(template_kwargs={"enable_thinking": False}),
     "gpt-oss": ModelRequest(reasoning_effort="high"),
+    # llama.cpp's copy of the R1 distill template closes the think block unless asked.
+    "deepseek-r1-qwen": ModelRequest(template_kwargs={"enable_thinking": True}),
 }
 
 
