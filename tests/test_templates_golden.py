@@ -135,3 +135,19 @@ def test_a_conversation_no_shape_fixes_still_fails() -> None:
     )
     with pytest.raises(ValueError, match="never"):
         template.render(CASES["plain"])
+
+
+def test_tools_the_template_refused_still_reach_the_model() -> None:
+    """A template that renders tools but refuses a tool turn: the adapted render writes the
+    calls and results as text, and the offered tools go into the system prompt as text
+    (the tools layer had left them to the template)."""
+    text = (
+        "{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tool role') }}{% endif %}"
+        "<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if tools %}[{{ tools | length }} tools]{% endif %}<assistant>"
+    )
+    template = ChatTemplate(source="gguf", render_fn=gguf_formatter(text, "", ""), supports_tools=True)
+    assert "[1 tools]" in template.render(CASES["tools"])[0]  # no tool turn: the template's own rendering
+    rendered = template.render(CASES["tool_result"])[0]
+    assert '<system>You are terse.\n\nYou may call these tools:\n<tools>\n{"name": "get_weather"' in rendered
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in rendered
+    assert "<tool_response" in rendered and "[1 tools]" not in rendered

@@ -210,6 +210,18 @@ def messages_as_text(chat: Chat, template_has_tools: bool, object_arguments: boo
     return _merge_same_role(out)
 
 
+def tools_as_prompt(tools: list[ToolSpec]) -> str:
+    """The offered tools as system text, in the shape messages_as_text writes calls."""
+    listing = "\n".join(
+        json.dumps({"name": t.name, "description": t.description, "parameters": t.parameters}, ensure_ascii=False)
+        for t in tools
+    )
+    return (
+        "You may call these tools:\n<tools>\n" + listing + "\n</tools>\n"
+        'To call one, write <tool_call>\n{"name": <tool name>, "arguments": <arguments object>}\n</tool_call>'
+    )
+
+
 def _merge_same_role(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Strict templates (Gemma, Mistral) require user/assistant to alternate."""
     merged: list[dict[str, Any]] = []
@@ -347,6 +359,10 @@ class ChatTemplate:
         return self._render(chat, fold, tools_as_text, object_arguments=False)
 
     def _render(self, chat: Chat, fold: bool, tools_as_text: bool, object_arguments: bool) -> tuple[str, list[str], bool]:
+        if tools_as_text and self.supports_tools and chat.tools:
+            # The tools layer left their description to this template, which has refused
+            # them: they go into the system prompt as text, beside the calls written as text.
+            chat = replace(chat, system_suffix="\n\n".join(p for p in (chat.system_suffix, tools_as_prompt(chat.tools)) if p))
         messages = messages_as_text(chat, not tools_as_text, object_arguments)
         # A final assistant message is a prefill: the answer continues it (Anthropic's
         # documented behaviour; llama.cpp's server does the same for OpenAI requests).
