@@ -44,7 +44,8 @@ def _partial_suffix(text: str, markers: tuple[str, ...]) -> int:
 
 
 class _Calls:
-    """What both parsers share: call numbering and the ToolParser properties."""
+    """What both parsers share: call numbering, the ToolParser properties, and feeding text to
+the parser's `_run`."""
 
     def __init__(self, tools: dict[str, dict], id_prefix: str, parallel: bool):
         self.tools = tools  # name -> parameters schema
@@ -63,6 +64,15 @@ class _Calls:
             self.ended_on_call = False
             out.append(TextDelta(text))
 
+    def feed(self, text: str) -> list[AnswerEvent]:
+        self.pending += text
+        out: list[AnswerEvent] = []
+        self._run(out, final=False)
+        return out
+
+    def _run(self, out: list[AnswerEvent], final: bool) -> None:
+        raise NotImplementedError
+
 
 class QwenXmlParser(_Calls):
     OPENERS = ("<tool_call>", "<function=")
@@ -73,12 +83,6 @@ class QwenXmlParser(_Calls):
         self.raw = ""  # the block's text so far (text again if it is not a call)
         self.name = ""
         self.members = 0
-
-    def feed(self, text: str) -> list[AnswerEvent]:
-        self.pending += text
-        out: list[AnswerEvent] = []
-        self._run(out, final=False)
-        return out
 
     def finish(self) -> list[AnswerEvent]:
         out: list[AnswerEvent] = []
@@ -245,12 +249,6 @@ class HarmonyParser(_Calls):
         self.name = ""
         self.scanner = JsonPrefix()
         self.body = ""
-
-    def feed(self, text: str) -> list[AnswerEvent]:
-        self.pending += text
-        out: list[AnswerEvent] = []
-        self._run(out, final=False)
-        return out
 
     def finish(self) -> list[AnswerEvent]:
         out: list[AnswerEvent] = []
