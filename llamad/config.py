@@ -68,6 +68,15 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     flash_attn: bool = False
 
 
+class CacheConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Saved prompt states (KV) on disk, so a restart or reload finds them
+    # (llamad.engine.disk_cache). Empty: $CACHE_DIRECTORY/kv when systemd sets it
+    # (CacheDirectory=), else $XDG_CACHE_HOME/llamad/kv, else ~/.cache/llamad/kv.
+    dir: str = ""
+    # Bytes the directory may hold; the least recently used state goes first. 0 turns it off.
+    max_bytes: int = 2 * 1024 * 1024 * 1024
+
+
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_tokens_hard_cap: int = 1024
     # Used when a request names no max_tokens (OpenAI makes it optional).
@@ -121,6 +130,7 @@ class ResponsesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     sampling: SamplingConfig = msgspec.field(default_factory=SamplingConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
@@ -131,6 +141,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 SECTIONS: dict[str, type[msgspec.Struct]] = {
     "server": ServerConfig,
     "model": ModelConfig,
+    "cache": CacheConfig,
     "limits": LimitsConfig,
     "sampling": SamplingConfig,
     "logging": LoggingConfig,
@@ -351,6 +362,7 @@ def validate(loaded: LoadedConfig) -> None:
             f"'model.type_v' = {c.model.type_v!r} ({loaded.source('model.type_v')}): a quantized V cache needs "
             "flash attention: set model.flash_attn = true, or type_v = \"f16\""
         )
+    _check(c.cache.max_bytes >= 0, loaded, "cache.max_bytes", c.cache.max_bytes, "0 (off) or more")
     _check(c.limits.max_tokens_hard_cap >= 1, loaded, "limits.max_tokens_hard_cap", c.limits.max_tokens_hard_cap, "at least 1")
     _check(c.limits.default_max_tokens >= 1, loaded, "limits.default_max_tokens", c.limits.default_max_tokens, "at least 1")
     _check(c.limits.max_messages >= 1, loaded, "limits.max_messages", c.limits.max_messages, "at least 1")
@@ -456,6 +468,20 @@ def file_identity(path: Path) -> tuple[str, int, int] | None:
     except OSError:
         return None
     return (str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def kv_cache_dir(config: Config, env: Mapping[str, str] | None = None) -> Path:
+    """Where saved prompt states go on disk: `cache.dir`, else the directory systemd made
+    for the unit (CacheDirectory=llamad sets $CACHE_DIRECTORY), else the user's cache."""
+    env = os.environ if env is None else env
+    if config.cache.dir:
+        return Path(config.cache.dir).expanduser()
+    systemd = env.get("CACHE_DIRECTORY", "").split(":")[0]
+    if systemd:
+        return Path(systemd) / "kv"
+    xdg = env.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg else Path(env.get("HOME") or Path.home()) / ".cache"
+    return base / "llamad" / "kv"
 
 
 def to_toml_data(config: Config) -> dict[str, Any]:

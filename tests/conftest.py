@@ -8,12 +8,15 @@ a private one with other settings.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +35,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_engine import FakeEngine  # noqa: E402
 
 TEST_MODEL = os.environ.get("LLAMAD_TEST_MODEL", "")
+
+# Saved prompt states go to disk ([cache]); an engine a test builds in this process writes
+# them under this session's own directory (the default is $CACHE_DIRECTORY/kv), never to
+# the user's cache, and a server start_server starts gets a directory of its own.
+_SESSION_CACHE = tempfile.mkdtemp(prefix="llamad-test-cache-")
+os.environ["CACHE_DIRECTORY"] = _SESSION_CACHE
+atexit.register(shutil.rmtree, _SESSION_CACHE, True)
 
 # Under CI the property tests draw the same examples every run: a red CI run then points at
 # a change, not at an unlucky draw (a new counter-example is found by running them locally).
@@ -99,6 +109,7 @@ def start_server(tmp_dir: Path, toml: str = "", **env: str) -> Iterator[RunningS
         "MODEL_PATH": TEST_MODEL,
         "PORT": str(port),
         "LLAMAD_LOGGING_FORMAT": "json",
+        "LLAMAD_CACHE_DIR": str(tmp_dir / f"kv-{port}"),
         **env,
     }
     with log_path.open("w") as log_file:

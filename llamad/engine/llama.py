@@ -33,6 +33,7 @@ from llamad.engine.chat import (
 from llamad.config import KV_CACHE_TYPES, Config, file_identity, sampling_defaults
 from llamad.engine import Engine, FimTokens, Generation, GrammarRejected, Prompt, PromptError, TokenLogprob
 from llamad.engine.llama_slots import LlamaSlotsBackend
+from llamad.engine.disk_cache import open_disk_cache
 from llamad.engine.prompt_cache import PromptStateCache
 from llamad.engine.slots import StepLoop
 from llamad.grammar.constraint import GrammarError, check_grammar
@@ -113,6 +114,9 @@ FILE_TYPES = {"0": "F32", "1": "F16", "2": "Q4_0", "3": "Q4_1", "7": "Q8_0", "8"
 # The `Llama` object only tokenizes and renders templates; its own context (and compute
 # buffer, n_batch x n_vocab logits) stays tiny.
 HELPER_CONTEXT = 32
+# At close, how long the saved slots may take to reach the disk (systemd's stop timeout is
+# 60 s): a few hundred MiB on a slow card.
+KEEP_TIMEOUT_S = 20.0
 
 
 class LlamaEngine(Engine):
@@ -138,7 +142,8 @@ class LlamaEngine(Engine):
         self.model_identity: tuple[str, int, int] | None = None
         self.embedder = None  # llamad.engine.llama_embed.Embedder, made on the first embedding request
         capacity = config.model.prompt_cache_bytes
-        self.prompt_cache = PromptStateCache(capacity) if capacity > 0 else None
+        # In memory (model.prompt_cache_bytes) and on disk ([cache], attached at load).
+        self.prompt_cache = PromptStateCache(capacity) if capacity > 0 or config.cache.max_bytes > 0 else None
 
     @property
     def template_supports_tools(self) -> bool:
@@ -235,6 +240,8 @@ class LlamaEngine(Engine):
             chat_template=self.template.source,
             load_s=round(time.monotonic() - started, 3),
         )
+        if self.prompt_cache is not None:
+            self.prompt_cache.disk = open_disk_cache(self.config, self.model_path)
         self.loop = StepLoop(
             self.backend, self.prompt_cache, engine_stats=self.stats, someone_waits=self.scheduler.has_waiters
         )
@@ -422,6 +429,9 @@ class LlamaEngine(Engine):
     # -- generation ------------------------------------------------------------------------
     def _decode(self, generation: Generation, cancel: threading.Event) -> Iterator[str | int | TokenLogprob]:
         assert self.loop is not None
+        tokens = generation.prompt.tokens
+        if self.prompt_cache is not None:  # a saved state on disk is read here, not in the step loop
+            self.prompt_cache.prefetch(tokens, held=self.loop.forecast_reuse(tokens))
         return self.loop.generate(generation, cancel)
 
     @property
@@ -432,10 +442,31 @@ class LlamaEngine(Engine):
     def grammar_fallbacks(self) -> int:
         return self.backend.grammar_fallbacks if self.backend is not None else 0
 
+    @property
+    def disk_cache(self):
+        """The on-disk saved-state cache (llamad.engine.disk_cache), or None."""
+        return self.prompt_cache.disk if self.prompt_cache is not None else None
+
     def close(self) -> None:
         if self.loop is not None:
             self.loop.close()  # ends what it still runs; the worker threads then return
+            self._keep_slots()
         super().close()
         if self.backend is not None:
             self.backend.close()
             self.backend = None
+
+    def _keep_slots(self) -> None:
+        """Once the step loop has stopped: what the slots hold goes to the saved-state cache
+        and so to disk (waiting for the writes), so that the next start, or the engine a
+        reload swapped in, reuses it."""
+        cache, loop = self.prompt_cache, self.loop
+        if cache is None or cache.disk is None or loop is None or self.backend is None:
+            return
+        for slot in loop.slots:
+            if slot.cached:
+                try:
+                    loop._save(slot)  # noqa: SLF001 - the loop's thread is gone; the context is free
+                except Exception as exc:
+                    log.warning("slot_not_kept", slot=slot.id, error=str(exc))
+        cache.close(timeout=KEEP_TIMEOUT_S)

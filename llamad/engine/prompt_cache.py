@@ -10,15 +10,26 @@ evaluating it again.
 Only the sequence's KV data and its tokens are kept (llama-cpp-python's save_state also
 copies a logits buffer that is n_batch x n_vocab floats, half a gigabyte for Gemma 3).
 Memory is bounded by `model.prompt_cache_bytes`; the least recently used state goes first.
+
+Every state saved here also goes to disk (llamad.engine.disk_cache, `[cache]`), written by a
+background thread, so a restart, a reload or an eviction from memory does not cost a cold
+prompt: a prompt that finds a longer prefix on disk than in memory reuses the disk's. The
+engine announces each prompt first (`prefetch`, from the request's worker thread), which
+reads such a state there; the step loop then only takes it (`best`), never waiting on disk.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from llamad.engine.chat import Chat, ChatMessage
+
+if TYPE_CHECKING:
+    from llamad.engine.disk_cache import DiskStateCache
 
 
 @dataclass
@@ -105,38 +116,101 @@ def reusable_prefix(ctx, seq: int, keep: int, n_swa: int) -> int:
 class PromptStateCache:
     # States shorter than this are cheaper to recompute than to keep.
     MIN_TOKENS = 64
+    # Prompts announced by `prefetch` and not yet placed by the step loop (a request that
+    # ends before it is placed leaves its entry here until it ages out).
+    MAX_PLANNED = 16
+    PLANNED_TTL_S = 300.0
 
-    def __init__(self, capacity_bytes: int):
+    def __init__(self, capacity_bytes: int, disk: "DiskStateCache | None" = None):
         self.capacity_bytes = capacity_bytes
+        self.disk = disk
         self._states: OrderedDict[tuple[int, ...], SavedState] = OrderedDict()
         self.size_bytes = 0
         self.saves = 0
         self.restores = 0
+        # prompt tokens -> (when, the disk state read for it, or None: the disk has nothing
+        # better than memory or the slot holds)
+        self._planned: OrderedDict[tuple[int, ...], tuple[float, SavedState | None]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._states)
 
-    def best(self, tokens: list[int]) -> tuple[SavedState | None, int]:
-        """The saved state sharing the longest prefix with `tokens`, and that length."""
+    def _best_in_memory(self, tokens: list[int]) -> tuple[SavedState | None, int]:
         best_state, best_len = None, 0
-        for state in self._states.values():
+        for state in list(self._states.values()):
             length = common_prefix(state.tokens, tokens)
             if length > best_len:
                 best_state, best_len = state, length
+        return best_state, best_len
+
+    def best(self, tokens: list[int]) -> tuple[SavedState | None, int]:
+        """The saved state sharing the longest prefix with `tokens`, and that length: in
+        memory, or on disk when the disk holds a longer one (read by `prefetch` beforehand
+        for a prompt the engine announced; read here, on the caller's thread, otherwise)."""
+        best_state, best_len = self._best_in_memory(tokens)
+        from_disk: SavedState | None = None
+        if self.disk is not None:
+            key = tuple(tokens)
+            with self._lock:
+                planned = self._planned.pop(key, None)
+            if planned is not None:
+                from_disk = planned[1]
+            else:  # not announced: look on disk now
+                from_disk = self._read_disk(key, best_len)
+            if from_disk is not None:
+                length = common_prefix(from_disk.tokens, tokens)
+                if length > best_len:
+                    return from_disk, length
         if best_state is not None:
             self._states.move_to_end(best_state.tokens)
         return best_state, best_len
 
+    def prefetch(self, tokens: list[int], held: int = 0) -> None:
+        """Called for a prompt before it goes to the step loop, from another thread: when the
+        disk holds a longer prefix of it than memory does and than the slot it will go to
+        holds (`held` tokens), the state is read and verified now, so that `best` finds it
+        without the step loop waiting on disk."""
+        if self.disk is None or not tokens:
+            return
+        key = tuple(tokens)
+        self.disk.refresh()
+        _, in_memory = self._best_in_memory(tokens)
+        state = self._read_disk(key, max(in_memory, held + RESTORE_GAIN))
+        now = time.monotonic()
+        with self._lock:
+            self._planned[key] = (now, state)
+            self._planned.move_to_end(key)
+            while self._planned and (
+                len(self._planned) > self.MAX_PLANNED or now - next(iter(self._planned.values()))[0] > self.PLANNED_TTL_S
+            ):
+                self._planned.popitem(last=False)
+
+    def _read_disk(self, key: tuple[int, ...], beat: int) -> SavedState | None:
+        """The disk's state for the longest prefix of `key`, if it is longer than `beat`."""
+        assert self.disk is not None
+        while True:
+            entry, length = self.disk.best(key)
+            if entry is None or length <= beat:
+                return None
+            data = self.disk.load(entry)
+            if data is not None:
+                return SavedState(tokens=entry.tokens, data=data)
+            # That file failed its checks and is gone from the index: try the next best.
+
     def covers(self, tokens: list[int]) -> bool:
         """True when a saved state already holds all of `tokens` as its prefix."""
-        return any(common_prefix(state.tokens, tokens) >= len(tokens) for state in self._states.values())
+        return any(common_prefix(state.tokens, tokens) >= len(tokens) for state in list(self._states.values()))
 
     def wants(self, tokens: list[int]) -> bool:
         """Whether a state holding `tokens` is worth saving: long enough, and not already here."""
         return len(tokens) >= self.MIN_TOKENS and not self.covers(tokens)
 
     def put(self, tokens: list[int], data: bytes) -> None:
-        """Keeps `data`, the saved KV state of one sequence holding `tokens`."""
+        """Keeps `data`, the saved KV state of one sequence holding `tokens`, in memory and
+        (written in the background) on disk."""
+        if self.disk is not None:
+            self.disk.write(tokens, data)
         if len(data) > self.capacity_bytes:
             return
         key = tuple(tokens)
@@ -150,6 +224,11 @@ class PromptStateCache:
         while self.size_bytes > self.capacity_bytes and self._states:
             _, evicted = self._states.popitem(last=False)
             self.size_bytes -= len(evicted.data)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Writes what is still queued for the disk (for at most `timeout` seconds)."""
+        if self.disk is not None:
+            self.disk.close(timeout)
 
 
 def shared_head(prepare: Callable[[Chat], Any]) -> int:

@@ -118,6 +118,13 @@ class Metrics:
         metric("llamad_grammar_fallbacks_total", "counter", "Sampled tokens a grammar rejected and that were sampled again.", [f"llamad_grammar_fallbacks_total {fallbacks}"])
         evictions = getattr(engine, "slot_evictions", 0)
         metric("llamad_slot_evictions_total", "counter", "Idle slots whose KV moved to the saved-state cache to make room for a long prompt's attention.", [f"llamad_slot_evictions_total {evictions}"])
+        disk = getattr(engine, "disk_cache", None)  # [cache]: saved prompt states on disk
+        d = disk.stats if disk is not None else None
+        metric("llamad_prompt_cache_disk_hits_total", "counter", "Saved prompt states read back from the disk cache (checksum verified) for a prompt that reuses them.", [f"llamad_prompt_cache_disk_hits_total {d.hits if d else 0}"])
+        metric("llamad_prompt_cache_disk_writes_total", "counter", "Saved prompt states written to the disk cache.", [f"llamad_prompt_cache_disk_writes_total {d.writes if d else 0}"])
+        metric("llamad_prompt_cache_disk_written_bytes_total", "counter", "Bytes of those writes.", [f"llamad_prompt_cache_disk_written_bytes_total {d.write_bytes if d else 0}"])
+        metric("llamad_prompt_cache_disk_rejected_total", "counter", "Files in the disk cache that failed a check (corrupt, truncated, another format): removed, never loaded.", [f"llamad_prompt_cache_disk_rejected_total {d.rejected if d else 0}"])
+        metric("llamad_prompt_cache_disk_bytes", "gauge", "Bytes the disk cache directory holds (cache.max_bytes bounds it).", [f"llamad_prompt_cache_disk_bytes {disk.size_bytes if disk is not None else 0}"])
         metric("llamad_requests_in_flight", "gauge", "HTTP requests being served.", [f"llamad_requests_in_flight {self.requests_in_flight}"])
         counter("llamad_generations_cancelled_total", "Generations stopped early because the client went away (hang-up, stalled reader, shutdown).", "cancelled")
         counter("llamad_generations_failed_total", "Generations stopped by an error.", "failed")

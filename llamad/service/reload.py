@@ -32,6 +32,8 @@ RESTART_ONLY = (
     "server.write_timeout",  # the response observer and uvicorn took their values at start
     "server.shutdown_grace",
     "logging.format",
+    "cache.dir",  # the engine opened its disk cache at load
+    "cache.max_bytes",
 )
 
 
