@@ -226,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prefix-tokens", type=int, default=1500, help="shared prefix for the cache case (0 skips)")
     bench.add_argument("--embed-inputs", type=int, default=32, help="inputs in the embeddings case (default 32; 0 skips)")
     bench.add_argument("--agent", help="a captured agent request (JSON) to time cold and on its next turn")
+    bench.add_argument("--restart", help="instead: time this captured agent request (JSON) cold, after a restart (disk cache) and warm")
     bench.add_argument("--streams", default="1,2,4,8", help="parallel-stream counts for the batching table (default 1,2,4,8; empty skips)")
     bench.add_argument("--llama-server", help="run llamad side by side with this llama-server binary (-np 1 and -np 4) instead")
     bench.add_argument("--json", help="also write the results as JSON to this file")

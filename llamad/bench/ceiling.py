@@ -30,7 +30,12 @@ def decode_rates(loaded: LoadedConfig, model: Path, streams: tuple[int, ...] = (
     config = loaded.config
     n_slots = max(streams)
     # The served engine itself, with as many slots as the widest phase; its step loop idles.
-    engine = LlamaEngine(msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, parallel=n_slots)), model)
+    engine = LlamaEngine(
+        msgspec.structs.replace(  # no disk cache ([cache]): nothing here is worth keeping
+            config, server=msgspec.structs.replace(config.server, parallel=n_slots), cache=msgspec.structs.replace(config.cache, max_bytes=0)
+        ),
+        model,
+    )
     engine._load()  # noqa: SLF001 (loaded here without a server around it)
     backend = engine.backend
     assert backend is not None

@@ -7,7 +7,9 @@ from typing import Any
 
 def render_table(r: dict[str, Any]) -> str:
     rows: list[tuple[str, str]] = []
-    e, h = r.get("engine"), r["http"]
+    e, h = r.get("engine"), r.get("http")
+    if h is None:  # llamad bench --restart: that case alone
+        return _table(_restart_rows(r["restart"]))
     if e:
         rows += [
             ("engine decode (llama.cpp generate loop, no HTTP)", f"{e['decode_tokens_per_s']:.1f} tok/s"),
@@ -64,5 +66,25 @@ def render_table(r: dict[str, Any]) -> str:
                 f"{a['turn2_ttft_s']:.2f} s ({a['turn2_cache_read_tokens']} of {a['turn2_prompt_tokens']} tokens reused)",
             ),
         ]
+    return _table(rows)
+
+
+def _restart_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
+        (f"agent request ({s['prompt_tokens']} tokens): cold time to first token", f"{s['cold_ttft_s']:.2f} s"),
+        (
+            "  after a restart (the disk cache)",
+            f"{s['after_restart_ttft_s']:.2f} s ({s['after_restart_cached_tokens']} tokens reused)",
+        ),
+        ("  warm (in memory)", f"{s['warm_ttft_s']:.2f} s ({s['warm_cached_tokens']} tokens reused)"),
+        ("  after a restart / cold", f"{s['after_restart_over_cold']:.3f}"),
+        (
+            "  stop (slots written) / start to ready",
+            f"{s['stop_s']:.1f} / {s['start_to_ready_s']:.1f} s ({s['disk_files']} files, {s['disk_bytes'] / 2**20:.1f} MiB on disk)",
+        ),
+    ]
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

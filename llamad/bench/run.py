@@ -14,6 +14,10 @@ noisy, shared box. Phases:
   6. agent (with --agent FILE, a captured Claude Code request such as
      tests/data/captures/claude_code/01_post_v1_messages.json): that request cold, then its
      next turn (the answer and a new user message appended), time to first token of each.
+
+With --restart FILE (a captured agent request, as for --agent) it runs one case instead:
+that request's time to first token cold, again after llamad is stopped and started on the
+same disk cache ([cache]), and again warm in memory.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from llamad.bench.report import render_table
-from llamad.bench.servers import start_llamad
+from llamad.bench.servers import bench_cache_dir, start_llamad
 from llamad.config import LoadedConfig, resolve_model
 
 PROMPT = [
@@ -74,7 +78,12 @@ class EngineBench:
         config, model = loaded.config, resolve_model(loaded).path
         # The prompt as the server renders it; that engine (one slot) is closed before
         # llama-cpp-python's own Llama, with a context as large as one slot's, loads.
-        engine = LlamaEngine(msgspec.structs.replace(config, server=msgspec.structs.replace(config.server, parallel=1)), model)
+        engine = LlamaEngine(
+            msgspec.structs.replace(  # no disk cache ([cache]): nothing here is worth keeping
+                config, server=msgspec.structs.replace(config.server, parallel=1), cache=msgspec.structs.replace(config.cache, max_bytes=0)
+            ),
+            model,
+        )
         engine._load()  # noqa: SLF001 - in-process, no event loop needed
         try:
             self.prompt = engine._prepare(Chat(messages=[ChatMessage(m["role"], m["content"]) for m in PROMPT]))  # noqa: SLF001
@@ -377,6 +386,66 @@ def bench_agent(client: Http, request_file: Path, max_tokens: int) -> dict[str, 
     }
 
 
+# The restart case's context: Claude Code's first request is ~12,000 tokens on the demo model.
+RESTART_N_CTX = 16384
+
+
+def _stop(process: Any) -> float:
+    """SIGTERM, as systemctl stop sends it; the seconds until the process has exited (it
+    writes its slots to the disk cache first)."""
+    started = time.perf_counter()
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    return time.perf_counter() - started
+
+
+def bench_restart(loaded: LoadedConfig, request_file: Path, max_tokens: int) -> dict[str, Any]:
+    """A captured agent request cold, then after a restart (llamad stopped and started again
+    on the same disk cache), then warm (the same server, the state in its slot)."""
+    captured = json.loads(request_file.read_text())
+    body = {**captured.get("body", captured), "max_tokens": max_tokens}
+    cache_dir = bench_cache_dir()
+    env = {
+        "LLAMAD_CACHE_DIR": cache_dir,
+        "LLAMAD_MODEL_N_CTX": str(max(loaded.config.model.n_ctx, RESTART_N_CTX)),
+    }
+    process, url = start_llamad(loaded, env)
+    try:
+        cold = _anthropic_stream(Http(url), body)
+    finally:
+        stop_s = _stop(process)
+    files = list(Path(cache_dir).glob("*.kv"))
+    started = time.perf_counter()
+    process, url = start_llamad(loaded, env)
+    ready_s = time.perf_counter() - started
+    try:
+        client = Http(url)
+        after = _anthropic_stream(client, body)
+        warm = _anthropic_stream(client, body)
+    finally:
+        _stop(process)
+    for name, result in (("cold", cold), ("after_restart", after), ("warm", warm)):
+        if result["status"] != 200:
+            raise RuntimeError(f"the {name} request was refused (HTTP {result['status']})")
+
+    def prompt(result: dict[str, Any]) -> int:
+        return result["usage"].get("input_tokens", 0) + result["usage"].get("cache_read_input_tokens", 0)
+
+    return {
+        "prompt_tokens": prompt(cold),
+        "cold_ttft_s": cold["ttft_s"],
+        "after_restart_ttft_s": after["ttft_s"],
+        "after_restart_cached_tokens": after["usage"].get("cache_read_input_tokens", 0),
+        "warm_ttft_s": warm["ttft_s"],
+        "warm_cached_tokens": warm["usage"].get("cache_read_input_tokens", 0),
+        "after_restart_over_cold": after["ttft_s"] / cold["ttft_s"] if cold["ttft_s"] else float("nan"),
+        "stop_s": stop_s,
+        "start_to_ready_s": ready_s,
+        "disk_files": len(files),
+        "disk_bytes": sum(f.stat().st_size for f in files),
+    }
+
+
 def bench_hangup(client: Http, prefix_tokens: int) -> dict[str, Any]:
     """Disconnect to the next request's first token, while decoding and during the prompt."""
     results: dict[str, Any] = {}
@@ -438,6 +507,13 @@ def bench_embeddings(client: Http, inputs: int) -> dict[str, Any]:
 
 
 def run_bench(loaded: LoadedConfig, args: argparse.Namespace) -> int:
+    if getattr(args, "restart", None):
+        results = {"model": str(resolve_model(loaded).path), "restart": bench_restart(loaded, Path(args.restart), 4)}
+        print(render_table(results))
+        print(json.dumps(results, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return 0
     results: dict[str, Any] = {"model": str(resolve_model(loaded).path) if not args.url else args.url}
     print(f"llamad bench: {results['model']}, {args.tokens} tokens, {args.runs} runs each", flush=True)
     engine = EngineBench(loaded, args.tokens) if not args.url else None

@@ -3,12 +3,15 @@ side-by-side run), each tied to the bench's life, and the wait until they answer
 
 from __future__ import annotations
 
+import atexit
 import http.client
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 from llamad.config import LoadedConfig
@@ -30,9 +33,21 @@ def dies_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def start_llamad(loaded: LoadedConfig) -> tuple[subprocess.Popen, str]:
+def bench_cache_dir() -> str:
+    """A disk cache directory ([cache]) of the bench's own, removed when it ends: a server the
+    bench starts neither finds states of earlier runs nor leaves its states in the user's."""
+    path = tempfile.mkdtemp(prefix="llamad-bench-kv-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def start_llamad(loaded: LoadedConfig, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`extra_env` (LLAMAD_* settings) goes on top; without LLAMAD_CACHE_DIR there, the server
+    gets a fresh disk cache directory (bench_cache_dir)."""
     port = free_port()
     env = {**os.environ, "LLAMAD_SERVER_PORT": str(port), "LLAMAD_SERVER_HOST": "127.0.0.1", "LLAMAD_LOGGING_LEVEL": "warning"}
+    env["LLAMAD_CACHE_DIR"] = (extra_env or {}).get("LLAMAD_CACHE_DIR") or bench_cache_dir()
+    env.update(extra_env or {})
     if loaded.config.model.path:
         env["LLAMAD_MODEL_PATH"] = loaded.config.model.path
     args = [sys.executable, "-m", "llamad.cli"]
