@@ -75,3 +75,36 @@ def test_a_restart_reuses_the_prompt_from_the_disk_cache(tmp_path: Path):
     assert cached >= prompt_tokens - 1 and reused == cached and hits == 1
     # Far sooner: a few ms of restore and one token against ~3,000 tokens of prompt.
     assert again["ttft_s"] < 0.25 * cold["ttft_s"], (cold["ttft_s"], again["ttft_s"])
+
+
+def test_bench_restart_reports_cold_restart_and_warm(tmp_path: Path):
+    """`llamad bench --restart FILE` on a ~2,000-token request: the three times, the reuse
+    after the restart, and the state file it left."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import TEST_MODEL
+
+    request = tmp_path / "request.json"
+    manual = " ".join(f"Rule {i} applies to section {i % 13}." for i in range(300))
+    request.write_text(json.dumps({"body": {
+        "model": "m", "max_tokens": 4, "system": f"You are an agent. Manual: {manual}",
+        "messages": [{"role": "user", "content": "What does rule 5 say?"}],
+    }}))  # fmt: skip
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMAD_", "MODEL_", "N_", "PORT", "HOST"))}
+    env.update(MODEL_PATH=TEST_MODEL, PARALLEL="1")
+    config = tmp_path / "llamad.toml"
+    config.write_text("")
+    result = subprocess.run(
+        [sys.executable, "-m", "llamad.cli", "--config", str(config), "bench", "--restart", str(request), "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "after a restart (the disk cache)" in result.stdout
+    r = json.loads(out.read_text())["restart"]
+    assert r["prompt_tokens"] > 1500
+    assert r["after_restart_cached_tokens"] >= r["prompt_tokens"] - 1 and r["warm_cached_tokens"] >= r["prompt_tokens"] - 1
+    assert r["disk_files"] == 1 and r["disk_bytes"] > 0
+    assert 0 < r["after_restart_ttft_s"] < 0.5 * r["cold_ttft_s"], r
