@@ -479,3 +479,32 @@ async def test_metrics_count_disk_hits_writes_and_bytes(make_client, tmp_path):
     ):
         assert f"\n{line}\n" in text, line
     cache.close()
+
+
+class RefusingBackend(StatefulBackend):
+    """llama.cpp refusing a state (another KV layout than the identity could tell apart):
+    the slot is left empty, as llama_state_seq_set_data leaves it."""
+
+    def load_state(self, slot: int, data: bytes) -> bool:
+        self.kv[slot] = []
+        self.loaded.append(-1)
+        return False
+
+
+def test_a_state_the_backend_refuses_leaves_a_cold_prompt_not_a_broken_one(tmp_path):
+    prompt = list(range(2000, 2600))
+    backend = StatefulBackend(n_slots=1, n_ctx=2048, n_batch=256, prompt_step=256)
+    loop = StepLoop(backend, PromptStateCache(1 << 20, disk=disk(tmp_path)))
+    run(loop, prompt)
+    loop._save(loop.slots[0])
+    loop.prompt_cache.close(timeout=10)
+
+    backend = RefusingBackend(n_slots=1, n_ctx=2048, n_batch=256, prompt_step=256)
+    loop = StepLoop(backend, PromptStateCache(1 << 20, disk=disk(tmp_path)))
+    other = run(loop, prompt[:300] + [9] * 5)  # the slot now holds 300 tokens of the prompt
+    assert backend.loaded == [-1] and first_int(other) == 0
+    # The saved state (600 tokens) beats the slot's 300: the slot is cleared for it, and
+    # refused. What the slot held is gone, so nothing of it may be reused.
+    again = run(loop, prompt + [7])  # FakeBackend checks every position follows the last
+    assert backend.loaded == [-1, -1] and first_int(again) == 0
+    assert backend.kv[0][:601] == list(range(601))

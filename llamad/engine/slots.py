@@ -411,6 +411,8 @@ class StepLoop:
                     slot.cached = list(saved.tokens)
                     cache.restores += 1
                     keep = restorable
+                else:  # the slot was cleared for the state: nothing of it is left to reuse
+                    keep = 0
         keep = self.backend.reusable(slot.id, keep)
         if keep < len(slot.cached) and not self.backend.forget(slot.id, keep):
             self._clear(slot)
