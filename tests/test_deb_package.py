@@ -278,10 +278,19 @@ def test_installed_service_in_a_booted_debian(deb):
         assert with_request, journal[-3000:]
         assert all("event" in r and "level" in r for r in with_request)
 
+        # A prompt of 256+ tokens: its state goes to the disk prompt cache when the service
+        # stops, in the unit's CacheDirectory (writable under ProtectSystem=strict).
+        manual = " ".join(f"Rule {i} applies to section {i % 13}." for i in range(120))
+        long_chat = {"model": "any", "max_tokens": 4, "messages": [
+            {"role": "system", "content": manual}, {"role": "user", "content": "Say hi."}]}  # fmt: skip
+        assert _http("POST", f"http://127.0.0.1:{port}/v1/chat/completions", long_chat)[0] == 200
+
         # An edited TOML takes effect on restart...
         box.write("/etc/llamad.toml", _config(port, "demo-two"))
         box.sh("systemctl restart llamad", timeout=600)
         assert _http("GET", f"http://127.0.0.1:{port}/health")[1]["model"] == "demo-two"
+        cache = box.sh("stat -c %U /var/cache/llamad/kv && ls /var/cache/llamad/kv").stdout.split()
+        assert cache[0] == "llamad" and any(name.endswith(".kv") for name in cache[1:]), cache
 
         # ...and on reload: a new model name (a model swap) and an API key, live.
         box.write("/etc/llamad.toml", _config(port, "demo-three", 'api_keys = ["sk-test-key"]\n'))
