@@ -108,6 +108,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             kv_cache_mib=engine.info.get("kv_cache_mib"),
             kv_cache_type=engine.info.get("kv_cache_type"),
             flash_attn=engine.info.get("flash_attn"),
+            # [speculative] in effect: "ngram 12, draft 2..32 tokens", "off", or why unavailable.
+            speculative=engine.info.get("speculative"),
             prompt_tokens=len(prompt.tokens),
             generated_tokens=finish.usage.completion_tokens if finish else 0,
             load_s=round(loaded_s, 3),
@@ -201,6 +203,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     loaded = _load(args)
     logsetup.configure("warning", loaded.config.logging.format)
+    if args.speculation:  # n-gram speculation beside llama-server's (llamad.bench.speculation)
+        from llamad.bench.speculation import run_speculation
+
+        if not args.llama_server:
+            return _fail("bench_needs_llama_server", EXIT_CONFIG, hint="--speculation compares with llama-server: add --llama-server PATH")
+
+        return run_speculation(loaded, args)
     if args.llama_server:  # llamad beside llama-server in one run (llamad.bench.slots)
         from llamad.bench.slots import run_side_by_side
 
@@ -229,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--restart", help="instead: time this captured agent request (JSON) cold, after a restart (disk cache) and warm")
     bench.add_argument("--streams", default="1,2,4,8", help="parallel-stream counts for the batching table (default 1,2,4,8; empty skips)")
     bench.add_argument("--llama-server", help="run llamad side by side with this llama-server binary (-np 1 and -np 4) instead")
+    bench.add_argument("--speculation", action="store_true", help="with --llama-server: only the n-gram speculation phases (edit and prose workloads)")
+    bench.add_argument("--spec-types", help="llama-server --spec-type values to compare (default ngram-simple,ngram-map-k,ngram-mod)")
+    bench.add_argument("--edit-tokens", type=int, default=2000, help="most tokens of an edit answer (default 2000: the whole file)")
+    bench.add_argument("--parallel-tokens", type=int, default=256, help="tokens per answer of the 4-stream speculation phase (default 256)")
     bench.add_argument("--json", help="also write the results as JSON to this file")
     for name in ("config", "check", "bench", "serve"):
         sub.choices[name].add_argument("--config", dest="config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

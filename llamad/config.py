@@ -127,6 +127,17 @@ class ResponsesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     store_max_bytes: int = 64 * 1024 * 1024
 
 
+class SpeculativeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # N-gram speculative decoding (llamad.engine.speculative): drafts from each request's own
+    # prompt and answer, checked by the model in the same step; the answers do not change.
+    enabled: bool = True
+    # Tokens looked up: the last `ngram` tokens must have occurred before.
+    ngram: int = 12
+    # Tokens one draft may hold, and the fewest worth feeding.
+    draft_max: int = 32
+    draft_min: int = 2
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
@@ -136,6 +147,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     embeddings: EmbeddingsConfig = msgspec.field(default_factory=EmbeddingsConfig)
     responses: ResponsesConfig = msgspec.field(default_factory=ResponsesConfig)
+    speculative: SpeculativeConfig = msgspec.field(default_factory=SpeculativeConfig)
 
 
 SECTIONS: dict[str, type[msgspec.Struct]] = {
@@ -147,6 +159,7 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "logging": LoggingConfig,
     "embeddings": EmbeddingsConfig,
     "responses": ResponsesConfig,
+    "speculative": SpeculativeConfig,
 }
 
 # The seed server's environment names, kept so old deployments keep working.
@@ -381,6 +394,10 @@ def validate(loaded: LoadedConfig) -> None:
         _check(Path(e.path).expanduser().is_file(), loaded, "embeddings.path", e.path, "an existing .gguf file")
     _check(c.responses.store_max >= 0, loaded, "responses.store_max", c.responses.store_max, "0 or more")
     _check(c.responses.store_max_bytes >= 0, loaded, "responses.store_max_bytes", c.responses.store_max_bytes, "0 or more")
+    p = c.speculative
+    _check(1 <= p.ngram <= 64, loaded, "speculative.ngram", p.ngram, "from 1 to 64 tokens")
+    _check(1 <= p.draft_max <= 256, loaded, "speculative.draft_max", p.draft_max, "from 1 to 256 tokens")
+    _check(1 <= p.draft_min <= p.draft_max, loaded, "speculative.draft_min", p.draft_min, "from 1 to speculative.draft_max")
     if c.server.api_key_file:
         key_file = Path(c.server.api_key_file)
         _check(key_file.is_file(), loaded, "server.api_key_file", c.server.api_key_file, "a readable file of keys")

@@ -45,9 +45,15 @@ def engine(tmp_path_factory):
     config = config_for_tests(tmp_path_factory.mktemp("spec"), MODEL_PATH=TEST_MODEL, PARALLEL="2", N_CTX="2048", N_THREADS="2")
     engine = LlamaEngine(config, Path(TEST_MODEL))
     engine._load()
+    engine.configured = engine.loop.speculation, engine.info["speculative"]
     engine.loop.close()  # the tests step a loop of their own over the backend, in this thread
     yield engine
     engine.close()
+
+
+def test_the_engine_speculates_with_the_configured_table_and_says_so(engine):
+    # [speculative] defaults; `llamad check` logs info["speculative"].
+    assert engine.configured == (Speculation(enabled=True, ngram=12, draft_max=32, draft_min=2), "ngram 12, draft 2..32 tokens")
 
 
 def chat_tokens(engine, content: str) -> list[int]:

@@ -271,3 +271,51 @@ async def test_max_tokens_and_stop_strings_hold_with_drafts_and_the_counters_gro
             assert engine.backend.kv[slot.id] == list(range(len(slot.cached)))
     finally:
         engine.close()
+
+
+# -- configuration, the per-request switch, metrics -------------------------------------------------
+
+
+def test_the_speculative_table_and_its_environment_overrides(tmp_path):
+    from conftest import config_for_tests
+    from llamad.config import ConfigError, load_config
+
+    config = config_for_tests(tmp_path)
+    assert (config.speculative.enabled, config.speculative.ngram, config.speculative.draft_max, config.speculative.draft_min) == (True, 12, 32, 2)
+    config = config_for_tests(tmp_path, LLAMAD_SPECULATIVE_ENABLED="false", LLAMAD_SPECULATIVE_NGRAM="8", LLAMAD_SPECULATIVE_DRAFT_MAX="16")
+    assert (config.speculative.enabled, config.speculative.ngram, config.speculative.draft_max) == (False, 8, 16)
+    toml = tmp_path / "spec.toml"
+    toml.write_text("[speculative]\ndraft_min = 40\n")
+    with pytest.raises(ConfigError, match="speculative.draft_min"):
+        load_config(toml, env={})
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/messages", {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/completions", {"model": "m", "prompt": "hi"}),
+        ("/api/generate", {"model": "m", "prompt": "hi", "stream": False}),
+        ("/v1/responses", {"model": "m", "input": "hi"}),
+    ],
+)
+async def test_every_face_takes_the_speculative_header_into_the_generation(make_client, path, body):
+    async with make_client() as client:
+        for header, expected in ((None, None), ("off", False), ("On", True)):
+            headers = {"X-Llamad-Speculative": header} if header else {}
+            response = await client.post(path, json=body, headers=headers)
+            assert response.status_code == 200, response.text
+            assert client.engine.generations[-1].speculative is expected
+        response = await client.post(path, json=body, headers={"X-Llamad-Speculative": "sometimes"})
+        assert response.status_code == 400 and "X-Llamad-Speculative" in response.text
+
+
+@pytest.mark.asyncio
+async def test_metrics_count_drafted_and_accepted_tokens(make_client):
+    async with make_client() as client:
+        client.engine.stats.draft_tokens, client.engine.stats.draft_accepted = 40, 31
+        text = (await client.get("/metrics")).text
+        assert "llamad_speculative_draft_tokens_total 40" in text
+        assert "llamad_speculative_accepted_tokens_total 31" in text

@@ -42,14 +42,16 @@ from llamad.config import LoadedConfig, resolve_model
 STREAMS = (1, 2, 4, 8)
 
 
-def start_llama_server(binary: str, model: Path, parallel: int, loaded: LoadedConfig) -> tuple[subprocess.Popen, str]:
+def start_llama_server(
+    binary: str, model: Path, parallel: int, loaded: LoadedConfig, extra: list[str] | None = None
+) -> tuple[subprocess.Popen, str]:
     m = loaded.config.model
     threads = m.n_threads or os.cpu_count() or 1
     port = free_port()
     args = [
         binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
         "-np", str(parallel), "-c", str(parallel * m.n_ctx), "-b", str(m.n_batch),
-        "-t", str(threads), "-tb", str(threads), "--no-webui",
+        "-t", str(threads), "-tb", str(threads), "--no-webui", *(extra or []),
     ]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=dies_with_parent)
     return process, wait_healthy(process, port, f"llama-server ({' '.join(args)})")

@@ -36,6 +36,7 @@ from llamad.engine.llama_slots import LlamaSlotsBackend
 from llamad.engine.disk_cache import open_disk_cache
 from llamad.engine.prompt_cache import PromptStateCache
 from llamad.engine.slots import StepLoop
+from llamad.engine.speculative import Speculation
 from llamad.grammar.constraint import GrammarError, check_grammar
 
 log = structlog.get_logger("llamad.engine")
@@ -141,6 +142,7 @@ class LlamaEngine(Engine):
         # The file as loaded (path, size, mtime): a reload swaps the model when it changes.
         self.model_identity: tuple[str, int, int] | None = None
         self.embedder = None  # llamad.engine.llama_embed.Embedder, made on the first embedding request
+        self._no_speculation = "off"
         capacity = config.model.prompt_cache_bytes
         # In memory (model.prompt_cache_bytes) and on disk ([cache], attached at load).
         self.prompt_cache = PromptStateCache(capacity) if capacity > 0 or config.cache.max_bytes > 0 else None
@@ -243,9 +245,33 @@ class LlamaEngine(Engine):
         if self.prompt_cache is not None:
             self.prompt_cache.disk = open_disk_cache(self.config, self.model_path)
         self.loop = StepLoop(
-            self.backend, self.prompt_cache, engine_stats=self.stats, someone_waits=self.scheduler.has_waiters
+            self.backend,
+            self.prompt_cache,
+            engine_stats=self.stats,
+            someone_waits=self.scheduler.has_waiters,
+            speculation=self._speculation(self.config),
         )
+        self.info["speculative"] = self.loop.speculation.describe() if self.loop.speculation else self._no_speculation
         self.loop.start()
+
+    def _speculation(self, config: Config) -> Speculation | None:
+        """The [speculative] settings, or None where this model's KV cannot drop a rejected
+        draft (a recurrent or hybrid model keeps only whole sequences)."""
+        import llama_cpp
+
+        assert self.llm is not None
+        model = self.llm._model.model  # noqa: SLF001
+        if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
+            self._no_speculation = "unavailable (a recurrent model's cache cannot roll a draft back)"
+            return None
+        s = config.speculative
+        return Speculation(enabled=s.enabled, ngram=s.ngram, draft_max=s.draft_max, draft_min=s.draft_min)
+
+    def configure_speculation(self, config: Config) -> None:
+        """Applies a reloaded [speculative] table to the requests admitted from now on."""
+        if self.loop is not None and self.loop.speculation is not None:
+            self.loop.speculation = self._speculation(config)
+            self.info["speculative"] = self.loop.speculation.describe() if self.loop.speculation else self._no_speculation
 
     def _choose_template(self) -> ChatTemplate:
         llm = self.llm
@@ -437,6 +463,10 @@ class LlamaEngine(Engine):
     @property
     def slot_evictions(self) -> int:
         return self.loop.stats.evictions if self.loop is not None else 0
+
+    @property
+    def speculation(self) -> Speculation | None:
+        return self.loop.speculation if self.loop is not None else None
 
     @property
     def grammar_fallbacks(self) -> int:

@@ -102,6 +102,8 @@ class Metrics:
         counter("llamad_prompt_tokens_total", "Prompt tokens of the generations the engine took (not of requests the queue refused).", "prompt_tokens")
         counter("llamad_prompt_tokens_evaluated_total", "Prompt tokens evaluated, counted per prompt step (cache reuse and steps a hang-up skipped are not).", "prompt_tokens_evaluated")
         counter("llamad_completion_tokens_total", "Tokens decoded, counted as they are decoded, those of cancelled generations too.", "completion_tokens")
+        counter("llamad_speculative_draft_tokens_total", "Draft tokens fed for checking by n-gram speculation ([speculative]).", "draft_tokens")
+        counter("llamad_speculative_accepted_tokens_total", "Draft tokens the model's own sampling confirmed: tokens decoded without a step of their own.", "draft_accepted")
         counter("llamad_prompt_cache_tokens_total", "Prompt tokens reused from the KV cache instead of evaluated: the cache's primary figure.", "cached_tokens")
         counter("llamad_prompt_cache_hits_total", "Prompts that reused more than llamad_prompt_shared_head_tokens from the cache.", "cache_hits")
         counter("llamad_prompt_cache_lookups_total", "Prompts that looked for a cached prefix.", "cache_lookups")

@@ -38,8 +38,10 @@ from llamad.serve.request import (
     InvalidRequest,
     ModelRequest,
     RawPrompt,
+    SPECULATIVE_HEADER,
     TextPrompt,
     TokenPrompt,
+    speculative_choice,
     template_switches,
 )
 
@@ -91,6 +93,7 @@ async def serve(request: Request, ask: ModelRequest, reply_for: Callable[[Prepar
     reply. Errors before the first byte are raised (the app's handler answers them in the
     family's shape, with the status a balancer may retry)."""
     engine: Engine = engine_of(request)
+    ask.speculative = speculative_choice(request.headers.get(SPECULATIVE_HEADER), ask.speculative)
     prepared = await prepare(engine, ask, request.app.state.config.limits)
     record = record_of(request)
     record.prompt_tokens = prepared.prompt_tokens
@@ -146,6 +149,7 @@ async def prepare(engine: Engine, ask: ModelRequest, limits: Any, counting: bool
                     grammar=grammar,
                     logprobs=ask.logprobs,
                     ignore_eos=ask.ignore_eos,
+                    speculative=ask.speculative,
                 )
             )
     return Prepared(

@@ -108,6 +108,24 @@ class ModelRequest:
     template_kwargs: dict = field(default_factory=dict)
     reasoning_effort: str | None = None
     thinking_budget: int | None = None
+    # N-gram speculation for this request: None is the server's [speculative] setting. Every
+    # face gets it from the X-Llamad-Speculative header (llamad.serve.pipeline).
+    speculative: bool | None = None
+
+
+SPECULATIVE_HEADER = "x-llamad-speculative"
+
+
+def speculative_choice(value: str | None, default: bool | None = None) -> bool | None:
+    """The X-Llamad-Speculative header: "off" (or 0, false, no) or "on" (1, true, yes)."""
+    if value is None:
+        return default
+    word = value.strip().lower()
+    if word in ("off", "0", "false", "no"):
+        return False
+    if word in ("on", "1", "true", "yes"):
+        return True
+    raise InvalidRequest(f"the X-Llamad-Speculative header must be 'on' or 'off', got {value!r}", param="X-Llamad-Speculative")
 
 
 def template_switches(ask: ModelRequest) -> dict:

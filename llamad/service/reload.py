@@ -137,6 +137,9 @@ async def reload_service(
     elif old_engine is not None:
         old_engine.scheduler.reconfigure(new.server.max_queue, new.server.queue_timeout)
         old_engine.default_sampling = sampling_defaults(new)
+        configure_speculation = getattr(old_engine, "configure_speculation", None)
+        if configure_speculation is not None:  # [speculative]: for the requests admitted from now on
+            configure_speculation(new)
     if isinstance(getattr(state, "loaded", None), LoadedConfig):
         state.loaded = loaded
     if hasattr(state, "config"):
