@@ -42,7 +42,10 @@ COPY = "Copy this list exactly:\n" + "\n".join(f"{i}. {fruit}" for i, fruit in e
 def engine(tmp_path_factory):
     from llamad.engine.llama import LlamaEngine
 
-    config = config_for_tests(tmp_path_factory.mktemp("spec"), MODEL_PATH=TEST_MODEL, PARALLEL="2", N_CTX="2048", N_THREADS="2")
+    config = config_for_tests(
+        tmp_path_factory.mktemp("spec"), MODEL_PATH=TEST_MODEL, PARALLEL="2", N_CTX="2048", N_THREADS="2",
+        LLAMAD_SPECULATIVE_ENABLED="true",
+    )
     engine = LlamaEngine(config, Path(TEST_MODEL))
     engine._load()
     engine.configured = engine.loop.speculation, engine.info["speculative"]
@@ -52,7 +55,7 @@ def engine(tmp_path_factory):
 
 
 def test_the_engine_speculates_with_the_configured_table_and_says_so(engine):
-    # [speculative] defaults; `llamad check` logs info["speculative"].
+    # [speculative] turned on, with its default sizes; `llamad check` logs info["speculative"].
     assert engine.configured == (Speculation(enabled=True, ngram=12, draft_max=32, draft_min=2), "ngram 12, draft 2..32 tokens")
 
 
