@@ -280,7 +280,8 @@ def test_installed_service_in_a_booted_debian(deb):
 
         # A prompt of 256+ tokens: its state goes to the disk prompt cache when the service
         # stops, in the unit's CacheDirectory (writable under ProtectSystem=strict).
-        manual = " ".join(f"Rule {i} applies to section {i % 13}." for i in range(120))
+        # (about 450 tokens: within the box's n_ctx of 1024)
+        manual = " ".join(f"Rule {i} applies to section {i % 13}." for i in range(40))
         long_chat = {"model": "any", "max_tokens": 4, "messages": [
             {"role": "system", "content": manual}, {"role": "user", "content": "Say hi."}]}  # fmt: skip
         assert _http("POST", f"http://127.0.0.1:{port}/v1/chat/completions", long_chat)[0] == 200

@@ -185,7 +185,8 @@ async def test_a_hang_up_is_a_499_that_frees_the_slot_and_counts_the_tokens(make
     assert value(text, "llamad_slots_busy") == 0
     assert value(text, "llamad_generations_cancelled_total") == 1
     decoded = value(text, "llamad_completion_tokens_total")
-    assert decoded == slow.decoded_tokens and 5 <= decoded < 5_000
+    # Every decoded token is counted (a stream's first frames may go out before the fifth).
+    assert decoded == slow.decoded_tokens and 1 <= decoded < 5_000
 
 
 def breaks(generation: Generation) -> Iterator[str]:
