@@ -8,9 +8,9 @@ gets busier or quieter moves them alike):
   the prompt;
 - prose: a story continuation (`ignore_eos`, so every answer has the same length).
 
-The servers, on the same model, threads, batch and context: llamad as configured (its
-[speculative] table; the same server with `X-Llamad-Speculative: off` is the "llamad,
-speculation off" column), `llama-server -np 1` without speculation, and `llama-server -np 1
+The servers, on the same model, threads, batch and context: llamad with its [speculative]
+sizes, asked for speculation with `X-Llamad-Speculative: on` (the same server with `off` is
+the "llamad, speculation off" column, so the figures do not depend on `enabled`), `llama-server -np 1` without speculation, and `llama-server -np 1
 --spec-type T` for each n-gram type T asked for (its own defaults: ngram-simple and
 ngram-map-k look up 12 tokens and draft up to 48, ngram-mod 24 and 48..64). The figure is
 the decode rate after the first token, (tokens - 1) / (last chunk - first chunk).
@@ -37,7 +37,7 @@ from llamad.bench.slots import start_llama_server
 from llamad.config import LoadedConfig, resolve_model
 
 SPEC_TYPES = ("ngram-simple", "ngram-map-k", "ngram-mod")
-OFF = {"X-Llamad-Speculative": "off"}
+ON, OFF = {"X-Llamad-Speculative": "on"}, {"X-Llamad-Speculative": "off"}
 PROSE = (
     "The lighthouse on Carrow Point had been dark for eleven years when Mara Quill rowed out to it "
     "with a lantern, a sack of tools and a letter she had not yet dared to open. The keeper's cottage "
@@ -154,9 +154,10 @@ def run_speculation(loaded: LoadedConfig, args: argparse.Namespace) -> int:
                 args.llama_server, model, 1, loaded, extra=["--spec-type", spec_type]
             )
         clients = {name: Http(url) for name, (_, url) in servers.items()}
-        # Columns: llamad twice (speculation as configured, then off by header), then the others.
+        # Columns: llamad twice (speculation on, then off, by header: whatever [speculative]
+        # says, with its sizes), then the others.
         columns: dict[str, tuple[Http, dict[str, str] | None]] = {
-            "llamad": (clients["llamad"], None),
+            "llamad": (clients["llamad"], ON),
             "llamad, speculation off": (clients["llamad"], OFF),
             **{name: (client, None) for name, client in clients.items() if name != "llamad"},
         }
@@ -198,7 +199,7 @@ def run_speculation(loaded: LoadedConfig, args: argparse.Namespace) -> int:
             parallel(llamad, bodies)  # warm-up: each prompt read once, into a slot of its own
             on, off = [], []
             for _ in range(max(1, args.runs // 2)):
-                on.append(parallel(llamad, bodies)["aggregate_tokens_per_s"])
+                on.append(parallel(llamad, bodies, ON)["aggregate_tokens_per_s"])
                 off.append(parallel(llamad, bodies, OFF)["aggregate_tokens_per_s"])
             four[workload] = {"on_tokens_per_s": _median(on), "off_tokens_per_s": _median(off)}
         results["llamad 4 streams"] = four
