@@ -130,9 +130,9 @@ class ResponsesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class SpeculativeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # N-gram speculative decoding (llamad.engine.speculative): drafts from each request's own
     # prompt and answer, checked by the model in the same step; the answers do not change.
-    # On: `llamad bench --speculation` shows prose costs no more than noise (docs/benchmark.md);
-    # a request turns it off with X-Llamad-Speculative: off.
-    enabled: bool = True
+    # Off by default: on only once `llamad bench --speculation` shows prose costs no more than
+    # noise (the rule); a request asks for it with X-Llamad-Speculative: on.
+    enabled: bool = False
     # Tokens looked up: the last `ngram` tokens must have occurred before.
     ngram: int = 12
     # Tokens one draft may hold, and the fewest worth feeding.
