@@ -12,7 +12,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Union
 
 import msgspec
 
@@ -140,6 +140,57 @@ class SpeculativeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     draft_min: int = 2
 
 
+class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # Several models (llamad.models): which one a request's `model` name reaches, and which
+    # of them are loaded. An unknown name goes to the default model; strict: a 404 instead.
+    strict: bool = False
+    # Bytes the loaded models may take together (weights + KV cache, estimated before a load,
+    # measured after): "auto" is 90% of the memory free at start (RAM, plus free GPU memory
+    # where nvidia-smi reports it); a number of bytes, or "12G", "512M".
+    memory_budget: Union[int, str] = "auto"
+    # Models loaded at once; 0: as many as the budget holds.
+    max_loaded: int = 0
+    # How long a model other than the default stays loaded after its last request when its
+    # table sets no keep_alive (Ollama's meaning: "5m", "1h", seconds; 0 unloads at once; a
+    # negative value keeps it loaded).
+    keep_alive: Union[int, float, str] = "5m"
+    # Seconds a request waits for its model to load before it gets a 503.
+    load_timeout: float = 300.0
+
+
+class ModelTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One `[models.<name>]` table: a model served under <name>. Keys left out take the
+    value of [model], [server] parallel and [sampling]."""
+
+    path: str = ""
+    # More names this model answers to; a name with * or ? is a pattern ("claude-*haiku*").
+    aliases: list[str] = []
+    # "chat" (every generating face) or "embeddings" (/v1/embeddings, /api/embed only).
+    role: str = "chat"
+    # The model a request reaches when its name matches none (and the one loaded at start);
+    # without one, the first table.
+    default: bool = False
+    # Load at start instead of on the first request.
+    preload: bool = False
+    # None: router.keep_alive (the default model: stays loaded).
+    keep_alive: Union[int, float, str, None] = None
+    parallel: Optional[int] = None
+    n_ctx: Optional[int] = None
+    n_threads: Optional[int] = None
+    n_batch: Optional[int] = None
+    n_gpu_layers: Optional[int] = None
+    chat_format: Optional[str] = None
+    prompt_cache_bytes: Optional[int] = None
+    type_k: Optional[str] = None
+    type_v: Optional[str] = None
+    flash_attn: Union[bool, str, None] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repeat_penalty: Optional[float] = None
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
@@ -150,6 +201,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     embeddings: EmbeddingsConfig = msgspec.field(default_factory=EmbeddingsConfig)
     responses: ResponsesConfig = msgspec.field(default_factory=ResponsesConfig)
     speculative: SpeculativeConfig = msgspec.field(default_factory=SpeculativeConfig)
+    router: RouterConfig = msgspec.field(default_factory=RouterConfig)
+    # [models.<name>] tables (llamad.models.catalog); none: [model] is the one model.
+    models: dict[str, ModelTable] = {}
 
 
 SECTIONS: dict[str, type[msgspec.Struct]] = {
@@ -162,6 +216,7 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "embeddings": EmbeddingsConfig,
     "responses": ResponsesConfig,
     "speculative": SpeculativeConfig,
+    "router": RouterConfig,
 }
 
 # The seed server's environment names, kept so old deployments keep working.
@@ -296,10 +351,14 @@ def load_config(
     sources: dict[str, str] = {}
     file_used: Path | None = None
 
+    models: dict[str, ModelTable] = {}
     if file.exists():
         data, text = _read_file(file)
         file_used = file
         for section, values in data.items():
+            if section == "models":
+                models = _model_tables(file, text, values, sources)
+                continue
             if section not in SECTIONS:
                 location = _where(file, text, section, section)
                 raise ConfigError(
@@ -342,10 +401,45 @@ def load_config(
         section: _convert_section(section, raw_sections[section], where[section], strict=False)
         for section in SECTIONS
     }
-    config = Config(**converted)
+    config = Config(**converted, models=models)
     loaded = LoadedConfig(config=config, sources=sources, file=file_used)
     validate(loaded)
     return loaded
+
+
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+
+
+def _model_tables(file: Path, text: str, values: Any, sources: dict[str, str]) -> dict[str, ModelTable]:
+    """The [models.<name>] tables, each converted strictly (a typo names its key and line)."""
+    where_models = _where(file, text, None, "models")
+    if not isinstance(values, dict):
+        raise ConfigError(f"'models' ({where_models}) must hold tables: [models.<name>]")
+    tables: dict[str, ModelTable] = {}
+    for name, table in values.items():
+        section = f"models.{name}"
+        location = _where(file, text, section, section)
+        if not isinstance(table, dict):
+            raise ConfigError(f"'models.{name}' ({location}) must be a table: [models.{name}] with a path")
+        if not MODEL_NAME_PATTERN.match(name):
+            raise ConfigError(f"[models.{name}] ({location}): a model name is letters, digits and . _ : / -")
+        for key in table:
+            if key not in _field_names(ModelTable):
+                raise ConfigError(
+                    f"unknown key '{section}.{key}' ({_where(file, text, section, key)}); "
+                    f"known keys in [models.<name>]: {', '.join(_field_names(ModelTable))}"
+                )
+            sources[f"{section}.{key}"] = _where(file, text, section, key)
+        try:
+            tables[name] = msgspec.convert(table, ModelTable, strict=True)
+        except msgspec.ValidationError as exc:
+            match = re.search(r"at `\$\.([A-Za-z0-9_]+)", str(exc))
+            key = match.group(1) if match else next(iter(table), "?")
+            raise ConfigError(
+                f"'{section}.{key}' = {table.get(key)!r} ({_where(file, text, section, key)}): "
+                f"expected {_expected(ModelTable, key)}"
+            ) from None
+    return tables
 
 
 def _check(condition: bool, loaded: LoadedConfig, dotted: str, value: Any, expected: str) -> None:
@@ -400,6 +494,30 @@ def validate(loaded: LoadedConfig) -> None:
     _check(1 <= p.ngram <= 64, loaded, "speculative.ngram", p.ngram, "from 1 to 64 tokens")
     _check(1 <= p.draft_max <= 256, loaded, "speculative.draft_max", p.draft_max, "from 1 to 256 tokens")
     _check(1 <= p.draft_min <= p.draft_max, loaded, "speculative.draft_min", p.draft_min, "from 1 to speculative.draft_max")
+    r = c.router
+    _check(r.max_loaded >= 0, loaded, "router.max_loaded", r.max_loaded, "0 (as the budget allows) or more")
+    _check(r.load_timeout > 0, loaded, "router.load_timeout", r.load_timeout, "seconds > 0")
+    for dotted, value, parse, expected in (
+        ("router.memory_budget", r.memory_budget, parse_bytes, '"auto", a number of bytes, or a size such as "12G"'),
+        ("router.keep_alive", r.keep_alive, parse_duration, 'a duration such as "5m", "1h", seconds, 0, or -1'),
+    ):
+        try:
+            parse(value)
+        except ValueError:
+            _check(False, loaded, dotted, value, expected)
+    defaults = [name for name, table in c.models.items() if table.default]
+    if len(defaults) > 1:
+        raise ConfigError(f"[models.{defaults[1]}] ({loaded.source(f'models.{defaults[1]}.default')}): "
+                          f"default = true is set on {', '.join(defaults)}; one model may be the default")
+    for name, table in c.models.items():
+        where = f"models.{name}"
+        _check(table.path != "", loaded, f"{where}.path", table.path, "the path of a .gguf file")
+        _check(table.role in MODEL_ROLES, loaded, f"{where}.role", table.role, "one of " + ", ".join(MODEL_ROLES))
+        if table.keep_alive is not None:
+            try:
+                parse_duration(table.keep_alive)
+            except ValueError:
+                _check(False, loaded, f"{where}.keep_alive", table.keep_alive, 'a duration such as "5m", "1h", seconds, 0, or -1')
     if c.server.api_key_file:
         key_file = Path(c.server.api_key_file)
         _check(key_file.is_file(), loaded, "server.api_key_file", c.server.api_key_file, "a readable file of keys")
@@ -413,6 +531,54 @@ def validate(loaded: LoadedConfig) -> None:
             ) from None
         # A key file that yields no key would silently turn authentication off.
         _check(bool(from_file), loaded, "server.api_key_file", c.server.api_key_file, "a file holding at least one key")
+
+
+MODEL_ROLES = ("chat", "embeddings")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+               "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+
+
+def parse_duration(value: Any) -> float | None:
+    """Ollama's keep_alive: seconds as a number, or a Go duration ("5m", "1h30m", "300ms",
+    "-1m"), or a number in a string. None: forever (any negative value); 0: at once."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        body = text.lstrip("+-")
+        try:
+            seconds = sign * float(body)
+        except ValueError:
+            parts = _DURATION_PART.findall(body)
+            if not body or "".join(n + u for n, u in parts) != body:
+                raise ValueError(f"not a duration: {value!r}") from None
+            seconds = sign * sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    else:
+        raise ValueError(f"not a duration: {value!r}")
+    if seconds != seconds:  # NaN
+        raise ValueError(f"not a duration: {value!r}")
+    return None if seconds < 0 else seconds
+
+
+def parse_bytes(value: Any) -> int | None:
+    """A memory size: bytes, or "12G", "512MiB"; None for "auto"."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"not a size: {value!r}")
+        return int(value)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {value!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
 def _keys_in(path: Path) -> list[str]:
