@@ -12,7 +12,7 @@ from typing import Any
 import structlog
 
 from llamad.service import log as logsetup
-from llamad.config import SECTIONS, ConfigError, LoadedConfig, load_config, resolve_model, to_toml_data
+from llamad.config import SECTIONS, ConfigError, LoadedConfig, ModelChoice, file_identity, load_config, parse_bytes, to_toml_data
 
 log = structlog.get_logger("llamad")
 
@@ -38,6 +38,15 @@ def cmd_config(args: argparse.Namespace) -> int:
     for section in SECTIONS:
         lines.append("")
         for line in tomli_w.dumps({section: data[section]}).rstrip("\n").splitlines():
+            key = line.split("=", 1)[0].strip()
+            if args.sources and "=" in line and not line.startswith("["):
+                line = f"{line}  # {loaded.source(f'{section}.{key}')}"
+            lines.append(line)
+    for name, table in data.get("models", {}).items():  # keys a table leaves out are [model]'s
+        section = f"models.{name}"
+        set_keys = {key: value for key, value in table.items() if value is not None}
+        lines.append("")
+        for line in tomli_w.dumps({"models": {name: set_keys}}).rstrip("\n").splitlines():
             key = line.split("=", 1)[0].strip()
             if args.sources and "=" in line and not line.startswith("["):
                 line = f"{line}  # {loaded.source(f'{section}.{key}')}"
@@ -73,10 +82,34 @@ def cmd_check(args: argparse.Namespace) -> int:
     from llamad.engine import Generation
     from llamad.engine.llama import LlamaEngine
 
+    from llamad.models.catalog import build_catalog
+    from llamad.models.memory import budget_bytes, estimate_bytes
+
     loaded = _load(args)
     logsetup.configure(loaded.config.logging.level, loaded.config.logging.format)
-    choice = resolve_model(loaded)
-    engine = LlamaEngine(loaded.config, choice.path)
+    catalog = build_catalog(loaded)
+    # Every model of the set: its file (path, size, mtime: what a reload compares) and what
+    # it is estimated to take once loaded; the default one is then opened and decoded.
+    for name, spec in catalog.models.items():
+        identity = file_identity(spec.path)
+        log.info(
+            "check_model",
+            model=name,
+            default=spec.default,
+            role=spec.role,
+            declared_in=spec.source,
+            path=str(spec.path),
+            size_bytes=identity[1] if identity else None,
+            mtime_ns=identity[2] if identity else None,
+            aliases=list(spec.aliases),
+            keep_alive_s=spec.keep_alive_s,
+            estimated_bytes=estimate_bytes(spec.path, spec.config),
+        )
+    log.info("check_memory_budget", budget_bytes=budget_bytes(parse_bytes(loaded.config.router.memory_budget)),
+             max_loaded=loaded.config.router.max_loaded or None)
+    default = catalog.default
+    choice = ModelChoice(path=default.path, reason=f"the default model '{default.name}' ({default.source})")
+    engine = LlamaEngine(default.config, default.path)
 
     async def run() -> int:
         started = time.monotonic()
@@ -120,6 +153,45 @@ def cmd_check(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def make_engine(spec: Any) -> Any:
+    """The engine of one model of the set (llamad.models.pool's factory): the llama.cpp
+    engine, or a dedicated embedding engine for role = "embeddings"."""
+    if spec.role == "embeddings":
+        import msgspec
+
+        from llamad.engine.llama_embed import EmbeddingEngine
+
+        config = msgspec.structs.replace(spec.config, embeddings=msgspec.structs.replace(spec.config.embeddings, path=str(spec.path)))
+        engine = EmbeddingEngine(config)
+        engine.model_id = spec.name
+        return engine
+    from llamad.engine.llama import LlamaEngine
+
+    return LlamaEngine(spec.config, spec.path)
+
+
+def model_pool(loaded: LoadedConfig) -> Any:
+    """The server's models (llamad.models): the catalog from the configuration, loaded on
+    demand under the memory budget."""
+    from llamad.models.catalog import build_catalog
+    from llamad.models.memory import budget_bytes
+    from llamad.models.pool import ModelPool
+
+    config = loaded.config
+    catalog = build_catalog(loaded)
+    budget = budget_bytes(parse_bytes(config.router.memory_budget))
+    log.info(
+        "models_configured",
+        models={name: {"path": str(spec.path), "role": spec.role, "from": spec.source, "aliases": list(spec.aliases)}
+                for name, spec in catalog.models.items()},
+        default=catalog.default_name,
+        memory_budget_bytes=budget,
+        max_loaded=config.router.max_loaded or None,
+        strict=config.router.strict,
+    )
+    return ModelPool(catalog, make_engine, budget=budget, max_loaded=config.router.max_loaded, load_timeout=config.router.load_timeout)
+
+
 class Server:
     """uvicorn.Server run by hand, so start-up, readiness and shutdown are ours to see."""
 
@@ -127,17 +199,13 @@ class Server:
         import uvicorn
 
         from llamad.app import create_app
-        from llamad.engine.llama import LlamaEngine
 
         self.loaded = loaded
-        # The one place that names the engine factory: the start and every reload build with it
-        # (server.parallel slots decoded together in the step loop, one for parallel = 1).
-        self.engine_factory = LlamaEngine
         config = loaded.config
-        choice = resolve_model(loaded)
-        log.info("model_selected", path=str(choice.path), chosen_by=choice.reason, candidates=len(choice.candidates))
-        self.engine = self.engine_factory(config, choice.path)
-        self.app = create_app(config, self.engine)
+        # The one place that names the engine factory: the start, loads on demand and every
+        # reload build with it.
+        self.pool = model_pool(loaded)
+        self.app = create_app(config, pool=self.pool)
         self.uvicorn = uvicorn.Server(
             uvicorn.Config(
                 self.app,
@@ -157,8 +225,7 @@ class Server:
             # within the grace period (uvicorn's graceful shutdown).
             loop = self._loop
             if loop is not None:
-                # The engine in app.state: a reload may have swapped it.
-                loop.call_soon_threadsafe(self.app.state.engine.scheduler.close)
+                loop.call_soon_threadsafe(self.pool.stop_admitting)
             log.info("shutdown_requested", signal=signal.Signals(sig).name)
             original_handle_exit(sig, frame)
             # uvicorn re-raises the signal after a graceful shutdown, which would make the
@@ -175,9 +242,7 @@ class Server:
         self._loop = asyncio.get_running_loop()
 
         def reload() -> Any:
-            return reload_service(
-                self.app.state, self.loaded.file, engine_factory=self.engine_factory, set_log_level=logsetup.set_level
-            )
+            return reload_service(self.app.state, self.loaded.file, set_log_level=logsetup.set_level)
 
         # sd_notify READY/STATUS/WATCHDOG/STOPPING and SIGHUP reload (no-ops outside systemd
         # apart from the reload).
@@ -194,7 +259,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("starting", config_file=str(loaded.file) if loaded.file else "none (built-in defaults)")
     server = Server(loaded)
     asyncio.run(server.serve())
-    if server.engine.state == "failed":
+    if server.pool.catalog.default_name in server.pool.failures:
         return EXIT_MODEL
     log.info("stopped")
     return 0

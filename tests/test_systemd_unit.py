@@ -17,6 +17,8 @@ import pytest
 from llamad.serve.auth import ApiKeys
 from llamad.config import load_config
 from llamad.engine import Done, Generation, Prompt
+from llamad.models.catalog import build_catalog
+from llamad.models.pool import ModelPool
 from llamad.service.reload import reload_service
 from llamad.service.systemd import Notifier, notify_reload, status_line, supervise, watchdog_loop
 from fake_engine import FakeEngine
@@ -238,9 +240,13 @@ def _write_config(path: Path, model: Path, extra: str = "") -> Path:
 
 async def _state(config_path: Path) -> SimpleNamespace:
     loaded = load_config(config_path, env={})
-    engine = FakeEngine(model_id=loaded.config.model.name)
+    catalog = build_catalog(loaded)
+    engine = FakeEngine(model_id=catalog.default_name)
+    engine.model_path = catalog.default.path
     await engine.load()
-    return SimpleNamespace(loaded=loaded, config=loaded.config, engine=engine, api_keys=ApiKeys())
+    pool = ModelPool(catalog, lambda spec: FakeEngine(model_id=spec.name))
+    pool.install(catalog.default, engine)
+    return SimpleNamespace(loaded=loaded, config=loaded.config, engine=engine, models=pool, api_keys=ApiKeys())
 
 
 def _factory(created: list):

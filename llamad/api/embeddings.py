@@ -16,7 +16,8 @@ from litestar import Request, Response, Router, post
 
 from llamad.engine import Engine, check_token_ids
 from llamad.serve.request import InvalidRequest
-from llamad.serve.observe import engine_of, record_of
+from llamad.serve.models import engine_for, keep_alive_of, pool_of
+from llamad.serve.observe import record_of
 from llamad.serve.body import decode_body, read_body
 
 MAX_INPUTS = 2048  # OpenAI's own limit per request
@@ -47,9 +48,15 @@ class OllamaEmbeddingsRequest(msgspec.Struct, kw_only=True):
     keep_alive: Union[float, str, None] = None
 
 
-def embedding_engine_of(request: Request) -> Engine:
-    """The dedicated embedding model when one is configured, else the chat model."""
-    return request.app.state.embedder or engine_of(request)
+async def embedding_engine_for(request: Request, name: str, keep_alive: Any = None) -> Engine:
+    """The model that embeds for a request naming `name`: an embedding model of the set
+    ([models.<name>] role = "embeddings") it names; else the dedicated [embeddings] model
+    when one is configured; else the chat model the name routes to."""
+    spec = pool_of(request).catalog.match(name) if name else None
+    embedder = request.app.state.embedder
+    if embedder is not None and (spec is None or spec.role != "embeddings"):
+        return embedder
+    return await engine_for(request, name or None, role="embeddings", keep_alive=keep_alive_of(keep_alive))
 
 
 def _is_tokens(value: Any) -> bool:
@@ -124,8 +131,8 @@ def as_base64(vector: list[float]) -> str:
 
 @post("/v1/embeddings", status_code=200)
 async def openai_embeddings(request: Request) -> dict[str, Any]:
-    engine: Engine = embedding_engine_of(request)
     req = decode_body(await read_body(request), EmbeddingRequest)
+    engine: Engine = await embedding_engine_for(request, req.model)
     if req.encoding_format not in ("float", "base64"):
         raise InvalidRequest("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
     items = inputs_of(req.input)
@@ -151,9 +158,9 @@ async def openai_embeddings(request: Request) -> dict[str, Any]:
 
 @post("/api/embed", status_code=200)
 async def ollama_embed(request: Request) -> Response:
-    engine: Engine = embedding_engine_of(request)
     started = record_of(request).started
     req = decode_body(await read_body(request), OllamaEmbedRequest)
+    engine: Engine = await embedding_engine_for(request, req.model, req.keep_alive)
     model = req.model or engine.model_id
     if req.input is None or req.input == []:  # Ollama's way to load a model: nothing to embed
         engine.require_ready()
@@ -177,8 +184,8 @@ async def ollama_embed(request: Request) -> Response:
 @post("/api/embeddings", status_code=200)
 async def ollama_embeddings(request: Request) -> dict[str, Any]:
     """Ollama's older route: one prompt, one vector."""
-    engine: Engine = embedding_engine_of(request)
     req = decode_body(await read_body(request), OllamaEmbeddingsRequest)
+    engine: Engine = await embedding_engine_for(request, req.model, req.keep_alive)
     if not req.prompt:
         engine.require_ready()
         return {"embedding": []}

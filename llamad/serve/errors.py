@@ -20,6 +20,8 @@ from llamad.engine import (
     ShuttingDown,
     TokenOutOfRange,
 )
+from llamad.models.catalog import ModelNotFound, WrongRole
+from llamad.models.pool import ModelLoadFailed
 from llamad.serve.request import InvalidRequest
 from llamad.tools.grammar import ToolSchemaError
 
@@ -119,6 +121,12 @@ def from_exception(exc: BaseException, family: str) -> ApiError:
         kind = HTTP_KINDS.get(exc.status_code, "invalid_request" if exc.status_code < 500 else "server")
         message = MESSAGES.get(exc.status_code, exc.detail)
         return ApiError(exc.status_code, message, kind, headers=dict(exc.headers or {}))
+    if isinstance(exc, ModelNotFound):
+        return ApiError(404, str(exc), "not_found", param="model", code="model_not_found")
+    if isinstance(exc, WrongRole):
+        return ApiError(400, str(exc), "invalid_request", param="model")
+    if isinstance(exc, ModelLoadFailed):
+        return ApiError(503, str(exc), "unavailable", code="model_load_failed", headers={"Retry-After": "30"})
     if isinstance(exc, EngineNotReady):
         return ApiError(503, str(exc), "unavailable", code="model_not_loaded", headers={"Retry-After": "5"})
     return ApiError(500, "internal error while generating; see the server log", "server")

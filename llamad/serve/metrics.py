@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from typing import Any
+from typing import Any, Callable
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
@@ -77,7 +77,9 @@ class Metrics:
         if record.decode_s > 0 and record.completion_tokens > 1:
             self.rate.observe((record.completion_tokens - 1) / record.decode_s)
 
-    def render(self, engine: Any) -> str:
+    def render(self, engine: Any, pool: Any = None) -> str:
+        """`engine`: the default model's; `pool`: every model's, labelled by its configured
+        name (llamad.models.pool)."""
         self.track(engine)
         lines: list[str] = []
 
@@ -137,10 +139,46 @@ class Metrics:
             "1 for the model's current load state.",
             [f'llamad_model_state{{state="{s}"}} {int(engine.state == s)}' for s in states],
         )
+        if pool is not None:
+            self._render_models(pool, metric)
         metric("llamad_time_to_first_token_seconds", "histogram", "Time from request to first token.", self.ttft.lines("llamad_time_to_first_token_seconds"))
         metric("llamad_decode_tokens_per_second", "histogram", "Decode rate of each generation.", self.rate.lines("llamad_decode_tokens_per_second"))
         metric("llamad_request_duration_seconds", "histogram", "Whole request duration.", self.duration.lines("llamad_request_duration_seconds"))
         return "\n".join(lines) + "\n"
+
+
+    def _render_models(self, pool: Any, metric: Callable[[str, str, str, list[str]], None]) -> None:
+        """Per model of the set: the label values are the configured names, never a client's."""
+        names = list(pool.catalog.models)
+        residents = pool.residents
+        counters = pool.counters
+
+        def per_model(name: str, kind: str, help_text: str, value: Callable[[str], float]) -> None:
+            metric(name, kind, help_text, [f'{name}{{model="{_escape(m)}"}} {value(m)}' for m in names])
+
+        def live(m: str, field_name: str) -> int:
+            resident = residents.get(m)
+            return getattr(resident.engine.stats, field_name) if resident is not None else 0
+
+        per_model("llamad_model_loaded", "gauge", "1 while the model is loaded and ready.",
+                  lambda m: int(m in residents and residents[m].state == "ready"))
+        per_model("llamad_model_loads_total", "counter", "Loads of the model that succeeded.", lambda m: counters[m].loads if m in counters else 0)
+        per_model("llamad_model_load_failures_total", "counter", "Loads of the model that failed.",
+                  lambda m: counters[m].load_failures if m in counters else 0)
+        per_model("llamad_model_load_seconds_total", "counter", "Seconds spent loading the model.",
+                  lambda m: round(counters[m].load_seconds, 3) if m in counters else 0)
+        metric("llamad_model_unloads_total", "counter", "Unloads by reason: keep_alive (idle past it), room (for another model), "
+               "request (keep_alive 0), reload, shutdown.",
+               [f'llamad_model_unloads_total{{model="{_escape(m)}",reason="{r}"}} {counters[m].unloads.get(r, 0) if m in counters else 0}'
+                for m in names for r in ("keep_alive", "room", "request", "reload")])
+        per_model("llamad_model_memory_bytes", "gauge", "Memory the loaded model takes (estimated before the load, measured after).",
+                  lambda m: residents[m].memory if m in residents else 0)
+        per_model("llamad_model_queue_depth", "gauge", "Requests waiting for the model: for its load, or in its queue.",
+                  lambda m: (residents[m].waiting + residents[m].engine.scheduler.queue_depth) if m in residents else 0)
+        per_model("llamad_model_prompt_tokens_total", "counter", "Prompt tokens of the generations the model took.",
+                  lambda m: (counters[m].prompt_tokens if m in counters else 0) + live(m, "prompt_tokens"))
+        per_model("llamad_model_completion_tokens_total", "counter", "Tokens the model decoded.",
+                  lambda m: (counters[m].completion_tokens if m in counters else 0) + live(m, "completion_tokens"))
 
 
 def _escape(value: str) -> str:

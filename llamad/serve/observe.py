@@ -63,6 +63,8 @@ class RequestRecord:
     # A stream's last event went out: a client that closes the connection then (Codex does,
     # on response.completed) has its whole answer and is not a hang-up.
     answer_sent: bool = False
+    # The model that served it (llamad.serve.models), for the log line.
+    model: str | None = None
     # Run when the request is over (answer sent, or failed): e.g. letting go of the engine.
     releases: list[Callable[[], None]] = field(default_factory=list)
 
@@ -94,23 +96,6 @@ _NULL = RequestRecord(request_id="-", method="-", route="-")
 
 def record_of(request: Request) -> RequestRecord:
     return request.scope.get("state", {}).get("llamad_record", _NULL)
-
-
-def engine_of(request: Request) -> Any:
-    """The engine that serves this request, held until the request is over: a reload that
-    swaps the model retires the old engine only once every request holding it is done,
-    also those still reading their body or rendering their prompt."""
-    engine = request.app.state.engine
-    request.app.state.metrics.track(engine)
-    record = record_of(request)
-    if record is not _NULL:
-        engine.holders += 1
-
-        def release() -> None:
-            engine.holders -= 1
-
-        record.releases.append(release)
-    return engine
 
 
 def with_content_logged(request: Request, prompt_text: str, events: AsyncIterator[AnswerEvent]) -> AsyncIterator[AnswerEvent]:
@@ -218,6 +203,8 @@ class ObserveMiddleware:
             "status": record.error_status if record.error_status and record.status == 200 else record.status,
             "duration_s": round(duration, 4),
         }
+        if record.model is not None:
+            fields["model"] = record.model
         if record.prompt_tokens or record.completion_tokens:
             fields.update(
                 prompt_tokens=record.prompt_tokens,

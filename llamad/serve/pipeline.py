@@ -29,7 +29,8 @@ from llamad.serve import sse
 from llamad.serve.answer import AnswerEvent, ChoiceStart, Finish, Keepalive, ToolParser, answer_events
 from llamad.serve.body import unless_disconnected
 from llamad.serve.errors import ApiError, from_exception
-from llamad.serve.observe import RequestRecord, engine_of, record_of, with_content_logged
+from llamad.serve.models import engine_for
+from llamad.serve.observe import RequestRecord, record_of, with_content_logged
 from llamad.serve.budget import BudgetedEngine
 from llamad.serve.request import (
     MAX_STOPS,
@@ -92,7 +93,7 @@ async def serve(request: Request, ask: ModelRequest, reply_for: Callable[[Prepar
     """Answers `ask` on the engine that serves `request`, streamed or folded by the face's
     reply. Errors before the first byte are raised (the app's handler answers them in the
     family's shape, with the status a balancer may retry)."""
-    engine: Engine = engine_of(request)
+    engine: Engine = await engine_for(request, ask.model, keep_alive=ask.keep_alive)
     ask.speculative = speculative_choice(request.headers.get(SPECULATIVE_HEADER), ask.speculative)
     prepared = await prepare(engine, ask, request.app.state.config.limits)
     record = record_of(request)
@@ -110,7 +111,7 @@ async def serve(request: Request, ask: ModelRequest, reply_for: Callable[[Prepar
 async def count_prompt(request: Request, ask: ModelRequest) -> int:
     """The size of the prompt `ask` would give the model (tools included), generating
     nothing: a prompt past the context is still counted (the client asked how big it is)."""
-    engine: Engine = engine_of(request)
+    engine: Engine = await engine_for(request, ask.model)
     try:
         prepared = await prepare(engine, ask, request.app.state.config.limits, counting=True)
     except ContextOverflow as exc:

@@ -7,10 +7,11 @@ family's 400)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Any, Union
 
 from llamad.engine import Sampling
 from llamad.engine.chat import Chat
+from llamad.models.pool import KEEP
 
 MAX_STOPS = 16  # stop sequences one request may give (OpenAI's own limit is 4; llama-server's none)
 UNLIMITED = -1  # max_tokens: as many as the hard cap and the context allow (Ollama's num_predict -1, -2)
@@ -82,6 +83,10 @@ class ModelRequest:
     answer is text as it comes, `<think>` included). `n` choices are generated for every
     prompt, one after another."""
 
+    # The `model` the client named: routed to one of the server's models (llamad.models).
+    model: str | None = None
+    # Ollama's keep_alive, parsed (seconds; None: keep loaded); KEEP: the request sent none.
+    keep_alive: Any = KEEP
     chat: Chat | None = None
     prompts: list[RawPrompt] = field(default_factory=list)
     n: int = 1

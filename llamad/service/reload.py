@@ -19,8 +19,10 @@ from typing import Any, Callable, Mapping
 
 import structlog
 
-from llamad.config import Config, ConfigError, LoadedConfig, api_keys, file_identity, load_config, resolve_model, sampling_defaults
+from llamad.config import Config, ConfigError, LoadedConfig, api_keys, file_identity, load_config, sampling_defaults
 from llamad.engine import Engine
+from llamad.models.catalog import ModelSpec, build_catalog
+from llamad.models.pool import ModelPool, Resident
 
 log = structlog.get_logger("llamad.reload")
 
@@ -59,87 +61,107 @@ class ReloadResult:
     changed: list[str] = field(default_factory=list)
     model_swapped: bool = False
     needs_restart: list[str] = field(default_factory=list)
+    # Models whose loaded engine was replaced, and those taken out of the set.
+    swapped: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
 
 
 # Builds the engine for a configuration and a model file (llamad.engine.llama.LlamaEngine, or a fake).
 EngineFactory = Callable[[Config, Path], Engine]
 
 
-def _model_file_changed(engine: Any, loaded: LoadedConfig) -> bool:
-    """Whether the configuration now resolves to another model file than the engine serves."""
+def _file_changed(engine: Any, spec: ModelSpec) -> bool:
+    """Whether the model's file is another (or was replaced) since the engine loaded it."""
     served = getattr(engine, "model_identity", None)
-    if served is None:
-        return False
-    try:
-        choice = resolve_model(loaded)
-    except (ConfigError, OSError):
-        return True  # let the model path of the reload report what is wrong
-    return file_identity(choice.path) != served
+    return served is not None and file_identity(spec.path) != served
 
 
-async def retire_engine(engine: Any, poll_s: float = 0.2) -> None:
-    """Closes a swapped-out engine once the requests it holds (running, queued, or still
-    reading their body and preparing their prompt) are done."""
-    while engine.scheduler.busy or engine.scheduler.queue_depth or getattr(engine, "holders", 0):
-        await asyncio.sleep(poll_s)
-    await asyncio.to_thread(engine.close)
-    log.info("engine_retired", model=getattr(engine, "model_id", "?"))
+def reconfigure(engine: Any, config: Config) -> None:
+    """What a loaded engine takes without a reload of its model: the queue, the sampling
+    defaults, [speculative] (for the requests admitted from now on)."""
+    engine.scheduler.reconfigure(config.server.max_queue, config.server.queue_timeout)
+    engine.default_sampling = sampling_defaults(config)
+    configure_speculation = getattr(engine, "configure_speculation", None)
+    if configure_speculation is not None:
+        configure_speculation(config)
 
 
 async def reload_service(
     state: Any,
     config_path: str | os.PathLike[str] | None,
     *,
-    engine_factory: EngineFactory,
+    engine_factory: EngineFactory | None = None,
     set_log_level: Callable[[str], None] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> ReloadResult:
     """Re-reads the configuration into `state` (the app's state: `.loaded` or `.config`,
-    `.engine`, optional `.api_keys` holder). Nothing changes unless everything checks out."""
+    `.models` (the pool), `.engine`, optional `.api_keys` holder). Nothing changes unless
+    everything checks out: the new set of models is built, every loaded model whose file
+    or settings changed is loaded again beside the old one, and only then is it all
+    swapped in. A model taken out of the set, or swapped, finishes the requests it holds."""
     old = _current_config(state)
+    pool: ModelPool = state.models
     try:
         loaded = load_config(config_path, env=env)
         keys = api_keys(loaded.config)
+        catalog = build_catalog(loaded)
     except (ConfigError, OSError) as exc:
-        log.error("reload_refused", error=str(exc), kept="running configuration")
+        log.error("reload_refused", error=str(exc), kept="running configuration and models")
         return ReloadResult(ok=False, message=str(exc))
     new = loaded.config
     changed = changed_keys(old, new)
     needs_restart = [key for key in changed if key in RESTART_ONLY]
-    # server.parallel shapes the engine's context: a change loads a new engine, like a model change.
-    model_changed = any(key.startswith("model.") or key == "server.parallel" for key in changed)
-    model_changed = model_changed or getattr(state, "engine", None) is None
-    if not model_changed and _model_file_changed(getattr(state, "engine", None), loaded):
-        # Same settings, other file: a new .gguf in model.dir, or the served file replaced.
-        model_changed = True
-        changed = changed + ["model file"]
+    make = pool.factory if engine_factory is None else (lambda spec: engine_factory(spec.config, spec.path))
 
-    new_engine = None
-    if model_changed:
+    # Which loaded models stay as they are, which load again, which go.
+    swaps: dict[str, ModelSpec] = {}
+    removed: list[Resident] = []
+    for name, resident in list(pool.residents.items()):
+        spec = catalog.models.get(name)
+        if spec is None:
+            removed.append(resident)
+        elif spec.settings() != resident.spec.settings() or _file_changed(resident.engine, spec):
+            swaps[name] = spec
+    default = catalog.default
+    if default.name not in pool.residents and default.name not in swaps:
+        swaps[default.name] = default  # a new default is loaded before it is served
+    other_file = [
+        name for name, spec in swaps.items()
+        if name in pool.residents and (pool.residents[name].spec.path != spec.path or _file_changed(pool.residents[name].engine, spec))
+    ]
+    if other_file or default.name != pool.catalog.default_name:
+        changed = changed + ["model file"]  # a file replaced, another file, or another default
+
+    fresh: dict[str, Engine] = {}
+    for name, spec in swaps.items():
+        log.info("reload_loading_model", model=name, path=str(spec.path))
+        engine = make(spec)
         try:
-            choice = resolve_model(loaded)
-        except (ConfigError, OSError) as exc:
-            log.error("reload_refused", error=str(exc), kept="running configuration and model")
-            return ReloadResult(ok=False, message=str(exc), changed=changed)
-        log.info("reload_loading_model", path=str(choice.path), reason=choice.reason)
-        new_engine = engine_factory(new, choice.path)
-        try:
-            await new_engine.load()
+            await engine.load()
         except Exception as exc:
-            log.error("reload_refused", error=f"new model failed to load: {exc}", kept="running model")
-            await asyncio.to_thread(new_engine.close)
-            return ReloadResult(ok=False, message=str(exc), changed=changed)
+            log.error("reload_refused", error=f"model '{name}' failed to load: {exc}", kept="running configuration and models")
+            for made in [*fresh.values(), engine]:
+                await asyncio.to_thread(made.close)
+            return ReloadResult(ok=False, message=f"model '{name}' failed to load: {exc}", changed=changed)
+        fresh[name] = engine
 
     # Everything checked out: apply it all at once (no awaits from here on until the swap).
-    old_engine = getattr(state, "engine", None)
-    if new_engine is not None:
-        state.engine = new_engine
-    elif old_engine is not None:
-        old_engine.scheduler.reconfigure(new.server.max_queue, new.server.queue_timeout)
-        old_engine.default_sampling = sampling_defaults(new)
-        configure_speculation = getattr(old_engine, "configure_speculation", None)
-        if configure_speculation is not None:  # [speculative]: for the requests admitted from now on
-            configure_speculation(new)
+    retiring: list[Resident] = []
+    for resident in removed:
+        del pool.residents[resident.spec.name]
+        retiring.append(resident)
+    for name, engine in fresh.items():
+        before = pool.residents.get(name)
+        if before is not None:
+            retiring.append(before)
+        pool.install(catalog.models[name], engine)
+    for name, resident in pool.residents.items():
+        if name not in fresh:
+            resident.spec = catalog.models[name]
+            reconfigure(resident.engine, resident.spec.config)
+    pool.catalog = catalog
+    if hasattr(state, "engine") and pool.default_engine is not None:
+        state.engine = pool.default_engine
     if isinstance(getattr(state, "loaded", None), LoadedConfig):
         state.loaded = loaded
     if hasattr(state, "config"):
@@ -152,18 +174,21 @@ async def reload_service(
 
     if needs_restart:
         log.warning("reload_needs_restart", keys=needs_restart, hint="systemctl restart llamad applies them")
-    log.info("reload_applied", changed=changed, model_swapped=new_engine is not None)
-    if new_engine is not None and old_engine is not None:
+    log.info("reload_applied", changed=changed, swapped=sorted(fresh), removed=sorted(r.spec.name for r in removed),
+             models=list(catalog.models), default=catalog.default_name)
+    for resident in retiring:
         # Requests already holding the old engine finish on it; then it is freed.
-        task = asyncio.ensure_future(retire_engine(old_engine))
+        task = asyncio.ensure_future(pool.retire(resident, "reload"))
         _background.add(task)
         task.add_done_callback(_background.discard)
     return ReloadResult(
         ok=True,
         message="applied",
         changed=changed,
-        model_swapped=new_engine is not None,
+        model_swapped=bool(fresh),
         needs_restart=needs_restart,
+        swapped=sorted(fresh),
+        removed=sorted(r.spec.name for r in removed),
     )
 
 

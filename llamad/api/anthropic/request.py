@@ -379,6 +379,7 @@ def to_request(req: MessagesRequest, max_messages: int, keep_reasoning: bool, co
     """The request for the one request path (pure: no engine, no HTTP). `counting`: for
     count_tokens, which sends no max_tokens and generates nothing."""
     return ModelRequest(
+        model=req.model or None,
         chat=to_chat(req, max_messages),
         sampling=Sampling() if counting else sampling_of(req),
         max_tokens=None if counting else max_tokens_of(req),

@@ -31,6 +31,7 @@ class InfillRequest(SamplingFields, kw_only=True):
     n_predict: Union[int, None] = None
     max_tokens: Union[int, None] = None
     stream: bool = False
+    model: str = ""
 
 
 STOP_TYPES = {"stop": "eos", "length": "limit"}
@@ -89,6 +90,7 @@ def to_request(req: InfillRequest) -> ModelRequest:
     wanted = req.n_predict if req.n_predict is not None else req.max_tokens
     prompt = InfillPrompt(req.input_prefix, req.input_suffix, extra_text(req.input_extra), req.prompt, param="input_suffix")
     return ModelRequest(
+        model=req.model or None,
         prompts=[prompt],
         sampling=sampling_of(req),
         max_tokens=None if wanted is None or wanted < 0 else max(wanted, 1),

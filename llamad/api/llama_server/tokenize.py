@@ -11,7 +11,7 @@ from litestar import Request, Router, post
 
 from llamad.engine import Engine, check_token_ids
 from llamad.serve.request import InvalidRequest
-from llamad.serve.observe import engine_of
+from llamad.serve.models import engine_for
 from llamad.serve.body import decode_body, read_body
 
 
@@ -20,10 +20,12 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
     add_special: bool = False  # llama-server's defaults: no BOS, "<start_of_turn>" is one token
     parse_special: bool = True
     with_pieces: bool = False
+    model: str = ""
 
 
 class DetokenizeRequest(msgspec.Struct, kw_only=True):
     tokens: list[int]
+    model: str = ""
 
 
 def piece_of(raw: bytes) -> Union[str, list[int]]:
@@ -36,8 +38,8 @@ def piece_of(raw: bytes) -> Union[str, list[int]]:
 
 @post("/tokenize", status_code=200)
 async def tokenize(request: Request) -> dict[str, Any]:
-    engine: Engine = engine_of(request)
     req = decode_body(await read_body(request), TokenizeRequest)
+    engine: Engine = await engine_for(request, req.model or None)
     engine.require_ready()
     ids = await asyncio.to_thread(engine.tokenize, req.content, req.add_special, req.parse_special)
     if not req.with_pieces:
@@ -48,8 +50,8 @@ async def tokenize(request: Request) -> dict[str, Any]:
 
 @post("/detokenize", status_code=200)
 async def detokenize(request: Request) -> dict[str, str]:
-    engine: Engine = engine_of(request)
     req = decode_body(await read_body(request), DetokenizeRequest)
+    engine: Engine = await engine_for(request, req.model or None)
     engine.require_ready()
     try:
         check_token_ids(req.tokens, engine.n_vocab)

@@ -43,7 +43,8 @@ from llamad.serve.answer import (
 )
 from llamad.serve.body import decode_body, read_body
 from llamad.serve.errors import ApiError, ollama_body
-from llamad.serve.observe import engine_of, record_of
+from llamad.serve.models import engine_for, keep_alive_of, pool_of
+from llamad.serve.observe import record_of
 from llamad.serve.pipeline import Prepared
 from llamad.serve.request import InfillPrompt, ModelRequest, TextPrompt
 from llamad.tools.json_repair import close_json
@@ -124,10 +125,11 @@ class Pieces:
             "eval_duration": max(ns(finish.decode_s), 1),
         }
 
-    def loaded(self) -> dict[str, Any]:
-        """Ollama's answer to an empty prompt: the model is loaded, nothing generated."""
+    def loaded(self, reason: str = "load") -> dict[str, Any]:
+        """Ollama's answer to an empty prompt: the model is loaded ("load") or unloaded
+        ("unload", keep_alive 0), nothing generated."""
         payload = self.piece()
-        payload.update(done=True, done_reason="load")
+        payload.update(done=True, done_reason=reason)
         return payload
 
     def folded(self, answer: Answer, keep_reasoning: bool) -> dict[str, Any]:
@@ -190,11 +192,18 @@ async def answer(request: Request, req: Common, ask: ModelRequest, chat: bool) -
     return await pipeline.serve(request, ask, reply, stream=req.stream)
 
 
-def loaded(request: Request, req: Common, chat: bool) -> Response:
-    """Ollama's load idiom (an empty request): the model is loaded, nothing generated."""
-    engine = engine_of(request)
+async def loaded(request: Request, req: Common, chat: bool) -> Response:
+    """Ollama's load idiom (an empty request): the model is loaded, nothing generated; with
+    keep_alive 0 it is unloaded instead (once the requests it is serving are done)."""
+    keep_alive = keep_alive_of(req.keep_alive)
+    started = record_of(request).started
+    if keep_alive == 0:
+        spec = pool_of(request).route(req.model)
+        await pool_of(request).expire(spec.name)
+        return Response(Pieces(req.model or spec.name, chat=chat, started=started).loaded("unload"))
+    engine = await engine_for(request, req.model, keep_alive=keep_alive)
     engine.require_ready()
-    return Response(Pieces(req.model or engine.model_id, chat=chat, started=record_of(request).started).loaded())
+    return Response(Pieces(req.model or engine.model_id, chat=chat, started=started).loaded())
 
 
 @post("/api/chat", status_code=200)
@@ -202,7 +211,7 @@ async def api_chat(request: Request) -> Response:
     req = decode_body(await read_body(request), ChatRequest)
     response_format_of(req.format)  # a bad format is a 400 even with nothing to answer
     if not req.messages:
-        return loaded(request, req, chat=True)
+        return await loaded(request, req, chat=True)
     ask = to_request(req, to_chat(req, request.app.state.config.limits.max_messages))
     return await answer(request, req, ask, chat=True)
 
@@ -212,7 +221,7 @@ async def api_generate(request: Request) -> Response:
     req = decode_body(await read_body(request), GenerateRequest)
     response_format_of(req.format)
     if not req.prompt and not req.suffix:
-        return loaded(request, req, chat=False)
+        return await loaded(request, req, chat=False)
     if req.suffix:
         # Fill in the middle in the model's FIM tokens; no template, text as it comes.
         ask = to_request(req, None, [InfillPrompt(req.prompt, req.suffix, param="suffix")])

@@ -11,6 +11,7 @@ import msgspec
 
 from llamad.engine import Sampling
 from llamad.engine.chat import Chat, ChatMessage, ToolCall, ToolSpec
+from llamad.serve.models import keep_alive_of
 from llamad.serve.request import UNLIMITED, InvalidRequest, ModelRequest, RawPrompt, ToolUse, check_range, thinking_switch
 
 
@@ -66,7 +67,9 @@ class Common(msgspec.Struct, kw_only=True):
     options: Union[Options, None] = None
     format: Union[str, dict[str, Any], None] = None
     think: Union[bool, str, None] = None
-    keep_alive: Union[float, str, None] = None  # accepted: the one model stays loaded
+    # How long the model stays loaded after this request (llamad.models.pool): "5m", seconds,
+    # 0 (unload now), negative (keep it).
+    keep_alive: Union[float, str, None] = None
     logprobs: bool = False
     top_logprobs: Union[int, None] = None
 
@@ -184,6 +187,8 @@ def to_request(req: Common, chat: Chat | None, prompts: list[RawPrompt] | None =
     """The request for the one request path (pure: no engine, no HTTP): `chat` for
     /api/chat and a templated /api/generate, `prompts` for a raw or fill-in-the-middle one."""
     return ModelRequest(
+        model=req.model or None,
+        keep_alive=keep_alive_of(req.keep_alive),
         chat=chat,
         prompts=prompts or [],
         sampling=sampling_of(req.options),

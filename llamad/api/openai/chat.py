@@ -346,6 +346,7 @@ def to_request(req: ChatRequest, max_messages: int, keep_reasoning: bool) -> Mod
         raise InvalidRequest("only n=1 is supported", param="n")
     choice = tool_choice_of(req)
     return ModelRequest(
+        model=req.model or None,
         chat=to_chat(req, max_messages),
         sampling=sampling_of(req),
         max_tokens=requested_max_tokens(req),

@@ -206,6 +206,7 @@ def to_request(req: CompletionRequest) -> ModelRequest:
     if req.max_tokens is not None and req.max_tokens < 1:
         raise InvalidRequest(f"'max_tokens' must be at least 1, got {req.max_tokens}", param="max_tokens")
     return ModelRequest(
+        model=req.model or None,
         prompts=prompts,
         n=req.n,
         sampling=sampling_of(req),

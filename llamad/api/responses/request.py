@@ -369,6 +369,7 @@ def to_request(
     if choice.allowed is not None:
         offered = [t for t in offered if t.name in choice.allowed]
     ask = ModelRequest(
+        model=req.model or None,
         chat=Chat(messages=messages, tools=offered),
         sampling=Sampling() if counting else sampling_of(req),
         max_tokens=None if counting else max_output_tokens_of(req),
