@@ -262,8 +262,9 @@ class ModelPool:
 
     async def _make_room(self, resident: Resident, need: int) -> None:
         """Unloads idle models, least recently used first, until `need` bytes fit the budget
-        and the set is under router.max_loaded; waits for busy ones up to load_timeout."""
-        deadline = self.clock() + self.load_timeout
+        and the set is under router.max_loaded. Waits for busy ones up to half of
+        load_timeout (the other half is the load's), then fails with the reason."""
+        deadline = self.clock() + self.load_timeout / 2
         while True:
             others = [r for r in self.residents.values() if r is not resident and r.state == "ready"]
             fits_memory = self.budget is None or self.used_bytes(resident) + need <= self.budget
