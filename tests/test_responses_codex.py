@@ -120,3 +120,17 @@ async def test_codex_goal_objective_output_without_a_call_id_reaches_the_prompt(
     created = prompt.index('<tool_response name="create_goal">', prompt.index('"name": "create_goal"', notes))
     objective = prompt.index('<tool_response name="goal_objective">\nReply with the word OK.\n</tool_response>')
     assert created < objective
+
+
+async def test_codex_view_image_output_is_named_in_the_prompt_not_refused(make_client):
+    body = captured("goal/04_post_v1_responses.json")
+    assert body["input"][-1]["output"][0]["type"] == "input_image"  # view_image's answer
+    engine = engine_for_codex()
+    async with make_client(engine) as client:
+        response = await client.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    prompt = engine.generations[0].prompt.text
+    viewed = prompt.index('<tool_response name="view_image">', prompt.index('"name": "view_image", "arguments": {"path"'))
+    assert prompt[viewed:].startswith('<tool_response name="view_image">\n[input_image left out: this model reads text only]\n')
+    assert "base64" not in prompt
+

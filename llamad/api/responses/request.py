@@ -159,21 +159,45 @@ def _convert(raw: Any, struct: type, where: str) -> Any:
         raise InvalidRequest(f"invalid request: {_PATH.sub('', text)} at '{param}'", param=param) from None
 
 
+def _part_text(part: Any) -> str | None:
+    """A content part's text; None for a part that is not text (an image, a file, audio)."""
+    if isinstance(part, (InputText, OutputText)):
+        return part.text
+    if isinstance(part, Refusal):
+        return part.refusal
+    return None
+
+
 def _text_of(content: Union[str, list[Any]], where: str) -> str:
     if isinstance(content, str):
         return content
     texts = []
     for index, part in enumerate(content):
-        if isinstance(part, (InputText, OutputText)):
-            texts.append(part.text)
-        elif isinstance(part, Refusal):
-            texts.append(part.refusal)
-        else:
+        text = _part_text(part)
+        if text is None:
             kind = part.__struct_config__.tag
             raise InvalidRequest(
                 f"content parts of type '{kind}' are not supported by this text-only model; send the content as text",
                 param=f"{where}[{index}]",
             )
+        texts.append(text)
+    return "\n".join(texts)
+
+
+def _tool_output_text(output: Union[str, list[Any]]) -> str:
+    """A function_call_output's text. An image or file in it (Codex's view_image answers
+    with one) becomes a line saying it was left out, where a message's would be refused:
+    the model asked for it, and a 400 would end the client's session."""
+    if isinstance(output, str):
+        return output
+    texts = []
+    for part in output:
+        text = _part_text(part)
+        if text is None:
+            kind = part.__struct_config__.tag
+            _log_once("tool_output_part", kind)
+            text = f"[{kind} left out: this model reads text only]"
+        texts.append(text)
     return "\n".join(texts)
 
 
@@ -226,7 +250,7 @@ def input_messages(items: Union[str, list[dict[str, Any]], None], history: list[
             out.append(
                 ChatMessage(
                     role="tool",
-                    content=_text_of(result.output, f"{where}.output"),
+                    content=_tool_output_text(result.output),
                     tool_call_id=result.call_id,
                     name=result.name if result.call_id is None else calls[result.call_id],
                 )
