@@ -10,7 +10,9 @@ profile (tests/agents.py `CODEX_SMALL_MODEL_FLAGS`: Codex's tools off, its instr
 replaced by one line, no environment or permissions preamble; the multi-agent namespace and
 web_search stay in the request and llamad leaves them out of the prompt). Codex's full first
 and second requests, with every tool, are replayed through the same route in the fast tier
-(tests/test_responses_codex.py)."""
+(tests/test_responses_codex.py). Its later requests after tool calls (tests/data/captures/
+codex/goal/: a goal output without a call_id, an image from view_image) are sent to a real
+server here as Codex sent them."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 
 from agents import codex_small_model_command, install_agents
@@ -84,3 +87,27 @@ def test_codex_exec_with_an_output_schema_gets_the_grammar_constrained_answer(co
     schema.write_text(json.dumps(ANSWER_SCHEMA))
     result, _ = run_codex(codex_agents, tmp_path, "--output-schema", str(schema))
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"answer": "OK"}
+
+
+CAPTURES = Path(__file__).parent / "data" / "captures" / "codex"
+# Codex's full prompt is some 6,500 of the demo model's tokens; a few answer tokens are
+# enough to show the follow-up is served.
+FOLLOW_UP_TOML = """
+[model]
+n_ctx = 16384
+[server]
+parallel = 1
+[limits]
+default_max_tokens = 16
+"""
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("capture", ["goal/03_post_v1_responses.json", "goal/04_post_v1_responses.json"])
+def test_a_real_server_serves_codex_follow_ups_after_tool_calls(tmp_path: Path, capture: str):
+    body = json.loads((CAPTURES / capture).read_text())["body"]
+    with start_server(tmp_path, toml=FOLLOW_UP_TOML) as server:
+        response = httpx.post(server.url + "/v1/responses", json=body, timeout=280)
+    assert response.status_code == 200, response.text
+    events = [line.removeprefix("event: ") for line in response.text.splitlines() if line.startswith("event: ")]
+    assert events[0] == "response.created" and events[-1] in ("response.completed", "response.incomplete"), events

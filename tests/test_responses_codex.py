@@ -1,7 +1,13 @@
 """Codex CLI 0.171's real requests (captured by tests/agents.py, kept in
 tests/data/captures/codex/) replayed through /v1/responses with the fake engine: both turns
 are served as a stream in the order Codex reads, its function tools reach the prompt, and
-the tool types it sends that llamad cannot run (namespace, web_search) are left out."""
+the tool types it sends that llamad cannot run (namespace, web_search) are left out.
+
+tests/data/captures/codex/goal/ holds later requests of one longer `codex exec` session
+(full prompt and tools), recorded with a scripted fake engine behind llamad's own app: the
+model read notes.txt with exec_command, then called create_goal, then view_image on a PNG.
+Codex answers create_goal with its output and then an output of its own that answers no
+call (`name: "goal_objective"`, `namespace: "agent"`, no `call_id`): issue 19's 400."""
 
 from __future__ import annotations
 
@@ -93,3 +99,38 @@ async def test_codex_second_turn_with_the_tool_output_answers_in_text(make_clien
     prompt = engine.generations[0].prompt.text
     assert '"cmd": "cat notes.txt"' in prompt and '<tool_response name="exec_command">' in prompt
     assert stored.status_code == 404  # Codex sends store: false
+
+
+async def test_codex_goal_objective_output_without_a_call_id_reaches_the_prompt(make_client):
+    body = captured("goal/03_post_v1_responses.json")
+    goal = body["input"][-1]
+    assert goal["type"] == "function_call_output" and "call_id" not in goal  # as Codex sent it
+    engine = engine_for_codex()
+    async with make_client(engine) as client:
+        response = await client.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    events = sse(response.text)
+    assert_well_formed(events)
+    assert events[-2][1]["item"]["content"][0]["text"] == "OK"
+    prompt = engine.generations[0].prompt.text
+    # Each call is followed by its own output, paired by call_id; the goal comes after them.
+    read = prompt.index('"cmd": "cat notes.txt"')
+    notes = prompt.index('<tool_response name="exec_command">', read)
+    assert "The answer is OK." in prompt[notes : prompt.index("</tool_response>", notes)]
+    created = prompt.index('<tool_response name="create_goal">', prompt.index('"name": "create_goal"', notes))
+    objective = prompt.index('<tool_response name="goal_objective">\nReply with the word OK.\n</tool_response>')
+    assert created < objective
+
+
+async def test_codex_view_image_output_is_named_in_the_prompt_not_refused(make_client):
+    body = captured("goal/04_post_v1_responses.json")
+    assert body["input"][-1]["output"][0]["type"] == "input_image"  # view_image's answer
+    engine = engine_for_codex()
+    async with make_client(engine) as client:
+        response = await client.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    prompt = engine.generations[0].prompt.text
+    viewed = prompt.index('<tool_response name="view_image">', prompt.index('"name": "view_image", "arguments": {"path"'))
+    assert prompt[viewed:].startswith('<tool_response name="view_image">\n[input_image left out: this model reads text only]\n')
+    assert "base64" not in prompt
+

@@ -6,7 +6,8 @@ sampling settings and tool plan. Pure functions of the request (plus the stored 
 Item and tool types llamad has no use for are accepted and left out of the prompt:
 `reasoning` items (replayed thinking is not answer text), and tools llamad cannot run
 (`web_search`, `namespace`, `custom`, `local_shell`, `mcp`, …), which are logged once per
-type per process.
+type per process. A `function_call_output` answers the call with its `call_id`; one
+without a `call_id` (Codex's injected context) is a tool result named by its `name`.
 """
 
 from __future__ import annotations
@@ -69,8 +70,11 @@ class FunctionCallItem(msgspec.Struct, kw_only=True):
 
 
 class FunctionCallOutputItem(msgspec.Struct, kw_only=True):
-    call_id: str
+    # None: an output that answers no call. Codex sends these to hand the model context as a
+    # tool's result (after create_goal: name "goal_objective", namespace "agent", no call_id).
+    call_id: Union[str, None] = None
     output: Union[str, list[Content]] = ""
+    name: Union[str, None] = None
 
 
 class FunctionTool(msgspec.Struct, kw_only=True):
@@ -155,21 +159,45 @@ def _convert(raw: Any, struct: type, where: str) -> Any:
         raise InvalidRequest(f"invalid request: {_PATH.sub('', text)} at '{param}'", param=param) from None
 
 
+def _part_text(part: Any) -> str | None:
+    """A content part's text; None for a part that is not text (an image, a file, audio)."""
+    if isinstance(part, (InputText, OutputText)):
+        return part.text
+    if isinstance(part, Refusal):
+        return part.refusal
+    return None
+
+
 def _text_of(content: Union[str, list[Any]], where: str) -> str:
     if isinstance(content, str):
         return content
     texts = []
     for index, part in enumerate(content):
-        if isinstance(part, (InputText, OutputText)):
-            texts.append(part.text)
-        elif isinstance(part, Refusal):
-            texts.append(part.refusal)
-        else:
+        text = _part_text(part)
+        if text is None:
             kind = part.__struct_config__.tag
             raise InvalidRequest(
                 f"content parts of type '{kind}' are not supported by this text-only model; send the content as text",
                 param=f"{where}[{index}]",
             )
+        texts.append(text)
+    return "\n".join(texts)
+
+
+def _tool_output_text(output: Union[str, list[Any]]) -> str:
+    """A function_call_output's text. An image or file in it (Codex's view_image answers
+    with one) becomes a line saying it was left out, where a message's would be refused:
+    the model asked for it, and a 400 would end the client's session."""
+    if isinstance(output, str):
+        return output
+    texts = []
+    for part in output:
+        text = _part_text(part)
+        if text is None:
+            kind = part.__struct_config__.tag
+            _log_once("tool_output_part", kind)
+            text = f"[{kind} left out: this model reads text only]"
+        texts.append(text)
     return "\n".join(texts)
 
 
@@ -213,7 +241,7 @@ def input_messages(items: Union[str, list[dict[str, Any]], None], history: list[
                 out.append(ChatMessage(role="assistant", content="", tool_calls=[tool_call]))
         elif kind == "function_call_output":
             result = _convert({k: v for k, v in raw.items() if k != "type"}, FunctionCallOutputItem, where)
-            if result.call_id not in calls:
+            if result.call_id is not None and result.call_id not in calls:
                 raise InvalidRequest(
                     f"this function_call_output answers call_id '{result.call_id}', but no earlier function_call "
                     "item (in this input or the previous response) has that call_id",
@@ -222,9 +250,9 @@ def input_messages(items: Union[str, list[dict[str, Any]], None], history: list[
             out.append(
                 ChatMessage(
                     role="tool",
-                    content=_text_of(result.output, f"{where}.output"),
+                    content=_tool_output_text(result.output),
                     tool_call_id=result.call_id,
-                    name=calls[result.call_id],
+                    name=result.name if result.call_id is None else calls[result.call_id],
                 )
             )
         elif isinstance(kind, str) and kind in IGNORED_ITEMS:
