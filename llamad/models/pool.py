@@ -114,7 +114,6 @@ class ModelPool:
         self.failures: dict[str, str] = {}  # the last load error of a model not loaded
         self._load_lock = asyncio.Lock()
         self._expiry: asyncio.Task | None = None
-        self._closing: list[asyncio.Future] = []
         self.closed = False
         # Called with the default model's engine whenever it changes (app.state.engine).
         self.on_default: Callable[[Engine], None] | None = None
@@ -167,10 +166,9 @@ class ModelPool:
         return resident
 
     def released(self, resident: Resident) -> None:
-        """A request is done with `resident` (its engine holder already dropped)."""
+        """A request is done with `resident` (its engine holder already dropped): its
+        keep_alive counts from now (the expiry watch unloads it; keep_alive 0 at once)."""
         resident.last_used = self.clock()
-        if resident.keep_alive_s == 0 and resident.idle and resident.state == "ready":
-            self._spawn(self.unload(resident.spec.name, "request"))
 
     async def expire(self, name: str) -> None:
         """Ollama's unload idiom (keep_alive 0 with nothing to answer): unloaded now when
@@ -353,11 +351,6 @@ class ModelPool:
                 resident.task.cancel()
             resident.engine.close()
         self.residents.clear()
-
-    def _spawn(self, work: Any) -> None:
-        task = asyncio.ensure_future(work)
-        self._closing.append(task)
-        task.add_done_callback(self._closing.remove)
 
     # -- what operators see --------------------------------------------------------------------
     def describe(self) -> list[dict[str, Any]]:
