@@ -126,8 +126,8 @@ def claude_command(
         DISABLE_AUTOUPDATER="1",
         DISABLE_TELEMETRY="1",
         DISABLE_ERROR_REPORTING="1",
-        **(extra or {}),
     )
+    environment.update(extra or {})  # a caller's value wins (the small model's name, say)
     return [str(agents.claude), "-p", prompt], environment
 
 
