@@ -418,3 +418,18 @@ async def test_a_reload_removes_a_busy_model_only_after_its_request(tmp_path):
         assert small.engine.scheduler.closed
         third = await client.post("/v1/chat/completions", json={**CHAT, "model": "third"})
     assert third.json()["choices"][0]["message"]["content"] == "from third"
+
+
+async def test_an_embedding_model_embeds_and_refuses_chat(tmp_path):
+    vectors = gguf(tmp_path / "vectors.gguf")
+    app, pool, _ = app_for(tmp_path, f'[models.vectors]\npath = "{vectors}"\nrole = "embeddings"\n')
+    async with AsyncTestClient(app=app) as client:
+        chat = await client.post("/v1/chat/completions", json={**CHAT, "model": "vectors"})
+        embed = await client.post("/v1/embeddings", json={"model": "vectors", "input": ["a", "b"]})
+        ollama = await client.post("/api/embed", json={"model": "vectors", "input": "a"})
+        shown = await client.post("/api/show", json={"model": "vectors"})
+        assert "vectors" in pool.residents
+    assert chat.status_code == 400 and "'vectors' is an embedding model" in chat.json()["error"]["message"]
+    assert embed.status_code == 200 and embed.json()["model"] == "vectors" and len(embed.json()["data"]) == 2
+    assert ollama.json()["model"] == "vectors" and len(ollama.json()["embeddings"]) == 1
+    assert shown.json()["capabilities"] == ["embedding"]

@@ -262,5 +262,6 @@ class WrongRole(Exception):
     """A chat request for an embedding model, or the other way round (a 400)."""
 
     def __init__(self, name: str, role: str, wanted: str):
-        super().__init__(f"model '{name}' is a {role} model and cannot serve {wanted} requests")
+        kind = {"embeddings": "an embedding model", "chat": "a chat model"}.get(role, f"a {role} model")
+        super().__init__(f"model '{name}' is {kind}: it cannot answer {wanted} requests")
         self.name = name
