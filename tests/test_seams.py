@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fake_engine import FakeEngine
+from llamad.models.pool import ModelPool
 from llamad.service.reload import reload_service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +64,9 @@ def _import_graph() -> dict[str, set[str]]:
 # -- the layers the folders stand for ----------------------------------------------------------
 
 BACKENDS = ("llamad.engine.llama", "llamad.engine.llama_slots", "llamad.engine.llama_embed")
-ABOVE_ENGINE = ("llamad.api", "llamad.serve", "llamad.tools", "llamad.service", "llamad.bench", "llamad.app", "llamad.cli")
+ABOVE_ENGINE = ("llamad.api", "llamad.serve", "llamad.tools", "llamad.models", "llamad.service", "llamad.bench", "llamad.app", "llamad.cli")
+# The model set sits between the engine and the request path: it knows engines, not requests.
+ABOVE_MODELS = ("llamad.api", "llamad.serve", "llamad.service", "llamad.bench", "llamad.app", "llamad.cli")
 
 
 def _under(module: str, prefixes: tuple[str, ...] | str) -> bool:
@@ -96,6 +99,8 @@ def layer_breaks(graph: dict[str, set[str]]) -> list[str]:
                 breaks.append(f"{module} (face {face}) imports another face: {imported}")
             if _under(module, "llamad.engine") and _under(imported, ABOVE_ENGINE):
                 breaks.append(f"{module} (engine) imports {imported}, above the engine")
+            if _under(module, "llamad.models") and _under(imported, ABOVE_MODELS):
+                breaks.append(f"{module} (models) imports {imported}, above the model set")
             if _under(module, "llamad.grammar") and not _under(imported, "llamad.grammar"):
                 breaks.append(f"{module} (grammar) imports {imported}")
     return breaks
@@ -108,6 +113,7 @@ def test_the_layer_check_sees_each_kind_of_break():
         "llamad.engine.slots": {"llamad.serve.answer"},
         "llamad.grammar.schema": {"llamad.engine.chat"},
         "llamad.api.embeddings": {"llamad.api.openai.chat"},
+        "llamad.models.pool": {"llamad.serve.request"},
     }
     found = "\n".join(layer_breaks(made_up))
     assert "imports the engine backend llamad.engine.llama_slots" in found
@@ -115,6 +121,7 @@ def test_the_layer_check_sees_each_kind_of_break():
     assert "(engine) imports llamad.serve.answer" in found
     assert "(grammar) imports llamad.engine.chat" in found
     assert "(face embeddings) imports another face" in found
+    assert "(models) imports llamad.serve.request" in found
     assert "llamad.api.sampling" not in found  # shared, not a face
 
 
@@ -163,8 +170,10 @@ def test_the_service_side_never_names_the_llama_engine():
     graph = _import_graph()
     for module in ("llamad.service.systemd", "llamad.service.reload", "llamad.config"):
         assert "llamad.engine.llama" not in graph[module], f"{module} imports llamad.engine.llama; the CLI injects the engine"
-    # No hidden default that builds a LlamaEngine: the caller must say which engine.
-    assert inspect.signature(reload_service).parameters["engine_factory"].default is inspect.Parameter.empty
+    # No hidden default that builds a LlamaEngine: the model set is given its engine factory
+    # by the caller (the CLI), and a reload builds with that one or one it is handed.
+    assert inspect.signature(ModelPool).parameters["factory"].default is inspect.Parameter.empty
+    assert "llamad.engine.llama" not in graph["llamad.models.pool"]
 
 
 def test_systemd_and_reload_load_and_reload_without_llama_cpp(tmp_path):
@@ -182,12 +191,17 @@ sys.modules["llamad.engine.llama"] = None
 sys.path.insert(0, {str(ROOT / "tests")!r})
 import llamad.service.systemd, llamad.service.reload
 from llamad.config import load_config
+from llamad.models.catalog import build_catalog
+from llamad.models.pool import ModelPool
 from fake_engine import FakeEngine
 
 async def main():
     loaded = load_config({str(config)!r}, env={{}})
-    state = SimpleNamespace(loaded=loaded, config=loaded.config, engine=FakeEngine(model_id="before"))
+    catalog = build_catalog(loaded)
+    pool = ModelPool(catalog, lambda spec: FakeEngine(model_id=spec.name))
+    state = SimpleNamespace(loaded=loaded, config=loaded.config, engine=FakeEngine(model_id="before"), models=pool)
     await state.engine.load()
+    pool.install(catalog.default, state.engine)
     with open({str(config)!r}, "a") as f:
         f.write('n_ctx = 1024\\n')
     result = await llamad.service.reload.reload_service(
