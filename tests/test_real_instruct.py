@@ -155,3 +155,26 @@ def test_llamad_check_prints_what_it_detected(tmp_path: Path) -> None:
     assert line["chat_template"] == "gguf" and line["gguf_template"].endswith("characters")
     assert line["tool_format"] == "hermes" and line["reasoning_markers"] is None
     assert line["n_ctx_train"] == 8192 and line["n_ctx"] == 8192 and "32768" in line["n_ctx_capped"]
+
+
+@pytest.mark.timeout(300)
+def test_claude_code_with_its_full_prompt_meets_the_documented_prompt_too_long(instruct_server: RunningServer, tmp_path: Path) -> None:
+    """Claude Code's full first request (~12,400 tokens: its system prompt, every tool) does
+    not fit SmolLM2's 8,192: llamad answers Anthropic's own `prompt is too long` wording, and
+    Claude Code reacts as it does against Anthropic: it reports the sizes and exits 1."""
+    import shutil
+    import subprocess
+
+    if shutil.which("npm") is None:
+        pytest.skip("npm is not installed (make test-deps installs nodejs and npm)")
+    from agents import claude_command, install_agents
+
+    argv, environment = claude_command(install_agents(), instruct_server.url, tmp_path / "home", "Reply with the word OK.")
+    (tmp_path / "project").mkdir()
+    result = subprocess.run(argv, env=environment, cwd=tmp_path / "project", capture_output=True, text=True, timeout=240,
+                            stdin=subprocess.DEVNULL)
+    refused = [line for line in instruct_server.log().splitlines() if "prompt is too long" in line and '"status": 400' in line]
+    report = f"exit {result.returncode}\nstdout: {result.stdout[-1500:]}\nstderr: {result.stderr[-1500:]}"
+    assert refused, report
+    assert result.returncode == 1, report
+    assert "Prompt is too long" in result.stdout and "limit 8191" in result.stdout, report
