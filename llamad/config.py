@@ -66,6 +66,13 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     type_k: str = "f16"
     type_v: str = "f16"
     flash_attn: bool = False
+    # RoPE scaling, to serve a context past the GGUF's trained one (llama.cpp's
+    # --rope-scaling / --rope-scale): "" uses the GGUF's own; "linear" or "yarn" with
+    # rope_scale N (> 1) stretches the trained context N times, and n_ctx may go that far.
+    rope_scaling: str = ""
+    rope_scale: float = 0.0
+    # The RoPE base frequency; 0: the GGUF's.
+    rope_freq_base: float = 0.0
 
 
 class CacheConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -184,6 +191,9 @@ class ModelTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     type_k: Optional[str] = None
     type_v: Optional[str] = None
     flash_attn: Union[bool, str, None] = None
+    rope_scaling: Optional[str] = None
+    rope_scale: Optional[float] = None
+    rope_freq_base: Optional[float] = None
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     top_k: Optional[int] = None
@@ -238,6 +248,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # The KV cache types llama.cpp accepts (common/arg.cpp), each with its GGML type number.
 KV_CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "iq4_nl": 20, "q5_0": 6, "q5_1": 7}
 UNQUANTIZED_KV_TYPES = ("f32", "f16", "bf16")
+ROPE_SCALINGS = ("", "none", "linear", "yarn")
 LOG_FORMATS = ("auto", "json", "console")
 
 
@@ -471,6 +482,15 @@ def validate(loaded: LoadedConfig) -> None:
             f"'model.type_v' = {c.model.type_v!r} ({loaded.source('model.type_v')}): a quantized V cache needs "
             "flash attention: set model.flash_attn = true, or type_v = \"f16\""
         )
+    _check(c.model.rope_scaling in ROPE_SCALINGS, loaded, "model.rope_scaling", c.model.rope_scaling,
+           "one of " + ", ".join(repr(v) for v in ROPE_SCALINGS))
+    _check(c.model.rope_freq_base >= 0, loaded, "model.rope_freq_base", c.model.rope_freq_base, "0 (the GGUF's) or more")
+    if c.model.rope_scaling in ("linear", "yarn"):
+        _check(c.model.rope_scale > 1, loaded, "model.rope_scale", c.model.rope_scale,
+               f"a factor above 1 with rope_scaling = {c.model.rope_scaling!r} (4: four times the trained context)")
+    else:
+        _check(c.model.rope_scale == 0, loaded, "model.rope_scale", c.model.rope_scale,
+               "0 unless model.rope_scaling is \"linear\" or \"yarn\"")
     _check(c.cache.max_bytes >= 0, loaded, "cache.max_bytes", c.cache.max_bytes, "0 (off) or more")
     _check(c.limits.max_tokens_hard_cap >= 1, loaded, "limits.max_tokens_hard_cap", c.limits.max_tokens_hard_cap, "at least 1")
     _check(c.limits.default_max_tokens >= 1, loaded, "limits.default_max_tokens", c.limits.default_max_tokens, "at least 1")

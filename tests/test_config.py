@@ -242,3 +242,23 @@ def test_sampling_defaults_are_configurable_and_checked(tmp_path):
     assert (defaults.temperature, defaults.top_k, defaults.top_p) == (0.0, 1, 0.95)
     with pytest.raises(ConfigError, match=r"sampling\.temperature"):
         load_config(write(tmp_path, "[sampling]\ntemperature = 3.0\n"), env={})
+
+
+@pytest.mark.parametrize(
+    "toml, words",
+    [
+        ('[model]\nrope_scaling = "dynamic"\n', ["model.rope_scaling", "'linear'"]),
+        ('[model]\nrope_scaling = "yarn"\n', ["model.rope_scale", "above 1"]),
+        ('[model]\nrope_scale = 4.0\n', ["model.rope_scale", "0 unless"]),
+        ('[model]\nrope_freq_base = -1.0\n', ["model.rope_freq_base"]),
+    ],
+)
+def test_rope_scaling_settings_are_checked(tmp_path, toml, words):
+    path = tmp_path / "llamad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={})
+    for word in words:
+        assert word in str(caught.value)
+    path.write_text('[model]\nrope_scaling = "yarn"\nrope_scale = 4.0\n')
+    assert load_config(path, env={}).config.model.rope_scale == 4.0

@@ -178,3 +178,30 @@ def test_claude_code_with_its_full_prompt_meets_the_documented_prompt_too_long(i
     assert refused, report
     assert result.returncode == 1, report
     assert "Prompt is too long" in result.stdout and "limit 8191" in result.stdout, report
+
+
+@pytest.mark.timeout(120)
+def test_rope_scaling_lifts_the_trained_context_cap(tmp_path: Path) -> None:
+    """model.rope_scaling = "linear" with rope_scale 2 lets SmolLM2 (trained on 8,192) have a
+    16,384-token context, and llama.cpp's context runs with the positions scaled by 1/2;
+    without it the same n_ctx is capped at 8,192."""
+    import asyncio
+
+    from llamad.config import load_config
+    from llamad.engine.llama import LlamaEngine
+
+    def loaded(**env: str) -> dict:
+        environment = {"MODEL_PATH": INSTRUCT_MODEL, "LLAMAD_SERVER_PARALLEL": "1", "LLAMAD_MODEL_N_CTX": "16384", **env}
+        config = load_config(tmp_path / "empty.toml", env=environment).config
+        engine = LlamaEngine(config, Path(INSTRUCT_MODEL))
+        try:
+            asyncio.run(engine.load())
+            return dict(engine.info)
+        finally:
+            engine.close()
+
+    (tmp_path / "empty.toml").write_text("")
+    plain = loaded()
+    scaled = loaded(LLAMAD_MODEL_ROPE_SCALING="linear", LLAMAD_MODEL_ROPE_SCALE="2")
+    assert plain["n_ctx"] == 8192 and "n_ctx_capped" in plain and plain["rope_freq_scale"] == 1.0
+    assert scaled["n_ctx"] == 16384 and "n_ctx_capped" not in scaled and scaled["rope_freq_scale"] == 0.5

@@ -491,6 +491,8 @@ def open_disk_cache(config: Any, model_path: Path) -> DiskStateCache | None:
     # What shapes the state's bytes besides the model: the K/V element types, flash attention
     # (which stores V transposed or not; "auto" resolves by backend, so the build counts).
     context = f"type_k={m.type_k},type_v={m.type_v},flash_attn={'on' if m.flash_attn else 'auto'}"
+    if m.rope_scaling or m.rope_freq_base:  # positions are encoded otherwise: other K values
+        context += f",rope={m.rope_scaling}x{m.rope_scale},base={m.rope_freq_base}"
     context += f",gpu_offload={bool(llama_cpp.llama_supports_gpu_offload())}"
     try:
         identity = fingerprint(model_path, context)

@@ -17,7 +17,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import msgspec
 import structlog
@@ -101,6 +101,15 @@ def kv_cache_mib(lines: list[str]) -> float | None:
     return round(sum(sizes), 2) if sizes else None
 
 
+def context_value(lines: list[str], key: str) -> float | None:
+    """A number llama.cpp printed about the context it made ("llama_context: freq_scale = 0.5")."""
+    for line in lines:
+        match = re.search(rf"llama_context: {re.escape(key)}\s*=\s*([-\d.e]+)", line)
+        if match:
+            return float(match.group(1))
+    return None
+
+
 def offloaded_layers(lines: list[str]) -> str | None:
     for line in lines:
         match = re.search(r"offloaded (\d+)/(\d+) layers to GPU", line)
@@ -118,6 +127,17 @@ HELPER_CONTEXT = 32
 # At close, how long the saved slots may take to reach the disk (systemd's stop timeout is
 # 60 s): a few hundred MiB on a slow card.
 KEEP_TIMEOUT_S = 20.0
+
+
+ROPE_SCALING_TYPES = {"": -1, "none": 0, "linear": 1, "yarn": 2}  # llama.cpp's LLAMA_ROPE_SCALING_TYPE_*
+
+
+def rope_settings(m: Any) -> dict[str, Any]:
+    """model.rope_* as llama.cpp's context parameters (0 and "" leave the GGUF's own)."""
+    settings: dict[str, Any] = {"rope_scaling_type": ROPE_SCALING_TYPES[m.rope_scaling], "rope_freq_base": m.rope_freq_base}
+    if m.rope_scaling in ("linear", "yarn"):
+        settings["rope_freq_scale"] = 1.0 / m.rope_scale  # --rope-scale N is a frequency scale of 1/N
+    return settings
 
 
 class LlamaEngine(Engine):
@@ -183,6 +203,7 @@ class LlamaEngine(Engine):
                 type_k=KV_CACHE_TYPES[m.type_k],
                 type_v=KV_CACHE_TYPES[m.type_v],
                 flash_attn=m.flash_attn,
+                **rope_settings(m),
                 verbose=False,
             )
         except (ValueError, RuntimeError) as exc:
@@ -212,7 +233,11 @@ class LlamaEngine(Engine):
             "chat_template": self.template.source,
             "n_ctx": n_ctx,
             "n_ctx_train": self.llm._model.n_ctx_train(),  # noqa: SLF001
-            **({"n_ctx_capped": f"model.n_ctx {m.n_ctx} capped at the GGUF's trained context {n_ctx}"} if n_ctx < m.n_ctx else {}),
+            **({"n_ctx_capped": f"model.n_ctx {m.n_ctx} capped at the GGUF's trained context {n_ctx}"
+                + (f" (x rope_scale {m.rope_scale})" if m.rope_scaling in ("linear", "yarn") else "")} if n_ctx < m.n_ctx else {}),
+            **({"rope_scaling": f"{m.rope_scaling} x{m.rope_scale}"} if m.rope_scaling in ("linear", "yarn") else {}),
+            # What llama.cpp's context runs with (1: the positions as trained).
+            "rope_freq_scale": context_value(context_lines, "freq_scale"),
             "n_threads": threads,
             "n_gpu_layers": m.n_gpu_layers,
             "gpu_layers_offloaded": offloaded or "0 (CPU build or none requested)",
@@ -337,20 +362,23 @@ class LlamaEngine(Engine):
 
     def _trained_cap(self, wanted: int) -> int:
         """model.n_ctx, capped at the context the GGUF was trained on (as llama-server does):
-        past it, positions the model never saw make it repeat itself. llamad configures no
-        RoPE scaling, so the cap always applies; a GGUF that carries its own scaling states
-        the scaled length as its trained context."""
+        past it, positions the model never saw make it repeat itself. With RoPE scaling
+        configured (model.rope_scaling, rope_scale N) the cap is N times the trained context."""
         assert self.llm is not None
         trained = self.llm._model.n_ctx_train()  # noqa: SLF001
-        if 0 < trained < wanted:
+        m = self.config.model
+        scaled = m.rope_scaling in ("linear", "yarn")
+        limit = int(trained * m.rope_scale) if scaled else trained
+        if 0 < limit < wanted:
             log.warning(
                 "n_ctx_capped",
                 n_ctx=wanted,
                 n_ctx_train=trained,
-                reason="model.n_ctx is past the GGUF's trained context; capped at it",
+                limit=limit,
+                reason=f"model.n_ctx is past {'the scaled' if scaled else 'the GGUF' + chr(39) + 's trained'} context; capped at it",
             )
-            self.n_ctx = trained
-            return trained
+            self.n_ctx = limit
+            return limit
         self.n_ctx = wanted
         return wanted
 
