@@ -218,7 +218,9 @@ class ModelPool:
         spec = resident.spec
         counters = self.counters[spec.name]
         async with self._load_lock:
-            need = self.estimate(spec)
+            # Off the event loop: a header without the optional key/value lengths is read to
+            # its end (SmolLM2's 49k tokens and merges: ~40 ms), which would stall every stream.
+            need = await asyncio.to_thread(self.estimate, spec)
             try:
                 await self._make_room(resident, need)
             except ModelLoadFailed as exc:
