@@ -7,6 +7,7 @@ import asyncio
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -268,6 +269,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     loaded = _load(args)
     logsetup.configure("warning", loaded.config.logging.format)
+    if args.switch:  # changing models, beside llama-server's router (llamad.bench.switch)
+        if not args.llama_server:
+            return _fail("bench_needs_llama_server", EXIT_CONFIG, hint="--switch compares with llama-server's router: add --llama-server PATH")
+        paths = switch_models(loaded, args.switch_models)
+        if isinstance(paths, str):
+            return _fail("bench_needs_two_models", EXIT_CONFIG, hint=paths)
+        from llamad.bench.switch import run_switch
+
+        return run_switch(loaded, args, paths)
     if args.speculation:  # n-gram speculation beside llama-server's (llamad.bench.speculation)
         from llamad.bench.speculation import run_speculation
 
@@ -282,6 +292,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from llamad.bench.run import run_bench
 
     return run_bench(loaded, args)
+
+
+def switch_models(loaded: LoadedConfig, listed: str | None) -> tuple[Path, Path] | str:
+    """The two GGUFs `bench --switch` changes between: --switch-models, else the first two
+    chat models the configuration offers; a hint (str) when there are not two."""
+    wanted = "--switch needs two GGUF files: --switch-models A.gguf,B.gguf, or two [models.*] tables in the configuration"
+    if listed:
+        paths = [Path(p).expanduser() for p in listed.split(",") if p]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            return f"--switch-models: no such file: {', '.join(missing)}"
+        if len(paths) != 2:
+            return wanted
+    else:
+        from llamad.models.catalog import build_catalog
+
+        try:
+            paths = [spec.path for spec in build_catalog(loaded).models.values() if spec.role == "chat"]
+        except ConfigError as exc:
+            return f"{exc}; {wanted}"
+        if len(paths) < 2:
+            return wanted
+    return paths[0], paths[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--streams", default="1,2,4,8", help="parallel-stream counts for the batching table (default 1,2,4,8; empty skips)")
     bench.add_argument("--llama-server", help="run llamad side by side with this llama-server binary (-np 1 and -np 4) instead")
     bench.add_argument("--speculation", action="store_true", help="with --llama-server: only the n-gram speculation phases (edit and prose workloads)")
+    bench.add_argument("--switch", action="store_true", help="with --llama-server: only the model-switch phases (time to first token of a model not loaded, beside llama-server's router; a loaded model's while another loads)")
+    bench.add_argument("--switch-models", help="the two GGUFs for --switch, A.gguf,B.gguf (default: the configuration's first two chat models)")
     bench.add_argument("--spec-types", help="llama-server --spec-type values to compare (default ngram-simple,ngram-map-k,ngram-mod)")
     bench.add_argument("--edit-tokens", type=int, default=2000, help="most tokens of an edit answer (default 2000: the whole file)")
     bench.add_argument("--parallel-tokens", type=int, default=256, help="tokens per answer of the 4-stream speculation phase (default 256)")

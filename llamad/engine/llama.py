@@ -277,6 +277,9 @@ class LlamaEngine(Engine):
             speculation=self._speculation(self.config),
         )
         self.info["speculative"] = self.loop.speculation.describe() if self.loop.speculation else self._no_speculation
+
+    def _serve(self) -> None:
+        assert self.loop is not None
         self.loop.start()
 
     def _speculation(self, config: Config) -> Speculation | None:

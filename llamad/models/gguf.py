@@ -15,6 +15,7 @@ _STRING, _ARRAY = 8, 9
 # Header keys the estimate needs ({arch} replaced); reading stops once all are found.
 _WANTED = ("block_count", "embedding_length", "attention.head_count", "attention.head_count_kv",
            "attention.key_length", "attention.value_length", "context_length")
+_REQUIRED = _WANTED[:3]  # without these there is no estimate; the others have defaults
 
 
 def gguf_header(path: Path, limit_keys: int = 4096, everything: bool = False) -> dict[str, Any]:
@@ -32,15 +33,18 @@ def gguf_header(path: Path, limit_keys: int = 4096, everything: bool = False) ->
         arch = None
         for _ in range(min(count, limit_keys)):
             key = _string(f)
+            # Past the architecture's block with what an estimate needs: stop. Writers group
+            # a model's keys; the tokenizer's arrays (150k strings in some models) come next.
+            if not everything and arch and not key.startswith(f"{arch}.") and all(f"{arch}.{k}" in found for k in _REQUIRED):
+                break
             kind = _read(f, "<I")
             value = _value(f, kind)
             if key == "general.architecture":
                 arch = value
             if value is not None:
                 found[key] = value
-            if not everything and arch and all(f"{arch}.{k}" in found for k in _WANTED[:4]):
-                if all(f"{arch}.{k}" in found for k in _WANTED):
-                    break
+            if not everything and arch and all(f"{arch}.{k}" in found for k in _WANTED):
+                break
     return found
 
 

@@ -132,7 +132,7 @@ class ModelPool:
     @property
     def default_engine(self) -> Engine | None:
         resident = self.residents.get(self.catalog.default_name)
-        return resident.engine if resident is not None else None
+        return resident.engine if resident is not None and resident.state != "unloading" else None
 
     # -- taking a model ----------------------------------------------------------------------
     async def acquire(self, spec: ModelSpec, keep_alive: Any = KEEP, reason: str = "request") -> Resident:
@@ -216,7 +216,9 @@ class ModelPool:
         spec = resident.spec
         counters = self.counters[spec.name]
         async with self._load_lock:
-            need = self.estimate(spec)
+            # Off the event loop: a header without the optional key/value lengths is read to
+            # its end (SmolLM2's 49k tokens and merges: ~40 ms), which would stall every stream.
+            need = await asyncio.to_thread(self.estimate, spec)
             try:
                 await self._make_room(resident, need)
             except ModelLoadFailed as exc:
@@ -256,7 +258,7 @@ class ModelPool:
         log.error("model_load_failed", model=name, path=str(resident.spec.path), error=error)
 
     def used_bytes(self, besides: Resident | None = None) -> int:
-        return sum(r.memory for r in self.residents.values() if r is not besides and r.state in ("ready", "loading"))
+        return sum(r.memory for r in self.residents.values() if r is not besides and r.state in ("ready", "loading", "unloading"))
 
     async def _make_room(self, resident: Resident, need: int) -> None:
         """Unloads idle models, least recently used first, until `need` bytes fit the budget
@@ -265,10 +267,14 @@ class ModelPool:
         deadline = self.clock() + self.load_timeout / 2
         while True:
             others = [r for r in self.residents.values() if r is not resident and r.state == "ready"]
+            closing = [r for r in self.residents.values() if r.state == "unloading"]
             fits_memory = self.budget is None or self.used_bytes(resident) + need <= self.budget
-            fits_count = self.max_loaded == 0 or len(others) < self.max_loaded
+            fits_count = self.max_loaded == 0 or len(others) + len(closing) < self.max_loaded
             if fits_memory and fits_count:
                 return
+            if closing:  # an unload under way (keep_alive, a request's) frees its room when done
+                await asyncio.sleep(EXPIRY_POLL_S / 5)
+                continue
             idle = sorted((r for r in others if r.idle), key=lambda r: r.last_used)
             if idle:
                 await self.unload(idle[0].spec.name, "room", wanted=resident.spec.name)
@@ -287,9 +293,14 @@ class ModelPool:
         resident = self.residents.get(name)
         if resident is None or resident.state != "ready" or not resident.idle or resident.pinned:
             return False
+        # Listed as unloading, its memory still counted, until its engine is closed (the
+        # slots saved to disk, the context freed): a load that needs that room waits for it.
         resident.state = "unloading"
-        del self.residents[name]
-        await self._close(resident)
+        try:
+            await self._close(resident)
+        finally:
+            if self.residents.get(name) is resident:  # not replaced by a new load meanwhile
+                del self.residents[name]
         self.counters[name].unloads[reason] += 1
         fields = {"for_model": wanted} if wanted else {}
         log.info("model_unloaded", model=name, reason=reason, memory_bytes=resident.memory,
@@ -347,6 +358,8 @@ class ModelPool:
         if self._expiry is not None:
             self._expiry.cancel()
         for resident in list(self.residents.values()):
+            if resident.state == "unloading":  # its close is running; asyncio.run waits for it
+                continue
             if resident.task is not None and not resident.task.done():
                 resident.task.cancel()
             resident.engine.close()

@@ -117,6 +117,8 @@ async def reload_service(
     swaps: dict[str, ModelSpec] = {}
     removed: list[Resident] = []
     for name, resident in list(pool.residents.items()):
+        if resident.state == "unloading":  # already on its way out: its unload removes it
+            continue
         spec = catalog.models.get(name)
         if spec is None:
             removed.append(resident)
