@@ -227,3 +227,43 @@ def test_seeded_sampling_draws_the_same_answer_with_drafts(engine):
     drafted, _ = answer(loop, tokens, 50, sampling=sampled)
     assert drafted == plain
     assert loop.stats.accepted > 0, loop.stats
+
+
+def scored(loop: StepLoop, tokens: list[int], max_tokens: int) -> tuple[list, Sequence]:
+    from llamad.engine.types import TokenLogprob
+
+    seq = Sequence(generation=Generation(prompt=Prompt(text="", tokens=tokens), max_tokens=max_tokens, sampling=GREEDY, logprobs=3))
+    loop.submit(seq)
+    for _ in range(400):
+        if seq.ended:
+            break
+        loop.step()
+    assert seq.ended
+    entries = []
+    while True:
+        try:
+            item = seq.out.get_nowait()
+        except queue.Empty:
+            break
+        if isinstance(item, BaseException):
+            raise item
+        if isinstance(item, TokenLogprob):
+            entries.append(item)
+    return entries, seq
+
+
+def test_log_probabilities_with_drafts_score_every_token_as_without(engine):
+    """A token accepted from a draft is scored from its own entry's logits, as a token
+    decoded alone is: same tokens, same alternatives, log probabilities equal up to the
+    batch shape's rounding."""
+    tokens = chat_tokens(engine, COPY)
+    plain, _ = scored(fresh_loop(engine, None), tokens, 60)
+    loop = fresh_loop(engine, SPEC)
+    drafted, _ = scored(loop, tokens, 60)
+    assert loop.stats.accepted > 20, loop.stats  # most tokens came from drafts
+    assert len(drafted) == len(plain) == 60
+    assert [e.id for e in drafted] == [e.id for e in plain]
+    for with_draft, alone in zip(drafted, plain):
+        assert abs(with_draft.logprob - alone.logprob) < 0.3, (with_draft, alone)
+        assert len(with_draft.top) == len(alone.top) == 3
+        assert with_draft.top[0].logprob == pytest.approx(with_draft.logprob) or with_draft.top[0].text != with_draft.text
