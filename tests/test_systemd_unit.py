@@ -469,3 +469,16 @@ def test_packaged_config_loads_and_stays_local():
     assert loaded.config.server.host == "127.0.0.1"
     assert loaded.config.model.dir == "/var/lib/llamad/models"
     assert loaded.config.model.n_gpu_layers == -1
+
+
+async def test_reload_hands_a_changed_speculative_table_to_the_running_engine(tmp_path):
+    model = _gguf(tmp_path / "a.gguf")
+    path = _write_config(tmp_path / "llamad.toml", model)
+    state = await _state(path)
+    handed = []
+    state.engine.configure_speculation = lambda config: handed.append(config.speculative)
+    _write_config(path, model, "[speculative]\nenabled = true\nngram = 8\n")
+    result = await reload_service(state, path, engine_factory=_factory([]), env={})
+    assert result.ok and not result.model_swapped and "speculative.ngram" in result.changed
+    assert [(s.enabled, s.ngram) for s in handed] == [(True, 8)]
+    state.engine.close()
