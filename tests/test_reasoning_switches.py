@@ -116,3 +116,23 @@ async def test_the_budget_is_enforced_in_a_stream_too() -> None:
     text = "".join(d["delta"].get("text", "") for d in deltas if d.get("type") == "content_block_delta")
     assert text == "The answer."
     assert len(engine.generations) == 2
+
+
+def endless_analysis(generation: Any) -> list[str]:
+    """gpt-oss: thinks in the analysis channel until stopped; in the final channel it answers."""
+    if generation.prompt.text.endswith("<|end|><|start|>assistant<|channel|>final<|message|>"):
+        return ["The", " answer."]
+    return ["<|channel|>analysis<|message|>", "Hmm"] + [" more"] * 5000
+
+
+async def test_the_budget_closes_gpt_oss_analysis_channel_and_opens_the_final_one() -> None:
+    engine = FakeEngine(script=endless_analysis, tool_format="harmony")
+    payload = {"max_tokens": 900, "messages": USER, "thinking": {"type": "enabled", "budget_tokens": 300}}
+    async with serve(engine) as client:
+        message = (await client.post("/v1/messages", json=payload)).json()
+    assert [b["type"] for b in message["content"]] == ["thinking", "text"], message
+    assert message["content"][0]["thinking"].startswith("Hmm more more")
+    assert message["content"][1]["text"] == "The answer."
+    first, second = engine.generations
+    assert first.max_tokens == 300 and second.max_tokens == 600
+    assert second.prompt.text.endswith("<|end|><|start|>assistant<|channel|>final<|message|>")

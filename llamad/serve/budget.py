@@ -33,6 +33,21 @@ def reasoning_open(prompt: Prompt, text: str, markers: tuple[str, str] = THINK) 
     return opened >= 0 or prompt.opens_reasoning
 
 
+# gpt-oss (harmony): the analysis message ends, and the final channel is opened for the answer.
+HARMONY_FINAL = "<|start|>assistant<|channel|>final<|message|>"
+
+
+def closing(markers: tuple[str, str]) -> tuple[str, str]:
+    """What closes the reasoning: (the text the answer events get, the text written after the
+    reasoning for the model to go on from). For `<think>` and `[THINK]` they are the same;
+    for harmony the final channel's header goes to the model only."""
+    end = markers[1]
+    if end == "<|end|>":
+        return end, end + HARMONY_FINAL
+    close = f"\n{end}\n\n" if end.startswith("</") else end
+    return close, close
+
+
 class BudgetedEngine:
     """The engine, with reasoning closed after `budget` generated tokens."""
 
@@ -44,9 +59,11 @@ class BudgetedEngine:
         return getattr(self._engine, name)
 
     def markers(self) -> tuple[str, str]:
+        """The family's reasoning markers (llamad.tools.formats): `<think>`, Mistral's
+        `[THINK]`, gpt-oss's analysis channel; `<think>` for a model that has none."""
         fmt = getattr(self._engine, "tool_format", None)
         reasoning = getattr(fmt, "reasoning", None)
-        return tuple(reasoning) if reasoning and reasoning[0] == THINK[0] else THINK  # type: ignore[return-value]
+        return tuple(reasoning) if reasoning else THINK  # type: ignore[return-value]
 
     async def stream(self, generation: Generation) -> AsyncIterator[EngineEvent]:
         engine = self._engine
@@ -72,10 +89,10 @@ class BudgetedEngine:
         if done.finish_reason != "length" or not reasoning_open(generation.prompt, generated, markers):
             yield done
             return
-        close = f"\n{markers[1]}\n\n"
-        yield Token(close)  # the splitter ends the reasoning here
-        tokens = generation.prompt.tokens + engine.tokenize(generated + close, add_special=False)
-        prompt = replace(generation.prompt, text=generation.prompt.text + generated + close, tokens=tokens, opens_reasoning=False)
+        shown, written = closing(markers)
+        yield Token(shown)  # the splitter ends the reasoning here
+        tokens = generation.prompt.tokens + engine.tokenize(generated + written, add_special=False)
+        prompt = replace(generation.prompt, text=generation.prompt.text + generated + written, tokens=tokens, opens_reasoning=False)
         left = generation.max_tokens - done.completion_tokens
         if left < 1 or len(tokens) >= engine.n_ctx:
             yield replace(done, finish_reason="length")
