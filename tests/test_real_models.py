@@ -247,3 +247,30 @@ def test_claude_codes_background_calls_reach_the_small_model(tmp_path):
     report = f"served: {requests}\nscreen: {screen[-1500:].decode(errors='replace')}"
     assert ("gemma", 200) in requests, report  # the turn itself, on the main model
     assert ("smol", 200) in requests, report  # the background call, routed by its model name
+
+
+def test_a_hang_up_while_a_model_loads_frees_the_request_and_the_load_goes_on(tmp_path):
+    # "big" is the demo model again under another name: not loaded, and its load (~0.6 s
+    # here) outlasts the client's patience (0.25 s), which outlasts sending the request.
+    toml = two_model_toml(f'[models.big]\npath = "{TEST_MODEL}"\n')
+    with start_server(tmp_path, toml) as server:
+        with pytest.raises(httpx.TimeoutException):  # the client gives up while big loads
+            httpx.post(server.url + "/v1/chat/completions", timeout=0.25,
+                       json={"model": "big", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+        deadline = time.monotonic() + 30
+        running: list[str] = []
+        while time.monotonic() < deadline and "big:latest" not in running:
+            running = [m["name"] for m in httpx.get(server.url + "/api/ps").json()["models"]]
+            time.sleep(0.1)
+        time.sleep(0.5)
+        metrics = httpx.get(server.url + "/metrics").text
+        after = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                           json={"model": "big", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+        log = server.log()
+    assert "big:latest" in running  # loaded although its requester left
+    assert 'route="/v1/chat/completions",status="499"' in metrics
+    assert after.status_code == 200 and after.json()["model"] == "big"
+    [loaded] = [e for e in events(log, "model_loaded") if e.get("model") == "big"]  # once: the next request found it loaded
+    # The request ended at the hang-up, before its prompt reached the model.
+    gone = [r for r in events(log, "request") if r.get("status") == 499]
+    assert len(gone) == 1 and gone[0]["model"] == "big" and "prompt_tokens" not in gone[0], log[-6000:]

@@ -80,6 +80,7 @@ class NativeLog:
 
         self._callback = callback  # keep a reference: ctypes does not
         llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+        keep_stdio()
 
     def capture(self) -> None:
         self.captured = []
@@ -92,6 +93,30 @@ class NativeLog:
 
 
 native = NativeLog()
+
+
+def keep_stdio() -> None:
+    """Stops llama-cpp-python from pointing file descriptors 1 and 2 at /dev/null while it
+    loads a model (its `verbose=False`). That redirection is process-wide: with a model
+    loading beside models that serve (llamad.models), every other thread's journal lines,
+    a request's own log line among them, vanished for the length of the load. llama.cpp's
+    lines reach structlog through the log callback, so there is nothing to silence."""
+    import llama_cpp._internals
+    import llama_cpp.llama
+
+    for module in (llama_cpp.llama, llama_cpp._internals):
+        module.suppress_stdout_stderr = _Unsilenced  # type: ignore[attr-defined]
+
+
+class _Unsilenced:
+    def __init__(self, disable: bool = True):
+        pass
+
+    def __enter__(self) -> "_Unsilenced":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def kv_cache_mib(lines: list[str]) -> float | None:

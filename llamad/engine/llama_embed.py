@@ -136,6 +136,9 @@ class EmbeddingEngine(Engine):
         import llama_cpp
         from llama_cpp._internals import LlamaModel
 
+        from llamad.engine.llama import keep_stdio
+
+        keep_stdio()  # other threads keep their log lines while this one loads
         llama_cpp.llama_backend_init()
         try:
             self.model = LlamaModel(path_model=str(self.model_path), params=llama_cpp.llama_model_default_params(), verbose=False)

@@ -26,6 +26,9 @@ async def engine_for(request: Request, name: str | None, *, role: str = "chat", 
     hang-up while the model loads ends the request (499); the load goes on for the next."""
     pool = pool_of(request)
     spec = pool.route(name, role)
+    record = record_of(request)
+    if record is not _NULL:
+        record.model = spec.name  # also on the log line of a request that ends while it loads
     resident = pool.residents.get(spec.name)
     if resident is not None and resident.state == "ready":
         resident = await pool.acquire(spec, keep_alive)  # returns at once: no load to wait for
@@ -33,8 +36,6 @@ async def engine_for(request: Request, name: str | None, *, role: str = "chat", 
         resident = await unless_disconnected(request, pool.acquire(spec, keep_alive))
     engine = resident.engine
     request.app.state.metrics.track(engine)
-    record = record_of(request)
-    record.model = spec.name
     if record is not _NULL:  # without the observer nothing would release it
         engine.holders += 1
 
