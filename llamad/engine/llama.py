@@ -37,6 +37,7 @@ from llamad.engine.disk_cache import open_disk_cache
 from llamad.engine.prompt_cache import PromptStateCache
 from llamad.engine.slots import StepLoop
 from llamad.engine.speculative import Speculation
+from llamad.engine.stdio import keep_stdio
 from llamad.grammar.constraint import GrammarError, check_grammar
 
 log = structlog.get_logger("llamad.engine")
@@ -93,30 +94,6 @@ class NativeLog:
 
 
 native = NativeLog()
-
-
-def keep_stdio() -> None:
-    """Stops llama-cpp-python from pointing file descriptors 1 and 2 at /dev/null while it
-    loads a model (its `verbose=False`). That redirection is process-wide: with a model
-    loading beside models that serve (llamad.models), every other thread's journal lines,
-    a request's own log line among them, vanished for the length of the load. llama.cpp's
-    lines reach structlog through the log callback, so there is nothing to silence."""
-    import llama_cpp._internals
-    import llama_cpp.llama
-
-    for module in (llama_cpp.llama, llama_cpp._internals):
-        module.suppress_stdout_stderr = _Unsilenced  # type: ignore[attr-defined]
-
-
-class _Unsilenced:
-    def __init__(self, disable: bool = True):
-        pass
-
-    def __enter__(self) -> "_Unsilenced":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def kv_cache_mib(lines: list[str]) -> float | None:

@@ -136,7 +136,7 @@ class EmbeddingEngine(Engine):
         import llama_cpp
         from llama_cpp._internals import LlamaModel
 
-        from llamad.engine.llama import keep_stdio
+        from llamad.engine.stdio import keep_stdio
 
         keep_stdio()  # other threads keep their log lines while this one loads
         llama_cpp.llama_backend_init()
