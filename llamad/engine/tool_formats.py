@@ -56,6 +56,7 @@ class ToolFormat:
 FORMATS: dict[str, ToolFormat] = {
     "hermes": ToolFormat("hermes", "<tool_call>"),
     "qwen3-coder": ToolFormat("qwen3-coder", "<tool_call>"),
+    "glm": ToolFormat("glm", "<tool_call>"),
     "llama3": ToolFormat("llama3", '{"name": '),
     "mistral": ToolFormat("mistral", "[TOOL_CALLS]"),
     "mistral-args": ToolFormat("mistral-args", "[TOOL_CALLS]"),
@@ -108,6 +109,8 @@ MARKERS = ("<think>", "</think>", "[THINK]", "[/THINK]", "<tool_call>", "[TOOL_C
 # and the parsers see them.
 _SHOWN = {
     "llama3": ("<|python_tag|>",),
+    # single tokens in GLM's vocabulary; shown in case a GGUF marks them as control tokens
+    "glm": ("<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"),
     "mistral": ("[TOOL_CALLS]",),
     "mistral-args": ("[TOOL_CALLS]", "[ARGS]"),
     "harmony": ("<|channel|>", "<|message|>", "<|constrain|>", "<|start|>", "<|end|>"),
