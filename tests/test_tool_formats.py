@@ -33,6 +33,8 @@ def template(name: str) -> str:
         ("openai-gpt-oss-120b", "harmony", HARMONY_REASONING),
         ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "hermes", THINK_REASONING),
         ("google-gemma-2-2b-it", "hermes", None),
+        ("GLM-4.6", "glm", THINK_REASONING),
+        ("GLM-4.7-Flash", "glm", THINK_REASONING),
     ],
 )
 def test_detects_each_published_template(name, expected, reasoning):
