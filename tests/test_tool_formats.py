@@ -33,6 +33,8 @@ def template(name: str) -> str:
         ("openai-gpt-oss-120b", "harmony", HARMONY_REASONING),
         ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "hermes", THINK_REASONING),
         ("google-gemma-2-2b-it", "hermes", None),
+        ("GLM-4.6", "glm", THINK_REASONING),
+        ("GLM-4.7-Flash", "glm", THINK_REASONING),
     ],
 )
 def test_detects_each_published_template(name, expected, reasoning):
@@ -90,13 +92,15 @@ SEARCH = ToolSpec(
 )
 TOOLS = [WEATHER, SEARCH]
 SCHEMAS = {t.name: t.parameters for t in TOOLS}
-FAMILIES = ["hermes", "qwen3-coder", "llama3", "mistral", "mistral-args", "harmony", "json"]
+FAMILIES = ["hermes", "qwen3-coder", "glm", "llama3", "mistral", "mistral-args", "harmony", "json"]
 
 # One call to get_weather(city="Paris", unit="c") as each family writes it.
 GOLDEN = {
     "hermes": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>',
     "qwen3-coder": "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
     "<parameter=unit>\nc\n</parameter>\n</function>\n</tool_call>",
+    "glm": "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
+    "<arg_key>unit</arg_key>\n<arg_value>c</arg_value>\n</tool_call>",
     "llama3": '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "c"}}',
     "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}, "id": "a1b2c3d4e"}]',
     "mistral-args": '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "c"}',
@@ -158,7 +162,7 @@ def test_golden_call_is_allowed_by_the_family_grammar_and_parses_back(checker, f
 def test_family_grammar_refuses_invalid_arguments(checker, family):
     grammar = family_plan(family).grammar
     for bad in ("Paris", "kelvin"):
-        text = GOLDEN[family].replace('"unit": "c"', '"unit": "kelvin"').replace("\nc\n", "\nkelvin\n")
+        text = GOLDEN[family].replace('"unit": "c"', '"unit": "kelvin"').replace("\nc\n", "\nkelvin\n").replace(">c<", ">kelvin<")
         if bad == "Paris":
             text = GOLDEN[family].replace("get_weather", "delete_all")
         assert not checker.accepts(grammar, text), (family, text)
@@ -205,6 +209,24 @@ PARSE_CASES = [
      [("search", {"q": "x", "exact": True})]),
     ("qwen3-coder", "<tool_call>\n<function=rm_rf>\n</function>\n</tool_call>", "<tool_call>\n<function=rm_rf>\n</function>\n</tool_call>", []),
     ("qwen3-coder", "a < b </function> <parameter=x>", "a < b </function> <parameter=x>", []),
+    # GLM 4.7 writes no newlines; GLM 4.6 does
+    ("glm", "Let me look.<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value></tool_call>", "Let me look.",
+     [("get_weather", {"city": "Paris"})]),
+    ("glm", GOLDEN["glm"] + "\n" + GOLDEN["glm"].replace("Paris", "Oslo"), "",
+     [("get_weather", {"city": "Paris", "unit": "c"}), ("get_weather", {"city": "Oslo", "unit": "c"})]),
+    ("glm", "<tool_call>search\n<arg_key>q</arg_key>\n<arg_value>\nline one\n<b>two</b> 42 </arg_value>\n<arg_key>n</arg_key>\n"
+     "<arg_value>3</arg_value>\n<arg_key>tags</arg_key>\n<arg_value>[\"a\", \"b\"]</arg_value>\n<arg_key>exact</arg_key>\n"
+     "<arg_value>true</arg_value>\n</tool_call>", "",
+     [("search", {"q": "\nline one\n<b>two</b> 42 ", "n": 3, "tags": ["a", "b"], "exact": True})]),
+    ("glm", "<tool_call>search\n<arg_key>q</arg_key>\n<arg_value>42</arg_value>\n</tool_call>", "", [("search", {"q": "42"})]),
+    ("glm", "<tool_call>search\n</tool_call>", "", [("search", {})]),
+    ("glm", "<tool_call>rm_rf\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n</tool_call>",
+     "<tool_call>rm_rf\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n</tool_call>", []),
+    ("glm", GOLDEN["hermes"], GOLDEN["hermes"], []),  # a Hermes JSON call is not a GLM call
+    ("glm", "<tool_call>search\n<arg_key>q</arg_key>\n<arg_value>x</arg_value>\nthen some words",
+     "then some words", [("search", {"q": "x"})]),
+    ("glm", "x <tool_call> y", "x <tool_call> y", []),
+    ("glm", "a <tool_call is not </tool_call> <arg_key>", "a <tool_call is not </tool_call> <arg_key>", []),
     ("harmony", '<|channel|>commentary to=functions.search <|constrain|>json<|message|>{"q": "x"}', "", [("search", {"q": "x"})]),
     ("harmony", '<|start|>assistant<|channel|>final<|message|>Hello there.', "Hello there.", []),
     ("harmony", '<|channel|>final<|message|>It is 5°.<|return|>', "It is 5°.", []),
@@ -231,10 +253,11 @@ def test_family_parsers_any_chunk_borders(case, borders):
     assert summary(run_parser(planned, split_at(text, borders))) == (expected_text, expected_calls)
 
 
-@pytest.mark.parametrize("cut", range(11, len(GOLDEN["qwen3-coder"]), 5))
-def test_qwen_call_cut_off_anywhere_has_json_arguments(cut):
-    planned = family_plan("qwen3-coder")
-    text, calls = summary(run_parser(planned, [GOLDEN["qwen3-coder"][:cut]]))
+@pytest.mark.parametrize("family,cut", [("qwen3-coder", c) for c in range(11, len(GOLDEN["qwen3-coder"]), 5)]
+                         + [("glm", c) for c in range(12, len(GOLDEN["glm"]), 4)])
+def test_xml_call_cut_off_anywhere_has_json_arguments(family, cut):
+    planned = family_plan(family)
+    text, calls = summary(run_parser(planned, [GOLDEN[family][:cut]]))
     assert text == ""
     for name, arguments in calls:
         assert name == "get_weather" and set(arguments) <= {"city", "unit"}
@@ -266,6 +289,31 @@ def test_qwen_string_parameters_take_any_text_but_the_closing_tag(checker):
         assert summary(run_parser(family_plan("qwen3-coder"), list(with_q(good))))[1] == [("search", {"q": good})]
     for bad in ("a</parameter>b", "<</parameter>"):
         assert not checker.accepts(grammar, with_q(bad)), bad
+
+
+def test_glm_string_arguments_take_any_text_but_the_closing_tag(checker):
+    grammar = family_plan("glm").grammar
+    def with_q(q: str) -> str:
+        return f"<tool_call>search\n<arg_key>q</arg_key>\n<arg_value>{q}</arg_value>\n</tool_call>"
+    for good in ("<div>a</div>", "x </arg_val y", "a < b", "</arg_values>", "multi\nline\n\ntext", "</tool_call>"):
+        assert checker.accepts(grammar, with_q(good)), good
+    for good in ("<div>a</div>", "x </arg_val y", "a < b", "</arg_values>", "multi\nline\n\ntext"):
+        assert summary(run_parser(family_plan("glm"), list(with_q(good))))[1] == [("search", {"q": good})]
+    for bad in ("a</arg_value>b", "<</arg_value>"):
+        assert not checker.accepts(grammar, with_q(bad)), bad
+
+
+def test_glm_grammar_takes_both_generations_and_only_schema_typed_json(checker):
+    grammar = family_plan("glm").grammar
+    glm47 = "<tool_call>search<arg_key>q</arg_key><arg_value>x</arg_value><arg_key>n</arg_key><arg_value>2</arg_value></tool_call>"
+    assert checker.accepts(grammar, glm47)
+    assert checker.accepts(grammar, "\n" + GOLDEN["glm"])  # GLM 4.6 writes a newline after its reasoning
+    assert not checker.accepts(grammar, glm47.replace(">2<", ">two<"))  # n is an integer
+    assert not checker.accepts(grammar, glm47.replace(">2<", ">0<"))  # ... of at least 1
+    assert not checker.accepts(grammar, GOLDEN["glm"].replace("<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n", ""))
+    # properties in schema order
+    swapped = "<tool_call>search<arg_key>n</arg_key><arg_value>2</arg_value><arg_key>q</arg_key><arg_value>x</arg_value></tool_call>"
+    assert not checker.accepts(grammar, swapped)
 
 
 # -- the family's control tokens reach the parser as text ---------------------------------

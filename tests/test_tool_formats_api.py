@@ -22,6 +22,8 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 ANSWERS = {
     "qwen3-coder": "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
     "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>",
+    "glm": "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
+    "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>",
     "llama3": '{"name": "get_weather", "parameters": {"city": "Paris", "days": 3}}',
     "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}]',
     "mistral-args": '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "days": 3}',
@@ -32,6 +34,7 @@ ANSWERS = {
 }
 GRAMMAR_MARK = {
     "qwen3-coder": "<function=get_weather>",
+    "glm": "<arg_key>city</arg_key>",
     "llama3": '\\"parameters\\": ',
     "mistral": "[TOOL_CALLS][",
     "mistral-args": "get_weather[ARGS]",
@@ -99,3 +102,42 @@ def test_reasoning_splitter_takes_the_family_markers():
     reasoning = "".join(t for k, t in out if k == "reasoning")
     answer = "".join(t for k, t in out if k == "text")
     assert reasoning == "why" and answer == "<|start|>assistant<|channel|>final<|message|>ok"
+
+
+GLM_THINKING = "\n<think>The user wants Paris.</think>\n" + ANSWERS["glm"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_glm_calls_come_back_on_anthropic_and_ollama(make_client, stream):
+    """A GLM model's call, after its reasoning, is a tool_use block on /v1/messages and an
+    object-argument tool call on /api/chat; none of its markup leaks into the text."""
+    engine = FakeEngine(script=lambda g: pieces(GLM_THINKING, 3), template_supports_tools=True, tool_format="glm")
+    anthropic_tool = {"name": "get_weather", "description": "Weather", "input_schema": SCHEMA}
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    async with make_client(engine) as client:
+        claude = await client.post(
+            "/v1/messages", json={"model": "m", "max_tokens": 200, "messages": messages, "tools": [anthropic_tool], "stream": stream}
+        )
+        ollama = await client.post("/api/chat", json={"model": "m", "messages": messages, "tools": TOOLS, "stream": stream})
+    assert claude.status_code == 200 and ollama.status_code == 200, (claude.text, ollama.text)
+    assert all("<arg_key>city</arg_key>" in g.grammar for g in engine.generations)
+    if stream:
+        events = [json.loads(line[6:]) for line in claude.text.split("\n") if line.startswith("data: {")]
+        start = next(e["content_block"] for e in events if e["type"] == "content_block_start" and e["content_block"]["type"] == "tool_use")
+        assert start["name"] == "get_weather"
+        deltas = [e["delta"] for e in events if e["type"] == "content_block_delta"]
+        assert json.loads("".join(d.get("partial_json", "") for d in deltas)) == {"city": "Paris", "days": 3}
+        assert not "".join(d.get("text", "") for d in deltas).strip()
+        assert next(e for e in events if e["type"] == "message_delta")["delta"]["stop_reason"] == "tool_use"
+        objects = [json.loads(line) for line in ollama.text.split("\n") if line]
+    else:
+        blocks = claude.json()["content"]
+        assert [b for b in blocks if b["type"] == "tool_use"][0]["input"] == {"city": "Paris", "days": 3}
+        assert not "".join(b.get("text", "") for b in blocks if b["type"] == "text").strip()
+        assert claude.json()["stop_reason"] == "tool_use"
+        objects = [ollama.json()]
+    calls = [c for o in objects for c in o["message"].get("tool_calls", [])]
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [("get_weather", {"city": "Paris", "days": 3})]
+    assert "<tool_call>" not in "".join(o["message"].get("content", "") for o in objects)
+    assert "<think>" not in "".join(o["message"].get("content", "") for o in objects)

@@ -31,6 +31,7 @@ FAMILIES = [
     ("mistralai-Mistral-Nemo-Instruct-2407", "mistral", "</s>"),
     ("unsloth-mistral-Devstral-Small-2507", "mistral-args", "</s>"),
     ("openai-gpt-oss-120b", "harmony", "<|call|>"),
+    ("GLM-4.6", "glm", "<|observation|>"),
 ]
 
 
@@ -62,4 +63,19 @@ def test_rendered_call_is_the_family_format_and_extends_the_last_prompt(checker,
         written = written.split("</think>", 1)[1].lstrip("\n")
     planned = family_plan(family, tools=[WEATHER])
     assert checker.accepts(planned.grammar, written), written
+    assert summary(run_parser(planned, list(written))) == ("", [("get_weather", ARGS)])
+
+
+def test_glm_47_renders_its_calls_without_newlines_and_the_grammar_takes_them(checker):
+    """GLM 4.7's template opens <think> in the generation prompt and closes it in the history,
+    so its next prompt cannot extend the last one; the call it renders is still GLM's."""
+    assert detect((TEMPLATES / "GLM-4.7-Flash.jinja").read_text()).name == "glm"
+    first, second = turns("GLM-4.7-Flash")
+    assert first.endswith("<|assistant|><think>")
+    written = second.split("<|assistant|>", 1)[1].split("<|observation|>", 1)[0]
+    assert written.startswith("</think>")
+    written = written[len("</think>") :]
+    assert written == "<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key><arg_value>3</arg_value></tool_call>"
+    planned = family_plan("glm", tools=[WEATHER])
+    assert checker.accepts(planned.grammar, written)
     assert summary(run_parser(planned, list(written))) == ("", [("get_weather", ARGS)])

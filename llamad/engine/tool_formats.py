@@ -9,6 +9,7 @@ llama.cpp's common/chat*.cpp):
 |---|---|---|
 | `hermes` | `<tool_call>\\n{"name": n, "arguments": {…}}\\n</tool_call>` (Qwen2.5, Qwen3, Hermes; llamad's own prompt) | `<tool_call>` in the template; also the default |
 | `qwen3-coder` | `<tool_call>\\n<function=n>\\n<parameter=k>\\nv\\n</parameter>\\n</function>\\n</tool_call>` (Qwen3-Coder, Qwen3.5) | `<function=` and `<parameter=` in the template |
+| `glm` | `<tool_call>n\\n<arg_key>k</arg_key>\\n<arg_value>v</arg_value>\\n</tool_call>`, a string value raw and any other JSON (GLM 4.5, 4.6; GLM 4.7 without the newlines) | `<arg_key>` in the template |
 | `llama3` | `{"name": n, "parameters": {…}}` (Llama 3.1/3.2/3.3; `<|python_tag|>` before it is read too) | `<|python_tag|>`, or a Llama 3 header template asking for `"parameters"` |
 | `mistral` | `[TOOL_CALLS][{"name": n, "arguments": {…}, "id": "<9 chars>"}]` (Mistral Nemo) | `[TOOL_CALLS]` |
 | `mistral-args` | `[TOOL_CALLS]n[ARGS]{…}` (Devstral, Mistral Small 3.2, Ministral 3) | `[TOOL_CALLS]` and `[ARGS]` |
@@ -56,6 +57,7 @@ class ToolFormat:
 FORMATS: dict[str, ToolFormat] = {
     "hermes": ToolFormat("hermes", "<tool_call>"),
     "qwen3-coder": ToolFormat("qwen3-coder", "<tool_call>"),
+    "glm": ToolFormat("glm", "<tool_call>"),
     "llama3": ToolFormat("llama3", '{"name": '),
     "mistral": ToolFormat("mistral", "[TOOL_CALLS]"),
     "mistral-args": ToolFormat("mistral-args", "[TOOL_CALLS]"),
@@ -87,6 +89,8 @@ def detect(template_text: str | None, special_tokens: set[str] | frozenset[str] 
         return HERMES.with_reasoning(reasoning)
     if "<function=" in text and "<parameter=" in text:
         name = "qwen3-coder"
+    elif "<arg_key>" in text:  # GLM also writes <tool_call>, so this is asked first
+        name = "glm"
     elif "<tool_call>" in text:
         name = "hermes"
     elif "[TOOL_CALLS]" in text:
@@ -108,6 +112,8 @@ MARKERS = ("<think>", "</think>", "[THINK]", "[/THINK]", "<tool_call>", "[TOOL_C
 # and the parsers see them.
 _SHOWN = {
     "llama3": ("<|python_tag|>",),
+    # single tokens in GLM's vocabulary; shown in case a GGUF marks them as control tokens
+    "glm": ("<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"),
     "mistral": ("[TOOL_CALLS]",),
     "mistral-args": ("[TOOL_CALLS]", "[ARGS]"),
     "harmony": ("<|channel|>", "<|message|>", "<|constrain|>", "<|start|>", "<|end|>"),

@@ -14,6 +14,12 @@ grammar (tool_choice auto) needs it to. What each format writes:
   the exact text), any other value is JSON matching the property's schema. The properties come in
   schema order, required ones always, optional ones each optional; only declared
   properties are written.
+- `glm`: `<tool_call>n\\n<arg_key>k</arg_key>\\n<arg_value>v</arg_value>\\n…</tool_call>` (GLM 4.5/4.6;
+  GLM 4.7 writes the same without the newlines, so each newline is optional). Values as in
+  `qwen3-coder`: raw text for a string (anything but `</arg_value>`), JSON otherwise, the
+  properties in schema order. Parallel calls follow on (after a newline, optionally).
+  Under a required call the block may begin with the newline GLM 4.6 writes after its
+  reasoning.
 - `harmony`: ` to=functions.n<|channel|>commentary json<|message|>{…}` (also accepted:
   `<|channel|>commentary to=functions.n <|constrain|>json<|message|>`), after an optional
   analysis message when the call is required. One call per turn: the model ends a call
@@ -43,6 +49,7 @@ def text_without(word: str) -> str:
 
 
 XML_TEXT = text_without("</parameter>")  # a string parameter's raw text
+GLM_TEXT = text_without("</arg_value>")  # a string argument's raw text
 HARMONY_TEXT = text_without("<|")  # an analysis message
 
 
@@ -92,7 +99,7 @@ def _string_literals(schema: Any) -> list[str] | None:
 
 
 def is_string_schema(schema: Any) -> bool:
-    """A property whose value Qwen3-Coder writes as raw text (its type is only string)."""
+    """A property whose value Qwen3-Coder and GLM write as raw text (its type is only string)."""
     if not isinstance(schema, dict):
         return False
     if schema.get("type") == "string" or schema.get("type") == ["string"]:
@@ -100,7 +107,9 @@ def is_string_schema(schema: Any) -> bool:
     return _string_literals(schema) is not None and "type" not in schema
 
 
-def _qwen_params(builder: Any, tool: ToolSpec, i: int) -> str:
+def _xml_params(builder: Any, tool: ToolSpec, i: int, text: str, member) -> str:
+    """The properties of `tool` in schema order, each as `member(name, value)` GBNF where a
+    string value is `text` and any other a JSON value of the property's schema."""
     try:
         canonical = normalise(tool.parameters, object_only=True).schema
     except MalformedSchema:
@@ -118,13 +127,11 @@ def _qwen_params(builder: Any, tool: ToolSpec, i: int) -> str:
         if literals is not None and is_string_schema(original):
             value = " | ".join(gbnf_literal(v) for v in literals)
         elif is_string_schema(original):
-            value = XML_TEXT
+            value = text
         else:
             where = f"tool '{tool.name}' parameters.properties.{name}"
             value = builder.schema_rule({**schema, **defs} if isinstance(schema, dict) else schema, f"tc{i}-p{j}", where)
-        rule = builder.add(
-            f"tc{i}-p{j}-kv", f'{gbnf_literal(f"<parameter={name}>")} "\\n" ({value}) "\\n" "</parameter>" "\\n"'
-        )
+        rule = builder.add(f"tc{i}-p{j}-kv", member(name, value))
         parts.append(rule if name in required else f"{rule}?")
     return " ".join(parts) or '""'
 
@@ -132,12 +139,32 @@ def _qwen_params(builder: Any, tool: ToolSpec, i: int) -> str:
 def _qwen_calls(builder: Any, tools: list[ToolSpec], parallel: bool) -> str:
     alternatives = []
     for i, tool in enumerate(tools):
-        params = _qwen_params(builder, tool, i)
+        params = _xml_params(builder, tool, i, XML_TEXT, _qwen_member)
         alternatives.append(f'{gbnf_literal(f"<function={tool.name}>")} "\\n" {params} "</function>"')
     builder.add("tc-call", " | ".join(alternatives))
     builder.add("tc-body", '"\\n" tc-call "\\n" "</tool_call>" tc-more')
     builder.add("tc-more", '("\\n" "<tool_call>" tc-body)?' if parallel else '""')
     return builder.add("tc-block", '"<tool_call>" tc-body')
+
+
+def _qwen_member(name: str, value: str) -> str:
+    return f'{gbnf_literal(f"<parameter={name}>")} "\\n" ({value}) "\\n" "</parameter>" "\\n"'
+
+
+def _glm_member(name: str, value: str) -> str:
+    return f'{gbnf_literal(f"<arg_key>{name}</arg_key>")} "\\n"? "<arg_value>" ({value}) "</arg_value>" "\\n"?'
+
+
+def _glm_calls(builder: Any, tools: list[ToolSpec], parallel: bool, required: bool) -> str:
+    alternatives = []
+    for i, tool in enumerate(tools):
+        params = _xml_params(builder, tool, i, GLM_TEXT, _glm_member)
+        alternatives.append(f'{gbnf_literal(tool.name)} "\\n"? {params}')
+    builder.add("tc-call", " | ".join(alternatives))
+    builder.add("tc-body", 'tc-call "</tool_call>" tc-more')
+    builder.add("tc-more", '("\\n"? "<tool_call>" tc-body)?' if parallel else '""')
+    # a lazy grammar starts at the trigger itself; a forced call may follow GLM 4.6's newline
+    return builder.add("tc-block", ('"\\n"? ' if required else "") + '"<tool_call>" tc-body')
 
 
 def _harmony_calls(builder: Any, tools: list[ToolSpec], required: bool) -> str:
@@ -162,6 +189,8 @@ def calls_rule(builder: Any, tools: list[ToolSpec], parallel: bool, fmt: ToolFor
         return _mistral_args_calls(builder, tools, parallel)
     if fmt.name == "qwen3-coder":
         return _qwen_calls(builder, tools, parallel)
+    if fmt.name == "glm":
+        return _glm_calls(builder, tools, parallel, required)
     if fmt.name == "harmony":
         return _harmony_calls(builder, tools, required)
     raise ValueError(f"no grammar for tool format {fmt.name!r}")

@@ -1,8 +1,8 @@
 """Streamed parsers for the tool-call formats that are not JSON objects (llamad.tools.formats):
-Qwen3-Coder's XML and gpt-oss's harmony messages. The JSON families (hermes, llama3,
+Qwen3-Coder's and GLM's XML and gpt-oss's harmony messages. The JSON families (hermes, llama3,
 mistral, mistral-args, json) are read by llamad.tools.parse.ToolCallParser.
 
-Both parsers take the answer text in arbitrary pieces and give the same events whatever
+The parsers take the answer text in arbitrary pieces and give the same events whatever
 the borders: text, then for each call a ToolCallStart as soon as its name is known,
 argument fragments that join to one JSON object, and a ToolCallEnd. A call cut off by
 max_tokens is closed (its finished members kept); a block that turns out not to be a call
@@ -12,6 +12,11 @@ Qwen3-Coder (`<tool_call>\\n<function=n>\\n<parameter=k>\\nv\\n</parameter>\\n</
 a parameter whose schema type is string keeps its raw text (one newline on each side
 trimmed); any other value is read as JSON, and kept as a string when it is not JSON. Its
 arguments stream one parameter at a time. `<function=…>` without `<tool_call>` is read too.
+
+GLM (`<tool_call>n\\n<arg_key>k</arg_key>\\n<arg_value>v</arg_value>\\n</tool_call>`, the newlines
+optional as GLM 4.7 leaves them out): the value of a string property is its raw text, untrimmed; any
+other is read as JSON, as Qwen3-Coder's. The call starts once its name is complete (at the
+newline or the first `<`); its arguments stream one at a time.
 
 Harmony (gpt-oss): the analysis channel is reasoning (split by llamad.serve.reasoning with
 the family's markers, before this parser); here the message headers
@@ -72,6 +77,21 @@ the parser's `_run`."""
 
     def _run(self, out: list[AnswerEvent], final: bool) -> None:
         raise NotImplementedError
+
+
+def _member(tools: dict[str, dict], name: str, key: str, value: str, members: int) -> str:
+    """The JSON text of one argument of a call to `name`, the first one opening the object: a
+    string property keeps `value` as it is, any other is read as JSON (kept as the string
+    when it is not JSON)."""
+    schema = ((tools.get(name) or {}).get("properties") or {}).get(key)
+    parsed: Any = value
+    if not is_string_schema(schema):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:  # Qwen3-Coder's template renders Python's True/False/None
+            parsed = {"True": True, "False": False, "None": None}.get(value.strip(), value)
+    piece = ("{" if not members else ", ") + json.dumps(key, ensure_ascii=False) + ": "
+    return piece + json.dumps(parsed, ensure_ascii=False)
 
 
 class QwenXmlParser(_Calls):
@@ -201,15 +221,7 @@ class QwenXmlParser(_Calls):
             value = value[1:]
         if value.endswith("\n"):
             value = value[:-1]
-        schema = ((self.tools.get(self.name) or {}).get("properties") or {}).get(key)
-        parsed: Any = value
-        if not is_string_schema(schema):
-            try:
-                parsed = json.loads(value)
-            except json.JSONDecodeError:  # the template renders Python's True/False/None
-                parsed = {"True": True, "False": False, "None": None}.get(value.strip(), value)
-        piece = ("{" if not self.members else ", ") + json.dumps(key, ensure_ascii=False) + ": "
-        out.append(ToolCallDelta(self.calls, piece + json.dumps(parsed, ensure_ascii=False)))
+        out.append(ToolCallDelta(self.calls, _member(self.tools, self.name, key, value, self.members)))
         self.members += 1
         self.pending = stripped[end + len("</parameter>") :]
 
@@ -234,6 +246,118 @@ class QwenXmlParser(_Calls):
         else:
             self.pending = "" if "</tool_call>".startswith(text) else text
             self.mode = "text"
+
+
+class GlmParser(_Calls):
+    """GLM 4.5-4.7 calls (see the module doc)."""
+
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+    KEY, KEY_END, VALUE, VALUE_END = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
+
+    def __init__(self, tools: dict[str, dict], id_prefix: str = "call_", parallel: bool = True):
+        super().__init__(tools, id_prefix, parallel)
+        self.mode = "text"  # text | name | args
+        self.name = ""
+        self.members = 0
+
+    def finish(self) -> list[AnswerEvent]:
+        out: list[AnswerEvent] = []
+        self._run(out, final=True)
+        if self.mode != "text":  # an unfinished argument or name is neither call nor text
+            self.pending = ""
+        if self.mode == "args":  # cut off inside a call: close it with the arguments it has
+            self._close(out, ended=False)
+        self.mode = "text"
+        if self.pending:
+            self._emit(out, self.pending)
+            self.pending = ""
+        return out
+
+    def _run(self, out: list[AnswerEvent], final: bool) -> None:
+        while True:
+            before = (self.mode, self.pending)
+            {"text": self._text, "name": self._name, "args": self._args}[self.mode](out, final)
+            if (self.mode, self.pending) == before:
+                return
+
+    def _text(self, out: list[AnswerEvent], final: bool) -> None:
+        text = self.pending
+        if not text:
+            return
+        if not (self.parallel or self.calls == 0):
+            self._emit(out, text)
+            self.pending = ""
+            return
+        index = text.find(self.OPEN)
+        if index >= 0:
+            self._emit(out, text[:index])
+            self.pending = text[index + len(self.OPEN) :]
+            self.mode = "name"
+            return
+        keep = 0 if final else _partial_suffix(text, (self.OPEN,))
+        self._emit(out, text[: len(text) - keep])
+        self.pending = text[len(text) - keep :]
+
+    def _name(self, out: list[AnswerEvent], final: bool) -> None:
+        text = self.pending
+        ends = [i for i in (text.find("\n"), text.find("<")) if i >= 0]
+        if not ends:  # the name is still arriving, if it is the start of an offered one
+            if not any(tool.startswith(text.lstrip()) for tool in self.tools):
+                self._not_a_call(out)
+            return
+        name = text[: min(ends)].strip()
+        if name not in self.tools:
+            self._not_a_call(out)
+            return
+        self.pending = text[min(ends) :]
+        self.name = name
+        self.members = 0
+        out.append(ToolCallStart(self.calls, new_call_id(self.id_prefix), name))
+        self.mode = "args"
+
+    def _not_a_call(self, out: list[AnswerEvent]) -> None:
+        """The opener was text after all; what follows it is scanned again as text."""
+        self.ended_on_call = False
+        out.append(TextDelta(self.OPEN))
+        self.mode = "text"
+
+    def _args(self, out: list[AnswerEvent], final: bool) -> None:
+        stripped = self.pending.lstrip()
+        if stripped.startswith(self.CLOSE):
+            self._close(out, ended=True)
+            self.pending = stripped[len(self.CLOSE) :]
+            return
+        if not stripped.startswith(self.KEY):
+            if not (self.KEY.startswith(stripped) or self.CLOSE.startswith(stripped)):
+                self._cut(out, stripped)
+            return  # else the next marker is still arriving
+        key_end = stripped.find(self.KEY_END)
+        if key_end < 0:
+            return
+        rest = stripped[key_end + len(self.KEY_END) :].lstrip()
+        if not rest.startswith(self.VALUE):
+            if not self.VALUE.startswith(rest):
+                self._cut(out, stripped)
+            return
+        value_end = rest.find(self.VALUE_END)
+        if value_end < 0:
+            return
+        key = stripped[len(self.KEY) : key_end]
+        out.append(ToolCallDelta(self.calls, _member(self.tools, self.name, key, rest[len(self.VALUE) : value_end], self.members)))
+        self.members += 1
+        self.pending = rest[value_end + len(self.VALUE_END) :]
+
+    def _close(self, out: list[AnswerEvent], ended: bool) -> None:
+        out.append(ToolCallDelta(self.calls, "}" if self.members else "{}"))
+        out.append(ToolCallEnd(self.calls))
+        self.calls += 1
+        self.ended_on_call = ended
+        self.mode = "text"
+
+    def _cut(self, out: list[AnswerEvent], rest: str) -> None:
+        """Not the call's shape any more: the call ends with what it has, the rest is text."""
+        self._close(out, ended=False)
+        self.pending = rest
 
 
 class HarmonyParser(_Calls):

@@ -34,7 +34,7 @@ llamad.tools.parse, which also reads Llama 3, Mistral and bare-JSON calls.
 When the template renders the tools itself, the model's family format (`tool_format`,
 detected by the engine at load: llamad.tools.formats) replaces Hermes: the grammar wraps
 the family's markers around the arguments (llamad.tools.family_grammar) and the parser
-reads that format (llamad.tools.family_parse for Qwen3-Coder XML and harmony).
+reads that format (llamad.tools.family_parse for Qwen3-Coder's and GLM's XML and harmony).
 """
 
 from __future__ import annotations
@@ -76,10 +76,10 @@ class ToolPlan:
         """A fresh parser for one request's answer."""
         if not self.callable:
             return PlainText()
-        if self.fmt.name in ("qwen3-coder", "harmony"):
-            from llamad.tools.family_parse import HarmonyParser, QwenXmlParser
+        if self.fmt.name in ("qwen3-coder", "glm", "harmony"):
+            from llamad.tools.family_parse import GlmParser, HarmonyParser, QwenXmlParser
 
-            kind = QwenXmlParser if self.fmt.name == "qwen3-coder" else HarmonyParser
+            kind = {"qwen3-coder": QwenXmlParser, "glm": GlmParser, "harmony": HarmonyParser}[self.fmt.name]
             return kind(self.schemas, id_prefix=id_prefix, parallel=self.parallel)
         return ToolCallParser(self.callable, id_prefix=id_prefix, parallel=self.parallel, live=self.grammar is not None)
 
