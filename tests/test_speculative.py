@@ -406,13 +406,18 @@ def test_a_model_draft_stops_before_an_improbable_token_and_a_short_one_is_not_f
     assert model.held[0] == COUNTING + [101, 102, 103, 104, 105]
 
 
-def test_a_sequence_that_ends_inside_a_model_draft_leaves_no_unchecked_token_in_the_draft_context():
+def test_a_sequence_that_ends_with_model_drafted_tokens_unchecked_leaves_none_in_the_draft_context():
+    # The "grammar" refuses 103: the draft after 101 (102, 103, ...) is cut to one token, too
+    # short to feed, so the draft context holds drafted tokens the target never checked.
     script = list(range(101, 131))
     backend, model, loop = drafting_loop(script)
-    seq = sequence(COUNTING, max_tokens=5)
+    backend.forbidden = {103}
+    seq = sequence(COUNTING)
     loop.submit(seq)
-    run_until(loop, lambda: seq.ended)
-    assert "".join(texts(seq)) == "".join(f"t{t} " for t in script[:5])
-    history = seq.drafter.history
-    assert model.held[0] == model.context[0] == history[: len(model.held[0])]
-    assert max(model.context[0]) <= 105
+    loop.step()  # the prompt; 101 is sampled
+    loop.step()  # 101 fed alone: its draft was refused
+    assert loop.stats.drafted == 0 and 103 in model.context[0] and 103 not in seq.drafter.history
+    seq.cancel.set()
+    loop.step()
+    assert seq.ended
+    assert model.held[0] == model.context[0] == seq.drafter.history[: len(model.held[0])]
