@@ -288,6 +288,19 @@ def test_the_speculative_table_and_its_environment_overrides(tmp_path):
     toml.write_text("[speculative]\ndraft_min = 40\n")
     with pytest.raises(ConfigError, match="speculative.draft_min"):
         load_config(toml, env={})
+    # The draft model: none by default; a file that is not there, or a p_min past 1, is an
+    # error naming the key.
+    assert (config.speculative.draft_model, config.speculative.draft_n_gpu_layers, config.speculative.draft_p_min) == ("", -1, 0.75)
+    gguf = tmp_path / "small.gguf"
+    gguf.write_bytes(b"GGUF")
+    config = config_for_tests(tmp_path, LLAMAD_SPECULATIVE_DRAFT_MODEL=str(gguf), LLAMAD_SPECULATIVE_DRAFT_P_MIN="0.5")
+    assert (config.speculative.draft_model, config.speculative.draft_p_min) == (str(gguf), 0.5)
+    toml.write_text(f'[speculative]\ndraft_model = "{tmp_path / "missing.gguf"}"\n')
+    with pytest.raises(ConfigError, match="speculative.draft_model.*an existing .gguf file"):
+        load_config(toml, env={})
+    toml.write_text("[speculative]\ndraft_p_min = 1.5\n")
+    with pytest.raises(ConfigError, match="speculative.draft_p_min"):
+        load_config(toml, env={})
 
 
 @pytest.mark.asyncio
