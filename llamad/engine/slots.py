@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Protocol
 import structlog
 
 from llamad.engine import Generation, TokenLogprob
-from llamad.engine.speculative import DraftModel, ModelDrafter, NgramDrafter, Speculation
+from llamad.engine.speculative import DraftModel, Drafter, ModelDrafter, NgramDrafter, Speculation
 from llamad.engine.prompt_cache import (
     PromptStateCache,
     common_prefix,
@@ -129,7 +129,7 @@ class Sequence:
     next_token: int | None = None  # sampled, not yet fed
     ended: bool = False
     order: int = 0  # admission order: prompts are evaluated first come, first served
-    drafter: NgramDrafter | ModelDrafter | None = None  # its drafts, while speculation is on for it
+    drafter: Drafter | None = None  # its drafts, while speculation is on for it
     draft: list[int] = field(default_factory=list)  # fed after next_token in the planned step
 
     @property
@@ -436,9 +436,8 @@ class StepLoop:
         spec = self.speculation
         if spec is not None and (seq.generation.speculative if seq.generation.speculative is not None else spec.enabled):
             lookup = NgramDrafter(spec.ngram, seq.tokens, spec.draft_max, spec.draft_min)
-            if self.draft_model is None:
-                seq.drafter = lookup
-            else:
+            seq.drafter = lookup
+            if self.draft_model is not None:
                 seq.drafter = ModelDrafter(
                     lookup, self.draft_model, slot.id, spec.draft_max, spec.draft_min, spec.draft_p_min
                 )

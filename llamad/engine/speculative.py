@@ -130,6 +130,28 @@ def grown_span(span: int, drafted: int, accepted: int, lowest: int, highest: int
     return max(lowest, min(highest, accepted * 2))
 
 
+class Drafter(Protocol):
+    """What the step loop asks of one sequence's drafts (NgramDrafter, ModelDrafter)."""
+
+    draft_min: int
+
+    def append(self, token: int) -> None:
+        """A token the sequence kept (its next token, or an accepted draft token)."""
+        ...
+
+    def draft(self, limit: int) -> list[int]:
+        """The tokens after the last one appended, at most `limit`; [] for none."""
+        ...
+
+    def verified(self, drafted: int, accepted: int) -> None:
+        """How the last draft went (the tokens kept are appended first)."""
+        ...
+
+    def release(self) -> None:
+        """The sequence is over: nothing it drafted and did not keep may stay anywhere."""
+        ...
+
+
 class DraftModel(Protocol):
     """A second model's context, one sequence per slot (llamad.engine.llama_draft)."""
 
