@@ -145,6 +145,13 @@ class SpeculativeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     # Tokens one draft may hold, and the fewest worth feeding.
     draft_max: int = 32
     draft_min: int = 2
+    # A second, smaller GGUF with the same vocabulary that drafts where the lookup finds
+    # nothing (llamad.engine.llama_draft); empty: n-gram drafts only.
+    draft_model: str = ""
+    # Its layers offloaded to the GPU (-1: all), and the least probability its greedy choice
+    # must have for a draft to go on (llama.cpp's --draft-p-min).
+    draft_n_gpu_layers: int = -1
+    draft_p_min: float = 0.75
 
 
 class RouterConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -514,6 +521,10 @@ def validate(loaded: LoadedConfig) -> None:
     _check(1 <= p.ngram <= 64, loaded, "speculative.ngram", p.ngram, "from 1 to 64 tokens")
     _check(1 <= p.draft_max <= 256, loaded, "speculative.draft_max", p.draft_max, "from 1 to 256 tokens")
     _check(1 <= p.draft_min <= p.draft_max, loaded, "speculative.draft_min", p.draft_min, "from 1 to speculative.draft_max")
+    if p.draft_model:
+        _check(Path(p.draft_model).expanduser().is_file(), loaded, "speculative.draft_model", p.draft_model, "an existing .gguf file")
+    _check(p.draft_n_gpu_layers >= -1, loaded, "speculative.draft_n_gpu_layers", p.draft_n_gpu_layers, "-1 (all) or more")
+    _check(0.0 <= p.draft_p_min <= 1.0, loaded, "speculative.draft_p_min", p.draft_p_min, "from 0 to 1")
     r = c.router
     _check(r.max_loaded >= 0, loaded, "router.max_loaded", r.max_loaded, "0 (as the budget allows) or more")
     _check(r.load_timeout > 0, loaded, "router.load_timeout", r.load_timeout, "seconds > 0")

@@ -109,3 +109,37 @@ class FakeBackend:
     def load_state(self, slot: int, data: bytes) -> bool:
         self.kv[slot] = list(range(len(data)))
         return True
+
+
+@dataclass
+class FakeDraftModel:
+    """A scripted draft model (llamad.engine.speculative.DraftModel): `guess` maps the tokens
+    its context holds for a slot to its next token and that token's probability. Its KV
+    bookkeeping checks what the drafter feeds (positions in order) and records every feed."""
+
+    n_slots: int = 2
+    n_batch: int = 16
+    guess: Callable[[list[int]], tuple[int, float]] = lambda held: (held[-1] + 1, 0.9)
+    context: dict[int, list[int]] = field(default_factory=dict)  # slot -> tokens in its cells
+    feeds: list[tuple[int, list[int]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.held = [[] for _ in range(self.n_slots)]
+        self.context = {slot: [] for slot in range(self.n_slots)}
+        self._last: int | None = None
+
+    def feed(self, slot: int, tokens: list[int], start: int) -> bool:
+        assert len(tokens) <= self.n_batch, f"a feed of {len(tokens)} > n_batch {self.n_batch}"
+        assert start == len(self.context[slot]), f"slot {slot}: fed at {start} after {len(self.context[slot])} cells"
+        self.context[slot].extend(tokens)
+        self.feeds.append((slot, list(tokens)))
+        self._last = slot
+        return True
+
+    def best(self) -> tuple[int, float]:
+        assert self._last is not None, "logits read before any feed"
+        return self.guess(self.context[self._last])
+
+    def forget(self, slot: int, keep: int) -> None:
+        del self.context[slot][max(keep, 0) :]
+        self._last = None  # the last feed's logits may be of a removed cell

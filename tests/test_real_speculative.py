@@ -129,6 +129,9 @@ class ScriptedDrafter:
     def verified(self, drafted: int, accepted: int) -> None:
         self.outcome = (drafted, accepted)
 
+    def release(self) -> None:
+        pass
+
 
 def test_a_rejected_draft_leaves_nothing_in_llama_cpps_kv_and_the_answer_goes_on(engine):
     tokens = chat_tokens(engine, COPY)

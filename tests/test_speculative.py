@@ -11,12 +11,12 @@ import queue
 
 import pytest
 
-from fake_backend import FakeBackend
+from fake_backend import FakeBackend, FakeDraftModel
 from test_engine import collect
 from test_slots import FakeSlotsEngine, generation
 from llamad.engine import Generation, Prompt
 from llamad.engine.slots import Sequence, StepLoop
-from llamad.engine.speculative import MAX_PAUSE, NgramDrafter, Speculation
+from llamad.engine.speculative import MAX_PAUSE, ModelDrafter, NgramDrafter, Speculation
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -288,6 +288,19 @@ def test_the_speculative_table_and_its_environment_overrides(tmp_path):
     toml.write_text("[speculative]\ndraft_min = 40\n")
     with pytest.raises(ConfigError, match="speculative.draft_min"):
         load_config(toml, env={})
+    # The draft model: none by default; a file that is not there, or a p_min past 1, is an
+    # error naming the key.
+    assert (config.speculative.draft_model, config.speculative.draft_n_gpu_layers, config.speculative.draft_p_min) == ("", -1, 0.75)
+    gguf = tmp_path / "small.gguf"
+    gguf.write_bytes(b"GGUF")
+    config = config_for_tests(tmp_path, LLAMAD_SPECULATIVE_DRAFT_MODEL=str(gguf), LLAMAD_SPECULATIVE_DRAFT_P_MIN="0.5")
+    assert (config.speculative.draft_model, config.speculative.draft_p_min) == (str(gguf), 0.5)
+    toml.write_text(f'[speculative]\ndraft_model = "{tmp_path / "missing.gguf"}"\n')
+    with pytest.raises(ConfigError, match="speculative.draft_model.*an existing .gguf file"):
+        load_config(toml, env={})
+    toml.write_text("[speculative]\ndraft_p_min = 1.5\n")
+    with pytest.raises(ConfigError, match="speculative.draft_p_min"):
+        load_config(toml, env={})
 
 
 @pytest.mark.asyncio
@@ -319,3 +332,105 @@ async def test_metrics_count_drafted_and_accepted_tokens(make_client):
         text = (await client.get("/metrics")).text
         assert "llamad_speculative_draft_tokens_total 40" in text
         assert "llamad_speculative_accepted_tokens_total 31" in text
+
+
+# -- a draft model (llamad.engine.speculative.ModelDrafter) ------------------------------------------
+# The answer counts up from 101; the fake draft model guesses "the last token plus one", so it
+# is right until the answer jumps. The prompt repeats nothing: the lookup never drafts.
+COUNTING = [1, 5, 9, 13, 17, 21]
+
+
+def drafting_loop(script: list[int], **guess) -> tuple[FakeBackend, FakeDraftModel, StepLoop]:
+    backend = FakeBackend(n_slots=1, n_batch=64, prompt_step=64, script=lambda g: script)
+    model = FakeDraftModel(n_slots=1, **guess)
+    return backend, model, StepLoop(backend, speculation=SPEC, draft_model=model)
+
+
+def draft_context_follows(model: FakeDraftModel, seq: Sequence) -> None:
+    """The draft context holds the sequence's accepted tokens, or a prefix of them; what it
+    says it holds (`held`) is what its cells hold."""
+    drafter = seq.drafter
+    assert isinstance(drafter, ModelDrafter)
+    held = model.held[drafter.slot]
+    assert held == model.context[drafter.slot]
+    assert held == drafter.history[: len(held)], (held, drafter.history)
+
+
+def test_the_draft_model_drafts_where_the_lookup_has_nothing_and_saves_steps():
+    script = list(range(101, 117))
+    backend, model, loop = drafting_loop(script)
+    seq = sequence(COUNTING, max_tokens=len(script))  # no draft past the script's end
+    loop.submit(seq)
+    run_until(loop, lambda: seq.ended)
+    assert "".join(texts(seq)) == "".join(f"t{t} " for t in script)
+    assert loop.stats.drafted > 0 and loop.stats.accepted == loop.stats.drafted
+    assert len(backend.batches) < 1 + len(script) // 2
+    # The prompt and the first token are read once, in one feed; after that each draft feeds
+    # only what the last verification added (the last drafted token and the step's own).
+    assert model.feeds[0] == (0, COUNTING + [101])
+    assert all(len(tokens) <= 2 for _, tokens in model.feeds[1:]), model.feeds
+    draft_context_follows(model, seq)
+    kv_matches(backend, loop)
+
+
+def test_a_rejected_model_draft_leaves_no_cell_in_the_draft_context():
+    # Counting, then a jump: the draft after 104 (105, 106, ...) is rejected at 200.
+    script = [101, 102, 103, 104, 200, 201, 202, 203, 204, 205]
+    backend, model, loop = drafting_loop(script)
+    seq = sequence(COUNTING)
+    loop.submit(seq)
+    emitted: list[str] = []
+    while not seq.ended:
+        loop.step()
+        emitted += texts(seq)
+        if not seq.ended and not seq.prefilling:
+            draft_context_follows(model, seq)
+            assert 105 not in model.context[0] or 105 in seq.drafter.history
+    assert "".join(emitted) == "".join(f"t{t} " for t in script)
+    assert loop.stats.accepted < loop.stats.drafted and loop.stats.rolled_back > 0
+    kv_matches(backend, loop)
+
+
+def test_the_lookup_drafts_first_and_the_draft_model_is_not_fed_while_it_does():
+    backend = FakeBackend(n_slots=1, n_batch=64, prompt_step=64, script=lambda g: PASSAGE[3:])
+    model = FakeDraftModel(n_slots=1, guess=lambda held: (999, 1.0))  # always wrong
+    loop = StepLoop(backend, speculation=SPEC, draft_model=model)
+    seq = sequence(PROMPT)
+    loop.submit(seq)
+    run_until(loop, lambda: seq.ended)
+    assert "".join(texts(seq)) == "".join(f"t{t} " for t in PASSAGE[3:])
+    # The copy is drafted by the lookup; the model drafts only past its end (wrongly).
+    copied = [b for b in backend.batches if b["tokens"][:3] == [23, 24, 25]]
+    assert copied and not any(999 in b["tokens"] for b in copied)
+    assert loop.stats.accepted >= len(PASSAGE[3:]) // 2
+    draft_context_follows(model, seq)
+
+
+def test_a_model_draft_stops_before_an_improbable_token_and_a_short_one_is_not_fed():
+    model = FakeDraftModel(n_slots=1, guess=lambda held: (held[-1] + 1, 0.9 if held[-1] < 104 else 0.3))
+    lookup = NgramDrafter(SPEC.ngram, COUNTING + [101], SPEC.draft_max, SPEC.draft_min)
+    drafter = ModelDrafter(lookup, model, 0, draft_max=8, draft_min=2, p_min=0.75)
+    assert drafter.draft(8) == [102, 103, 104]  # 105 was guessed with p 0.3
+    drafter.verified(3, 3)
+    for token in (102, 103, 104):
+        drafter.append(token)
+    drafter.append(105)  # the step's own token
+    assert drafter.draft(8) == []  # only improbable guesses from here
+    assert model.held[0] == COUNTING + [101, 102, 103, 104, 105]
+
+
+def test_a_sequence_that_ends_with_model_drafted_tokens_unchecked_leaves_none_in_the_draft_context():
+    # The "grammar" refuses 103: the draft after 101 (102, 103, ...) is cut to one token, too
+    # short to feed, so the draft context holds drafted tokens the target never checked.
+    script = list(range(101, 131))
+    backend, model, loop = drafting_loop(script)
+    backend.forbidden = {103}
+    seq = sequence(COUNTING)
+    loop.submit(seq)
+    loop.step()  # the prompt; 101 is sampled
+    loop.step()  # 101 fed alone: its draft was refused
+    assert loop.stats.drafted == 0 and 103 in model.context[0] and 103 not in seq.drafter.history
+    seq.cancel.set()
+    loop.step()
+    assert seq.ended
+    assert model.held[0] == model.context[0] == seq.drafter.history[: len(model.held[0])]

@@ -165,6 +165,7 @@ class LlamaEngine(Engine):
         self.model_identity: tuple[str, int, int] | None = None
         self.embedder = None  # llamad.engine.llama_embed.Embedder, made on the first embedding request
         self._no_speculation = "off"
+        self.draft_model = None  # llamad.engine.llama_draft.LlamaDraftModel, with [speculative] draft_model
         capacity = config.model.prompt_cache_bytes
         # In memory (model.prompt_cache_bytes) and on disk ([cache], attached at load).
         self.prompt_cache = PromptStateCache(capacity) if capacity > 0 or config.cache.max_bytes > 0 else None
@@ -271,12 +272,16 @@ class LlamaEngine(Engine):
         )
         if self.prompt_cache is not None:
             self.prompt_cache.disk = open_disk_cache(self.config, self.model_path)
+        speculation = self._speculation(self.config)
+        if speculation is not None and speculation.draft_model:
+            self.draft_model = self._load_draft_model(n_ctx, threads)
         self.loop = StepLoop(
             self.backend,
             self.prompt_cache,
             engine_stats=self.stats,
             someone_waits=self.scheduler.has_waiters,
-            speculation=self._speculation(self.config),
+            speculation=speculation,
+            draft_model=self.draft_model,
         )
         self.info["speculative"] = self.loop.speculation.describe() if self.loop.speculation else self._no_speculation
 
@@ -295,7 +300,39 @@ class LlamaEngine(Engine):
             self._no_speculation = "unavailable (a recurrent model's cache cannot roll a draft back)"
             return None
         s = config.speculative
-        return Speculation(enabled=s.enabled, ngram=s.ngram, draft_max=s.draft_max, draft_min=s.draft_min)
+        return Speculation(
+            enabled=s.enabled, ngram=s.ngram, draft_max=s.draft_max, draft_min=s.draft_min,
+            # A changed draft_model reloads the engine (ModelSpec.settings), so this names the loaded one.
+            draft_model=Path(s.draft_model).name if s.draft_model else "",
+            draft_p_min=s.draft_p_min,
+        )
+
+    def _load_draft_model(self, n_ctx: int, threads: int):
+        """[speculative] draft_model, in a context of its own with one sequence per slot. A
+        vocabulary that differs from the target's is a load error: its drafts would be ids
+        the target reads as other text, none accepted, and a configured draft model that
+        silently does nothing is a slower server nobody asked for."""
+        from llamad.engine.llama_draft import LlamaDraftModel, vocabulary_mismatch
+
+        assert self.llm is not None
+        s, m = self.config.speculative, self.config.model
+        path = Path(s.draft_model).expanduser()
+        started = time.monotonic()
+        native.capture()
+        try:
+            draft = LlamaDraftModel(path, self.parallel, n_ctx, m.n_batch, threads, s.draft_n_gpu_layers, m.flash_attn)
+        finally:
+            native.release()
+        mismatch = vocabulary_mismatch(self.llm._model.vocab, draft.vocab)  # noqa: SLF001
+        if mismatch is not None:
+            draft.close()
+            raise RuntimeError(
+                f"speculative.draft_model {path} cannot draft for {self.model_path}: their vocabularies differ"
+                f" ({mismatch}); a draft model must share the target's tokenizer (the same family), or leave"
+                " speculative.draft_model empty for n-gram drafts only"
+            )
+        log.info("draft_model_loaded", path=str(path), target=str(self.model_path), load_s=round(time.monotonic() - started, 3))
+        return draft
 
     def configure_speculation(self, config: Config) -> None:
         """Applies a reloaded [speculative] table to the requests admitted from now on."""
@@ -515,6 +552,9 @@ class LlamaEngine(Engine):
             self.loop.close()  # ends what it still runs; the worker threads then return
             self._keep_slots()
         super().close()
+        if self.draft_model is not None:
+            self.draft_model.close()
+            self.draft_model = None
         if self.backend is not None:
             self.backend.close()
             self.backend = None

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Protocol
 import structlog
 
 from llamad.engine import Generation, TokenLogprob
-from llamad.engine.speculative import NgramDrafter, Speculation
+from llamad.engine.speculative import DraftModel, Drafter, ModelDrafter, NgramDrafter, Speculation
 from llamad.engine.prompt_cache import (
     PromptStateCache,
     common_prefix,
@@ -129,7 +129,7 @@ class Sequence:
     next_token: int | None = None  # sampled, not yet fed
     ended: bool = False
     order: int = 0  # admission order: prompts are evaluated first come, first served
-    drafter: NgramDrafter | None = None  # speculation's lookup, while it is on for this sequence
+    drafter: Drafter | None = None  # its drafts, while speculation is on for it
     draft: list[int] = field(default_factory=list)  # fed after next_token in the planned step
 
     @property
@@ -209,11 +209,15 @@ class StepLoop:
         engine_stats: Any = None,
         someone_waits: Callable[[], bool] = lambda: False,
         speculation: Speculation | None = None,
+        draft_model: DraftModel | None = None,
     ):
         self.backend = backend
         # N-gram drafts (llamad.engine.speculative); None or disabled: none, unless a
         # generation asks for them (Generation.speculative).
         self.speculation = speculation
+        # A second model's context that drafts where the lookup has nothing (one sequence
+        # per slot); only this loop's thread touches it.
+        self.draft_model = draft_model
         # True while a request waits for a slot: a prompt read alone then goes in short
         # steps, so a hang-up hands the slot on within one of them.
         self.someone_waits = someone_waits
@@ -361,6 +365,8 @@ class StepLoop:
         if seq.sampler is not None:
             self.backend.free_sampler(seq.sampler)
             seq.sampler = None
+        if seq.drafter is not None:
+            seq.drafter.release()  # no unchecked draft stays in a draft model's context
         seq.end(item)
 
     def _end_all(self, error: BaseException) -> None:
@@ -429,7 +435,12 @@ class StepLoop:
         seq.sampler = self.backend.new_sampler(seq.generation)
         spec = self.speculation
         if spec is not None and (seq.generation.speculative if seq.generation.speculative is not None else spec.enabled):
-            seq.drafter = NgramDrafter(spec.ngram, seq.tokens, spec.draft_max, spec.draft_min)
+            lookup = NgramDrafter(spec.ngram, seq.tokens, spec.draft_max, spec.draft_min)
+            seq.drafter = lookup
+            if self.draft_model is not None:
+                seq.drafter = ModelDrafter(
+                    lookup, self.draft_model, slot.id, spec.draft_max, spec.draft_min, spec.draft_p_min
+                )
 
     def _evict_idle(self, but: Slot) -> None:
         """Idle slots (other than `but`) give up their KV cells; what they held that is worth

@@ -20,11 +20,19 @@ What a draft costs where none of it is accepted is one wider decode step; on a C
 not free (every drafted entry is a row of logits), so drafts adapt per sequence: a draft
 is as long as the last one accepted, doubled (up to `draft_max`), and a sequence whose
 drafts keep failing drafts less and less often.
+
+With a draft model ([speculative] draft_model, llamad.engine.llama_draft), a sequence whose
+lookup finds nothing asks the small model instead (ModelDrafter): it reads what the
+sequence has accepted since it last drafted and continues it greedily, while its choice is
+probable enough. The check is the same, so the answers still do not change.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
+
+from llamad.engine.prompt_cache import common_prefix
 
 
 @dataclass(frozen=True)
@@ -35,11 +43,14 @@ class Speculation:
     ngram: int = 12  # tokens looked up (the key)
     draft_max: int = 32  # tokens one draft may hold
     draft_min: int = 2  # a shorter draft is not fed (the tail of a copy, mostly)
+    draft_model: str = ""  # the draft GGUF's file name, where one drafts too (for describe)
+    draft_p_min: float = 0.75  # a model draft stops before a token less probable than this
 
     def describe(self) -> str:
         if not self.enabled:
             return "off"
-        return f"ngram {self.ngram}, draft {self.draft_min}..{self.draft_max} tokens"
+        model = f", draft model {self.draft_model} (p_min {self.draft_p_min})" if self.draft_model else ""
+        return f"ngram {self.ngram}, draft {self.draft_min}..{self.draft_max} tokens{model}"
 
 
 # After a draft of which nothing was accepted, the sequence drafts again only after
@@ -103,7 +114,142 @@ class NgramDrafter:
             self.span = max(self.draft_min, self.span // 2)
             return
         self.misses = 0
-        if accepted >= drafted:
-            self.span = min(self.draft_max, max(self.span, drafted) * 2)
+        self.span = grown_span(self.span, drafted, accepted, self.draft_min, self.draft_max)
+
+    def release(self) -> None:
+        """The sequence is over (the lookup holds nothing outside itself)."""
+
+
+def grown_span(span: int, drafted: int, accepted: int, lowest: int, highest: int) -> int:
+    """The next draft's length at most: doubled after a wholly accepted draft, twice what was
+    accepted after a partly accepted one, halved after a rejected one."""
+    if accepted == 0:
+        return max(lowest, span // 2)
+    if accepted >= drafted:
+        return min(highest, max(span, drafted) * 2)
+    return max(lowest, min(highest, accepted * 2))
+
+
+class Drafter(Protocol):
+    """What the step loop asks of one sequence's drafts (NgramDrafter, ModelDrafter)."""
+
+    draft_min: int
+
+    def append(self, token: int) -> None:
+        """A token the sequence kept (its next token, or an accepted draft token)."""
+        ...
+
+    def draft(self, limit: int) -> list[int]:
+        """The tokens after the last one appended, at most `limit`; [] for none."""
+        ...
+
+    def verified(self, drafted: int, accepted: int) -> None:
+        """How the last draft went (the tokens kept are appended first)."""
+        ...
+
+    def release(self) -> None:
+        """The sequence is over: nothing it drafted and did not keep may stay anywhere."""
+        ...
+
+
+class DraftModel(Protocol):
+    """A second model's context, one sequence per slot (llamad.engine.llama_draft)."""
+
+    n_batch: int  # tokens one feed may carry
+    held: list[list[int]]  # per slot: the tokens whose KV the draft context holds, in order
+
+    def feed(self, slot: int, tokens: list[int], start: int) -> bool:
+        """Decodes `tokens` at positions start.. of the slot's sequence, with logits for the
+        last; False when it could not (no KV room): nothing was written."""
+        ...
+
+    def best(self) -> tuple[int, float]:
+        """The most probable token after the last one fed, and its probability."""
+        ...
+
+    def forget(self, slot: int, keep: int) -> None:
+        """Removes the slot's cells from position `keep` on."""
+        ...
+
+
+class ModelDrafter:
+    """One sequence's drafts: the n-gram lookup's where it has one (free, and a copy is
+    accepted for long stretches), otherwise the draft model's greedy continuation.
+
+    The draft context's cells for the slot follow the sequence's accepted tokens: what is new
+    is fed when a draft is asked for (one batch, so a run of accepted tokens costs one
+    decode), and cells past where the two part (a rejected draft, drafted tokens the loop
+    did not feed) are removed as soon as the verification says so. What the slot held for
+    an earlier request stays while the new one's tokens share it: its prompt prefix is not
+    read twice."""
+
+    def __init__(
+        self, lookup: NgramDrafter, model: DraftModel, slot: int, draft_max: int, draft_min: int, p_min: float
+    ):
+        self.lookup = lookup
+        self.model = model
+        self.slot = slot
+        self.draft_max = draft_max
+        self.draft_min = max(1, draft_min)
+        self.p_min = p_min
+        self.span = draft_max
+        self.source = ""  # which drafted last: "ngram" or "model"
+
+    @property
+    def history(self) -> list[int]:
+        return self.lookup.history
+
+    def append(self, token: int) -> None:
+        self.lookup.append(token)
+
+    def draft(self, limit: int) -> list[int]:
+        copied = self.lookup.draft(limit)
+        if copied:
+            self.source = "ngram"
+            return copied
+        self.source = "model"
+        limit = min(limit, self.span)
+        if limit < self.draft_min:
+            return []
+        return self._continue(limit)
+
+    def _continue(self, limit: int) -> list[int]:
+        model, slot, history = self.model, self.slot, self.history
+        held = model.held[slot]
+        # The last accepted token is fed again if the context holds it already: its logits
+        # are what the draft starts from.
+        self._trim(min(common_prefix(held, history), len(history) - 1))
+        new = history[len(held) :]
+        for at in range(0, len(new), model.n_batch):
+            chunk = new[at : at + model.n_batch]
+            if not model.feed(slot, chunk, len(held)):
+                self._trim(0)  # no room: the slot starts over on its next draft
+                return []
+            held.extend(chunk)
+        draft: list[int] = []
+        while True:
+            token, p = model.best()
+            if p < self.p_min:
+                break
+            draft.append(token)
+            if len(draft) >= limit or not model.feed(slot, [token], len(held)):
+                break
+            held.append(token)
+        return draft if len(draft) >= self.draft_min else []
+
+    def verified(self, drafted: int, accepted: int) -> None:
+        if self.source == "ngram":
+            self.lookup.verified(drafted, accepted)
         else:
-            self.span = max(self.draft_min, min(self.draft_max, accepted * 2))
+            self.span = grown_span(self.span, drafted, accepted, self.draft_min, self.draft_max)
+        self.release()
+
+    def release(self) -> None:
+        """Drops the slot's draft cells past what the sequence has accepted."""
+        self._trim(common_prefix(self.model.held[self.slot], self.history))
+
+    def _trim(self, keep: int) -> None:
+        held = self.model.held[self.slot]
+        if keep < len(held):
+            self.model.forget(self.slot, keep)
+            del held[keep:]

@@ -58,7 +58,8 @@ class ModelSpec:
     def settings(self) -> Any:
         """What shapes the loaded engine: a reload reloads the model when this changes."""
         c = self.config
-        return (str(self.path), self.role, msgspec.to_builtins(c.model), c.server.parallel, msgspec.to_builtins(c.cache))
+        draft = (c.speculative.draft_model, c.speculative.draft_n_gpu_layers)  # a second model loaded beside it
+        return (str(self.path), self.role, msgspec.to_builtins(c.model), c.server.parallel, msgspec.to_builtins(c.cache), draft)
 
     def runtime(self) -> Any:
         """What a loaded engine takes without a reload (queue, sampling, speculation)."""
