@@ -284,7 +284,7 @@ def test_zero_max_bytes_turns_the_disk_cache_off(tmp_path):
     config = load_config(write_toml(tmp_path, "[cache]\nmax_bytes = 0\n"), env={}).config
     from llamad.engine.disk_cache import open_disk_cache
 
-    assert open_disk_cache(config, tmp_path / "model.gguf") is None
+    assert open_disk_cache(config, tmp_path / "model.gguf", "on") is None
 
 
 # -- off the caller's thread ---------------------------------------------------------------------
