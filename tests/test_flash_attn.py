@@ -109,7 +109,11 @@ def test_a_changed_model_thread_count_or_build_measures_again(tmp_path):
     assert probe.calls == 0
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"version": 99, "entries": []}', '["a list"]', '{"version": 1, "entries": [{"key": {}, "measurement": 3}]}'])
+# A file of another version, even one holding this key, is not read: its fields may mean something else.
+OTHER_VERSION = json.dumps({"version": 99, "entries": [{"key": KEY, "measurement": {"depth": 2048, "on_tok_s": 50.0, "off_tok_s": 10.0}}]})
+
+
+@pytest.mark.parametrize("content", ["{not json", OTHER_VERSION, '["a list"]', '{"version": 1, "entries": [{"key": {}, "measurement": 3}]}'])
 def test_a_corrupt_store_is_ignored_and_replaced(tmp_path, content):
     path = tmp_path / "flash_attn.json"
     path.write_text(content)
