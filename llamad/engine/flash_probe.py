@@ -4,7 +4,9 @@ on against off, on the loaded model with the served context's own settings.
 Two small one-sequence contexts are made from the model (the KV types and offload of the
 served one, its threads), each filled with the same `depth` tokens; then single-token
 decode steps alternate between them, so a shared machine that gets busier or quieter
-slows both alike, and each figure is the median step. The fill costs a prompt of `depth`
+slows both alike. Each figure is the step at the fastest quartile: another job taking a
+core only ever adds time (on this project's 2-core machine a step of llama.cpp's spinning
+threads then takes 3-10x longer), so the faster steps are the setting's own speed. The fill costs a prompt of `depth`
 tokens per setting: that is most of the probe's time.
 """
 
@@ -79,7 +81,7 @@ class _Side:
 
     def rate(self) -> float:
         ordered = sorted(self.times)
-        return 1.0 / ordered[len(ordered) // 2] if ordered else 0.0
+        return 1.0 / ordered[len(ordered) // 4] if ordered else 0.0
 
     def close(self) -> None:
         if self.batch is not None:
