@@ -102,6 +102,17 @@ def kv_cache_mib(lines: list[str]) -> float | None:
     return round(sum(sizes), 2) if sizes else None
 
 
+def context_flash_attn(lines: list[str]) -> str | None:
+    """Flash attention as llama.cpp made the context ("on" / "off"), from its load log:
+    `flash_attn = enabled`, or for its own "auto" the line that resolves it."""
+    found = None
+    for line in lines:
+        match = re.search(r"flash_attn\s*=\s*(enabled|disabled)|Flash Attention (enabled|disabled)", line)
+        if match:
+            found = "on" if "enabled" in match.group(0) else "off"
+    return found
+
+
 def offloaded_layers(lines: list[str]) -> str | None:
     for line in lines:
         match = re.search(r"offloaded (\d+)/(\d+) layers to GPU", line)
@@ -237,6 +248,8 @@ class LlamaEngine(Engine):
             # "on" / "off" as the context has it ("auto": not measured, llama.cpp's choice), why,
             # and the measurement behind model.flash_attn = "auto".
             **self.flash_attn.describe(),
+            # What llama.cpp says it made, the check on the above (and the answer for "auto").
+            "flash_attn_context": context_flash_attn(context_lines),
         }
         log.info(
             "model_loaded",
