@@ -128,7 +128,7 @@ FILE_TYPES = {"0": "F32", "1": "F16", "2": "Q4_0", "3": "Q4_1", "7": "Q8_0", "8"
 # buffer, n_batch x n_vocab logits) stays tiny.
 HELPER_CONTEXT = 32
 # At start, with model.flash_attn = "auto" and no stored measurement, the probe may take this
-# long (the demo models take 10-40 s on a busy 2-core CPU); past it, llama.cpp's own choice
+# long (SmolLM2-135M took 30-55 s on this project's busy 2-core CPU); past it, llama.cpp's own choice
 # stands until `llamad check` measures with no limit.
 PROBE_BUDGET_S = 90.0
 # At close, how long the saved slots may take to reach the disk (systemd's stop timeout is
