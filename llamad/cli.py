@@ -110,7 +110,9 @@ def cmd_check(args: argparse.Namespace) -> int:
              max_loaded=loaded.config.router.max_loaded or None)
     default = catalog.default
     choice = ModelChoice(path=default.path, reason=f"the default model '{default.name}' ({default.source})")
-    engine = LlamaEngine(default.config, default.path)
+    # model.flash_attn = "auto": the stored measurement, or a probe with no time limit (the
+    # daemon's own is bounded); --measure runs it again whatever is stored.
+    engine = LlamaEngine(default.config, default.path, remeasure=getattr(args, "measure", False), probe_budget_s=None)
 
     async def run() -> int:
         started = time.monotonic()
@@ -141,7 +143,9 @@ def cmd_check(args: argparse.Namespace) -> int:
             # What the configured context costs in memory, as llama.cpp allocated it.
             kv_cache_mib=engine.info.get("kv_cache_mib"),
             kv_cache_type=engine.info.get("kv_cache_type"),
-            flash_attn=engine.info.get("flash_attn"),
+            # "on" or "off" in effect, why (model.flash_attn, or the measurement's date and
+            # file), and for "auto" the decode rates measured with each setting.
+            **{key: value for key, value in engine.info.items() if key.startswith("flash_attn")},
             # [speculative] in effect: "ngram 12, draft 2..32 tokens", "off", or why unavailable.
             speculative=engine.info.get("speculative"),
             prompt_tokens=len(prompt.tokens),
@@ -285,6 +289,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return _fail("bench_needs_llama_server", EXIT_CONFIG, hint="--speculation compares with llama-server: add --llama-server PATH")
 
         return run_speculation(loaded, args)
+    if args.depth:  # decode at agent depth, flash attention on and off (llamad.bench.depth)
+        from llamad.bench.depth import run_depth
+
+        if not args.llama_server:
+            return _fail("bench_needs_llama_server", EXIT_CONFIG, hint="--depth compares with llama-server: add --llama-server PATH")
+        return run_depth(loaded, args)
     if args.llama_server:  # llamad beside llama-server in one run (llamad.bench.slots)
         from llamad.bench.slots import run_side_by_side
 
@@ -324,7 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="serve the configured model (the default command)")
     cfg = sub.add_parser("config", help="print the effective configuration as TOML")
     cfg.add_argument("--sources", action="store_true", help="say where each value came from")
-    sub.add_parser("check", help="validate the configuration and open the model")
+    check = sub.add_parser("check", help="validate the configuration and open the model")
+    check.add_argument(
+        "--measure", action="store_true",
+        help='model.flash_attn = "auto": measure flash attention on and off again, even when a measurement is stored',
+    )
     bench = sub.add_parser("bench", help="engine vs. HTTP decode rate, concurrency and prompt-cache benchmark")
     bench.add_argument("--url", help="benchmark this running server instead of starting one")
     bench.add_argument("--tokens", type=int, default=128, help="tokens per answer (default 128)")
@@ -339,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--speculation", action="store_true", help="with --llama-server: only the n-gram speculation phases (edit and prose workloads)")
     bench.add_argument("--switch", action="store_true", help="with --llama-server: only the model-switch phases (time to first token of a model not loaded, beside llama-server's router; a loaded model's while another loads)")
     bench.add_argument("--switch-models", help="the two GGUFs for --switch, A.gguf,B.gguf (default: the configuration's first two chat models)")
+    bench.add_argument(
+        "--depth", type=int, default=0,
+        help="with --llama-server: only the deep-context phase, decode after a prompt of about this many tokens, "
+        "llamad's flash attention auto / on / off beside llama-server -fa on / off (e.g. 7900 with N_CTX=8192)",
+    )
     bench.add_argument("--spec-types", help="llama-server --spec-type values to compare (default ngram-simple,ngram-map-k,ngram-mod)")
     bench.add_argument("--edit-tokens", type=int, default=2000, help="most tokens of an edit answer (default 2000: the whole file)")
     bench.add_argument("--parallel-tokens", type=int, default=256, help="tokens per answer of the 4-stream speculation phase (default 256)")

@@ -62,10 +62,12 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Bytes of saved KV state kept for prompt-prefix reuse beyond the live context; 0 disables.
     prompt_cache_bytes: int = 256 * 1024 * 1024
     # KV cache element types (llama.cpp's --cache-type-k / -v): "q8_0" takes about half the
-    # memory of "f16"; a quantized type_v needs flash_attn.
+    # memory of "f16"; a quantized type_v needs flash attention (it forces it on).
     type_k: str = "f16"
     type_v: str = "f16"
-    flash_attn: bool = False
+    # "auto": measured on this machine for this model (llamad.engine.flash_attn); "on", "off".
+    # TOML true / false are read as "on" / "off".
+    flash_attn: str | bool = "auto"
     # RoPE scaling, to serve a context past the GGUF's trained one (llama.cpp's
     # --rope-scaling / --rope-scale): "" uses the GGUF's own; "linear" or "yarn" with
     # rope_scale N (> 1) stretches the trained context N times, and n_ctx may go that far.
@@ -256,6 +258,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 KV_CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "iq4_nl": 20, "q5_0": 6, "q5_1": 7}
 UNQUANTIZED_KV_TYPES = ("f32", "f16", "bf16")
 ROPE_SCALINGS = ("", "none", "linear", "yarn")
+FLASH_ATTN_SETTINGS = ("auto", "on", "off")
+# TOML booleans, and their spellings in the environment, as on / off.
+_FLASH_ATTN_ALIASES = {True: "on", False: "off", "true": "on", "false": "off"}
 LOG_FORMATS = ("auto", "json", "console")
 
 
@@ -301,7 +306,7 @@ def _where(path: Path, text: str, section: str | None, key: str) -> str:
 
 def _expected(struct: type[msgspec.Struct], key: str) -> str:
     hint = struct.__annotations__.get(key, "")
-    hint = str(hint).replace("list[str]", "a list of strings")
+    hint = str(hint).replace("list[str]", "a list of strings").replace("str | bool", '"auto", "on" or "off"')
     return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}.get(
         hint, hint
     )
@@ -484,10 +489,18 @@ def validate(loaded: LoadedConfig) -> None:
     for key in ("type_k", "type_v"):
         value = getattr(c.model, key)
         _check(value in KV_CACHE_TYPES, loaded, f"model.{key}", value, "one of " + ", ".join(KV_CACHE_TYPES))
-    if c.model.type_v not in UNQUANTIZED_KV_TYPES and not c.model.flash_attn:
+    flash_attn = c.model.flash_attn
+    if isinstance(flash_attn, str):
+        flash_attn = flash_attn.strip().lower()
+    c.model.flash_attn = _FLASH_ATTN_ALIASES.get(flash_attn, flash_attn)
+    _check(
+        c.model.flash_attn in FLASH_ATTN_SETTINGS, loaded, "model.flash_attn", c.model.flash_attn,
+        '"auto" (measured on this machine), "on" or "off" (true and false mean on and off)',
+    )
+    if c.model.type_v not in UNQUANTIZED_KV_TYPES and c.model.flash_attn == "off":
         raise ConfigError(
             f"'model.type_v' = {c.model.type_v!r} ({loaded.source('model.type_v')}): a quantized V cache needs "
-            "flash attention: set model.flash_attn = true, or type_v = \"f16\""
+            'flash attention, and model.flash_attn is "off": set it to "auto" or "on", or type_v = "f16"'
         )
     _check(c.model.rope_scaling in ROPE_SCALINGS, loaded, "model.rope_scaling", c.model.rope_scaling,
            "one of " + ", ".join(repr(v) for v in ROPE_SCALINGS))

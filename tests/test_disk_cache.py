@@ -284,7 +284,7 @@ def test_zero_max_bytes_turns_the_disk_cache_off(tmp_path):
     config = load_config(write_toml(tmp_path, "[cache]\nmax_bytes = 0\n"), env={}).config
     from llamad.engine.disk_cache import open_disk_cache
 
-    assert open_disk_cache(config, tmp_path / "model.gguf") is None
+    assert open_disk_cache(config, tmp_path / "model.gguf", "on") is None
 
 
 # -- off the caller's thread ---------------------------------------------------------------------
@@ -508,3 +508,16 @@ def test_a_state_the_backend_refuses_leaves_a_cold_prompt_not_a_broken_one(tmp_p
     again = run(loop, prompt + [7])  # FakeBackend checks every position follows the last
     assert backend.loaded == [-1, -1] and first_int(again) == 0
     assert backend.kv[0][:601] == list(range(601))
+
+
+def test_a_state_saved_with_flash_attention_on_is_foreign_with_it_off(tmp_path):
+    # Flash attention stores V transposed or not: the identity follows the setting in effect
+    # (model.flash_attn = "auto" resolves to on or off at load), not the configured word.
+    from llamad.engine.disk_cache import open_disk_cache
+
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF" + bytes(4096))
+    config = load_config(write_toml(tmp_path, f'[cache]\ndir = "{tmp_path / "kv"}"\n'), env={}).config
+    identities = {setting: open_disk_cache(config, model, setting).identity for setting in ("on", "off", "auto")}
+    assert len(set(identities.values())) == 3
+    assert open_disk_cache(config, model, "on").identity == identities["on"]

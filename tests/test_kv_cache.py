@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from llamad.config import ConfigError, load_config
-from llamad.engine.llama import kv_cache_mib
+from llamad.engine.llama import context_flash_attn, kv_cache_mib
 
 from conftest import TEST_MODEL
 
@@ -26,11 +26,11 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_cache_types_and_flash_attention_come_from_the_file_and_the_environment(tmp_path):
     path = write(tmp_path, '[model]\ntype_k = "q8_0"\ntype_v = "q8_0"\nflash_attn = true\n')
     model = load_config(path, env={}).config.model
-    assert (model.type_k, model.type_v, model.flash_attn) == ("q8_0", "q8_0", True)
+    assert (model.type_k, model.type_v, model.flash_attn) == ("q8_0", "q8_0", "on")
     model = load_config(path, env={"LLAMAD_MODEL_TYPE_K": "q4_0"}).config.model
     assert model.type_k == "q4_0"
     defaults = load_config(write(tmp_path, ""), env={}).config.model
-    assert (defaults.type_k, defaults.type_v, defaults.flash_attn) == ("f16", "f16", False)
+    assert (defaults.type_k, defaults.type_v, defaults.flash_attn) == ("f16", "f16", "auto")
 
 
 def test_an_unknown_cache_type_names_the_key_and_the_choices(tmp_path):
@@ -43,10 +43,18 @@ def test_a_quantized_v_cache_without_flash_attention_is_refused_before_loading(t
     # llama.cpp would refuse it at load time ("quantized V cache was requested, but this
     # requires Flash Attention"); the config says so first, and how to fix it.
     with pytest.raises(ConfigError) as info:
-        load_config(write(tmp_path, '[model]\ntype_v = "q8_0"\n'), env={})
-    assert "model.type_v" in str(info.value) and "flash_attn = true" in str(info.value)
+        load_config(write(tmp_path, '[model]\ntype_v = "q8_0"\nflash_attn = false\n'), env={})
+    assert "model.type_v" in str(info.value) and "model.flash_attn" in str(info.value)
     # A quantized K cache alone needs no flash attention.
     load_config(write(tmp_path, '[model]\ntype_k = "q8_0"\n'), env={})
+
+
+def test_flash_attention_in_effect_is_read_from_llama_cpps_load_log():
+    assert context_flash_attn(["llama_context: flash_attn            = enabled"]) == "on"
+    assert context_flash_attn(["llama_context: flash_attn            = disabled"]) == "off"
+    # llama.cpp's own "auto" is resolved on a later line.
+    assert context_flash_attn(["llama_context: flash_attn            = auto", "resolve_fused_ops: Flash Attention disabled"]) == "off"
+    assert context_flash_attn(["print_info: n_layer = 18"]) is None
 
 
 def test_kv_cache_size_is_read_from_llama_cpps_load_log():
@@ -78,16 +86,15 @@ def check(tmp_path: Path, toml: str) -> dict:
 
 @pytest.mark.real
 def test_check_prints_the_kv_cache_memory_of_the_configured_context(tmp_path):
-    f16 = check(tmp_path, "[server]\nparallel = 1\n[model]\nn_ctx = 8192\n")
+    f16 = check(tmp_path, '[server]\nparallel = 1\n[model]\nn_ctx = 8192\nflash_attn = "on"\n')
     q8 = check(tmp_path, '[server]\nparallel = 1\n[model]\nn_ctx = 8192\ntype_k = "q8_0"\ntype_v = "q8_0"\nflash_attn = true\n')
     # The cache is the slots' context: n_ctx per slot, for every slot.
-    slots = check(tmp_path, "[server]\nparallel = 4\n[model]\nn_ctx = 8192\n")
-    assert slots["kv_cache_mib"] == 4 * 144 and slots["flash_attn"] == "auto"
+    slots = check(tmp_path, '[server]\nparallel = 4\n[model]\nn_ctx = 8192\nflash_attn = "off"\n')
+    assert slots["kv_cache_mib"] == 4 * 144 and slots["flash_attn"] == slots["flash_attn_context"] == "off"
     # Gemma 3 270M: 18 layers, one KV head of 256 dims for K and for V, every layer full size
     # (the slots' full-size sliding-window cache): 8192 x 18 x 2 x 256 x 2 bytes.
     assert f16["kv_cache_mib"] == 8192 * 18 * 2 * 256 * 2 / 2**20 == 144
-    # flash_attn = false is llama.cpp's own choice whatever server.parallel is.
-    assert (f16["kv_cache_type"], f16["flash_attn"], f16["n_ctx"]) == ("f16/f16", "auto", 8192)
+    assert (f16["kv_cache_type"], f16["flash_attn"], f16["flash_attn_context"], f16["n_ctx"]) == ("f16/f16", "on", "on", 8192)
     # q8_0 stores 32 values in 34 bytes.
     assert q8["kv_cache_mib"] == pytest.approx(144 * 34 / 64, abs=0.01)
-    assert (q8["kv_cache_type"], q8["flash_attn"]) == ("q8_0/q8_0", True)
+    assert (q8["kv_cache_type"], q8["flash_attn"]) == ("q8_0/q8_0", "on")

@@ -87,6 +87,9 @@ class EngineBench:
         engine._load()  # noqa: SLF001 - in-process, no event loop needed
         try:
             self.prompt = engine._prepare(Chat(messages=[ChatMessage(m["role"], m["content"]) for m in PROMPT]))  # noqa: SLF001
+            # The server's flash attention ("auto" is its measured choice); llama-cpp-python's
+            # Llama has no "auto" of its own, so an unmeasured one runs with it off here.
+            flash_attn = engine.flash_attn is not None and engine.flash_attn.effective == "on"
         finally:
             engine.close()
         m = config.model
@@ -94,8 +97,7 @@ class EngineBench:
         self.llm = llama_cpp.Llama(
             model_path=str(model), n_ctx=m.n_ctx, n_batch=m.n_batch, n_threads=threads, n_threads_batch=threads,
             n_gpu_layers=m.n_gpu_layers, type_k=KV_CACHE_TYPES[m.type_k], type_v=KV_CACHE_TYPES[m.type_v],
-            # llama-cpp-python's Llama has no "auto": flash attention here only when forced.
-            flash_attn=m.flash_attn, verbose=False,
+            flash_attn=flash_attn, verbose=False,
         )
         self.is_eog = lambda token: llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token)  # noqa: SLF001
         self.decode_rates: list[float] = []

@@ -73,6 +73,7 @@ def complete(client: Http, body: dict[str, Any], headers: dict[str, str] | None 
     """Streams one /v1/completions answer: the arrival of its first and last text chunks and
     its token count (usage; llama-server's timings.predicted_n when it sends no usage)."""
     connection = http.client.HTTPConnection(client.host, client.port, timeout=900)
+    started = time.perf_counter()
     connection.request(
         "POST", "/v1/completions", json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}),
         {"Content-Type": "application/json", **(headers or {})},
@@ -100,7 +101,10 @@ def complete(client: Http, body: dict[str, Any], headers: dict[str, str] | None 
         timings = chunk.get("timings") or {}
         tokens = usage.get("completion_tokens") or timings.get("predicted_n") or tokens
     connection.close()
-    return {"status": response.status, "first": first, "last": last, "completion_tokens": tokens, "text": "".join(text)}
+    return {
+        "status": response.status, "started": started, "first": first, "last": last, "completion_tokens": tokens,
+        "text": "".join(text),
+    }
 
 
 def decode_rate(result: dict[str, Any]) -> float:

@@ -478,9 +478,10 @@ class DiskStateCache:
             pass
 
 
-def open_disk_cache(config: Any, model_path: Path) -> DiskStateCache | None:
-    """The disk cache `config`'s [cache] table asks for, for the model at `model_path`; None
-    when it is off (cache.max_bytes = 0) or the model file cannot be read."""
+def open_disk_cache(config: Any, model_path: Path, flash_attn: str) -> DiskStateCache | None:
+    """The disk cache `config`'s [cache] table asks for, for the model at `model_path` in a
+    context with `flash_attn` ("on", "off", or "auto": llama.cpp's choice); None when it is
+    off (cache.max_bytes = 0) or the model file cannot be read."""
     from llamad.config import kv_cache_dir
 
     if config.cache.max_bytes <= 0:
@@ -489,8 +490,8 @@ def open_disk_cache(config: Any, model_path: Path) -> DiskStateCache | None:
 
     m = config.model
     # What shapes the state's bytes besides the model: the K/V element types, flash attention
-    # (which stores V transposed or not; "auto" resolves by backend, so the build counts).
-    context = f"type_k={m.type_k},type_v={m.type_v},flash_attn={'on' if m.flash_attn else 'auto'}"
+    # in effect (which stores V transposed or not; "auto" resolves by backend, so the build counts).
+    context = f"type_k={m.type_k},type_v={m.type_v},flash_attn={flash_attn}"
     if m.rope_scaling or m.rope_freq_base:  # positions are encoded otherwise: other K values
         context += f",rope={m.rope_scaling}x{m.rope_scale},base={m.rope_freq_base}"
     context += f",gpu_offload={bool(llama_cpp.llama_supports_gpu_offload())}"

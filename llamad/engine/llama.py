@@ -30,10 +30,11 @@ from llamad.engine.chat import (
     gguf_formatter,
     named_formatter,
 )
-from llamad.config import KV_CACHE_TYPES, Config, file_identity, sampling_defaults
+from llamad.config import KV_CACHE_TYPES, UNQUANTIZED_KV_TYPES, Config, file_identity, sampling_defaults
 from llamad.engine import Engine, FimTokens, Generation, GrammarRejected, Prompt, PromptError, TokenLogprob
 from llamad.engine.llama_slots import LlamaSlotsBackend
 from llamad.engine.disk_cache import open_disk_cache
+from llamad.engine.flash_attn import FlashAttnChoice, MeasurementStore, choose, measurement_key, store_path
 from llamad.engine.prompt_cache import PromptStateCache
 from llamad.engine.slots import StepLoop
 from llamad.engine.speculative import Speculation
@@ -112,6 +113,17 @@ def context_value(lines: list[str], key: str) -> float | None:
     return None
 
 
+def context_flash_attn(lines: list[str]) -> str | None:
+    """Flash attention as llama.cpp made the context ("on" / "off"), from its load log:
+    `flash_attn = enabled`, or for its own "auto" the line that resolves it."""
+    found = None
+    for line in lines:
+        match = re.search(r"flash_attn\s*=\s*(enabled|disabled)|Flash Attention (enabled|disabled)", line)
+        if match:
+            found = "on" if "enabled" in match.group(0) else "off"
+    return found
+
+
 def offloaded_layers(lines: list[str]) -> str | None:
     for line in lines:
         match = re.search(r"offloaded (\d+)/(\d+) layers to GPU", line)
@@ -126,6 +138,10 @@ FILE_TYPES = {"0": "F32", "1": "F16", "2": "Q4_0", "3": "Q4_1", "7": "Q8_0", "8"
 # The `Llama` object only tokenizes and renders templates; its own context (and compute
 # buffer, n_batch x n_vocab logits) stays tiny.
 HELPER_CONTEXT = 32
+# At start, with model.flash_attn = "auto" and no stored measurement, the probe may take this
+# long (SmolLM2-135M took 30-55 s on this project's busy 2-core CPU); past it, llama.cpp's own choice
+# stands until `llamad check` measures with no limit.
+PROBE_BUDGET_S = 90.0
 # At close, how long the saved slots may take to reach the disk (systemd's stop timeout is
 # 60 s): a few hundred MiB on a slow card.
 KEEP_TIMEOUT_S = 20.0
@@ -145,7 +161,7 @@ def rope_settings(m: Any) -> dict[str, Any]:
 class LlamaEngine(Engine):
     """`server.parallel` requests decode together in one context (one for parallel = 1)."""
 
-    def __init__(self, config: Config, model_path: Path):
+    def __init__(self, config: Config, model_path: Path, remeasure: bool = False, probe_budget_s: float | None = PROBE_BUDGET_S):
         super().__init__(
             model_id=config.model.name,
             n_ctx=config.model.n_ctx,
@@ -166,6 +182,11 @@ class LlamaEngine(Engine):
         self.embedder = None  # llamad.engine.llama_embed.Embedder, made on the first embedding request
         self._no_speculation = "off"
         self.draft_model = None  # llamad.engine.llama_draft.LlamaDraftModel, with [speculative] draft_model
+        # model.flash_attn = "auto": re-run the probe even when a measurement is stored
+        # (`llamad check --measure`), and how long the probe may take (None: no limit).
+        self.remeasure = remeasure
+        self.probe_budget_s = probe_budget_s
+        self.flash_attn: FlashAttnChoice | None = None
         capacity = config.model.prompt_cache_bytes
         # In memory (model.prompt_cache_bytes) and on disk ([cache], attached at load).
         self.prompt_cache = PromptStateCache(capacity) if capacity > 0 or config.cache.max_bytes > 0 else None
@@ -205,7 +226,8 @@ class LlamaEngine(Engine):
                 n_gpu_layers=m.n_gpu_layers,
                 type_k=KV_CACHE_TYPES[m.type_k],
                 type_v=KV_CACHE_TYPES[m.type_v],
-                flash_attn=m.flash_attn,
+                # The helper decodes nothing; a quantized V cache still needs it on.
+                flash_attn=m.type_v not in UNQUANTIZED_KV_TYPES,
                 **rope_settings(m),
                 verbose=False,
             )
@@ -221,10 +243,11 @@ class LlamaEngine(Engine):
         # prompt took 1.7x llama-server's time here); beside running streams, chunks are
         # sized by the step loop. A hang-up is noticed between steps.
         prompt_step = m.n_batch
+        self.flash_attn = self._choose_flash_attn(threads)
         native.capture()
         try:
             self.backend = LlamaSlotsBackend(
-                self.llm, self.parallel, n_ctx, m.n_batch, prompt_step, threads, flash_attn=m.flash_attn
+                self.llm, self.parallel, n_ctx, m.n_batch, prompt_step, threads, flash_attn=self.flash_attn.effective
             )
             self.backend.shown_tokens = self._shown_tokens()
         finally:
@@ -250,8 +273,11 @@ class LlamaEngine(Engine):
             # The KV cache that serves requests is the slots' context, not the helper's.
             "kv_cache_mib": kv_cache_mib(context_lines),
             "kv_cache_type": f"{m.type_k}/{m.type_v}",
-            # true: forced on; "auto": llama.cpp's choice (the backend's flash_attn_type).
-            "flash_attn": True if m.flash_attn else "auto",
+            # "on" / "off" as the context has it ("auto": not measured, llama.cpp's choice), why,
+            # and the measurement behind model.flash_attn = "auto".
+            **self.flash_attn.describe(),
+            # What llama.cpp says it made, the check on the above (and the answer for "auto").
+            "flash_attn_context": context_flash_attn(context_lines),
         }
         log.info(
             "model_loaded",
@@ -265,13 +291,14 @@ class LlamaEngine(Engine):
             kv_cache_mib=self.info["kv_cache_mib"],
             kv_cache_type=self.info["kv_cache_type"],
             flash_attn=self.info["flash_attn"],
+            flash_attn_reason=self.info["flash_attn_reason"],
             parallel=self.parallel,
             kv_tokens=self.info["kv_tokens"],
             chat_template=self.template.source,
             load_s=round(time.monotonic() - started, 3),
         )
         if self.prompt_cache is not None:
-            self.prompt_cache.disk = open_disk_cache(self.config, self.model_path)
+            self.prompt_cache.disk = open_disk_cache(self.config, self.model_path, self.flash_attn.effective)
         speculation = self._speculation(self.config)
         if speculation is not None and speculation.draft_model:
             self.draft_model = self._load_draft_model(n_ctx, threads)
@@ -288,6 +315,29 @@ class LlamaEngine(Engine):
     def _serve(self) -> None:
         assert self.loop is not None
         self.loop.start()
+
+    def _choose_flash_attn(self, threads: int) -> FlashAttnChoice:
+        """model.flash_attn as the context gets it: "auto" is the stored measurement for this
+        model, threads, offload and build, or a probe now (bounded by probe_budget_s)."""
+        import llama_cpp
+
+        from llamad.engine.flash_probe import measure
+
+        m = self.config.model
+        key = measurement_key(
+            self.model_identity, threads, m.n_gpu_layers, m.type_k, m.type_v,
+            build=llama_cpp.__version__, gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
+        )
+
+        def probe():
+            log.info("flash_attn_probe", hint="no stored measurement for this model, threads and build: measuring once")
+            native.capture()
+            try:
+                return measure(self.llm, threads, budget_s=self.probe_budget_s)
+            finally:
+                native.release()
+
+        return choose(str(m.flash_attn), m.type_v, key, MeasurementStore(store_path()), probe, remeasure=self.remeasure)
 
     def _speculation(self, config: Config) -> Speculation | None:
         """The [speculative] settings, or None where this model's KV cannot drop a rejected

@@ -79,7 +79,7 @@ class LlamaSlotsBackend:
 
     def __init__(
         self, llm: Any, n_slots: int, n_ctx: int, n_batch: int, prompt_step: int, threads: int,
-        flash_attn: bool = False,
+        flash_attn: str = "auto",
     ):
         import llama_cpp
         from llama_cpp._internals import LlamaContext
@@ -103,12 +103,12 @@ class LlamaSlotsBackend:
         params.kv_unified = True
         params.swa_full = True
         params.no_perf = True
-        # model.flash_attn = true forces flash attention on; false leaves it to llama.cpp, as
-        # llama-server does: on where the backend has it (on this CPU it read a cold
-        # 2,300-token prompt ~1.6x faster).
-        params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
-        )
+        # "on" / "off" as the engine chose (llamad.engine.flash_attn); "auto" leaves it to
+        # llama.cpp, as llama-server does: on where the backend has it.
+        params.flash_attn_type = {
+            "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }.get(flash_attn, llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO)
         # Freed before the model (LlamaContext registers itself with the model's exit stack).
         self.context = LlamaContext(model=llm._model, params=params, verbose=False)  # noqa: SLF001
         self.ctx = self.context.ctx
