@@ -135,9 +135,11 @@ def test_every_gguf_in_model_dir_is_a_model_under_its_stem(tmp_path):
     catalog = build_catalog(load_config(write(tmp_path, f'[model]\ndir = "{models}"\nname = "beta"\n'), env={}))
     assert list(catalog.models) == ["alpha", "beta"]
     assert catalog.default_name == "beta"  # model.name picks the default, as it picked the file
-    # Without a matching name the first file is the default and answers to model.name too.
+    # Without a matching name the first file is the default, served as model.name (the
+    # seed's MODEL_NAME: the id in responses), and answers to its stem too.
     catalog = build_catalog(load_config(write(tmp_path, f'[model]\ndir = "{models}"\n'), env={}))
-    assert catalog.default_name == "alpha" and catalog.route("llama-local").name == "alpha"
+    assert list(catalog.models) == ["llama-local", "beta"] and catalog.default_name == "llama-local"
+    assert catalog.route("alpha").name == "llama-local" and catalog.default.path.name == "alpha.gguf"
 
 
 def test_model_path_alone_is_a_set_of_one_named_model_name(tmp_path):

@@ -3,7 +3,8 @@
 Three sources, in this order of precedence:
 - `[models.<name>]` tables: a path, and per model any [model] key, `parallel`, sampling
   defaults, aliases, a role, keep_alive;
-- every .gguf in `model.dir`, served under its file stem unless a table names that file;
+- every .gguf in `model.dir`, served under its file stem unless a table names that file
+  (the one model.dir's rule picks is served as `model.name`, as before, its stem an alias);
 - `model.path`, served as `model.name` (the one-model set every older configuration is).
 
 Routing a request's `model` name (`Catalog.route`): the exact name, then an exact alias,
@@ -164,15 +165,17 @@ def build_catalog(loaded: LoadedConfig) -> Catalog:
             if path.resolve() in claimed:
                 continue
             from_dir = bool(config.model.dir) and not config.model.path
-            name = path.stem if from_dir else config.model.name
+            chosen = path == single.path
+            # The file model.dir's rule picks is served as model.name (MODEL_NAME: "the
+            # reported model id in responses", as it always was), the others as their stems.
+            name = config.model.name if chosen or not from_dir else path.stem
             if name in specs:
                 continue  # a table of that name wins
-            chosen = path == single.path
             specs[name] = ModelSpec(
                 name=name,
                 path=path,
                 config=_effective(loaded, name, None, path),
-                aliases=(config.model.name,) if chosen and name != config.model.name else (),
+                aliases=(path.stem,) if from_dir and chosen and name != path.stem else (),
                 keep_alive_s=router_keep_alive,
                 source="model.dir" if from_dir else "model.path",
             )
