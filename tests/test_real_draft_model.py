@@ -13,12 +13,12 @@ engine's llama.cpp backend and draft context.
 
 from __future__ import annotations
 
-import queue
 from pathlib import Path
 
 import pytest
 
 from conftest import TEST_MODEL, config_for_tests
+from test_real_speculative import stepped
 from llamad.engine.chat import Chat, ChatMessage
 from llamad.engine.slots import Sequence, StepLoop
 from llamad.engine.speculative import ModelDrafter, Speculation
@@ -69,24 +69,7 @@ def fresh_loop(engine, speculation: Speculation | None, draft: bool = True) -> S
 
 
 def run(loop: StepLoop, seq: Sequence, after_step=lambda: None, steps: int = 400) -> str:
-    loop.submit(seq)
-    for _ in range(steps):
-        if seq.ended:
-            break
-        loop.step()
-        after_step()
-    assert seq.ended
-    pieces = []
-    while True:
-        try:
-            item = seq.out.get_nowait()
-        except queue.Empty:
-            break
-        if isinstance(item, BaseException):
-            raise item
-        if isinstance(item, str):
-            pieces.append(item)
-    return "".join(pieces)
+    return "".join(item for item in stepped(loop, seq, steps, after_step) if isinstance(item, str))
 
 
 def sequence(tokens: list[int], max_tokens: int, sampling: Sampling = GREEDY) -> Sequence:

@@ -70,16 +70,17 @@ def fresh_loop(engine, speculation: Speculation | None) -> StepLoop:
     return StepLoop(backend, speculation=speculation)
 
 
-def answer(loop: StepLoop, tokens: list[int], max_tokens: int, steps: int = 400, **options) -> tuple[str, Sequence]:
-    options.setdefault("sampling", GREEDY)
-    seq = Sequence(generation=Generation(prompt=Prompt(text="", tokens=tokens), max_tokens=max_tokens, **options))
+def stepped(loop: StepLoop, seq: Sequence, steps: int = 400, after_step=lambda: None) -> list:
+    """Submits `seq` and steps the loop until it ends (`after_step` after each step); what it
+    put out: text pieces, or TokenLogprob entries when `logprobs` is asked."""
     loop.submit(seq)
     for _ in range(steps):
         if seq.ended:
             break
         loop.step()
+        after_step()
     assert seq.ended
-    pieces = []
+    items = []
     while True:
         try:
             item = seq.out.get_nowait()
@@ -87,9 +88,19 @@ def answer(loop: StepLoop, tokens: list[int], max_tokens: int, steps: int = 400,
             break
         if isinstance(item, BaseException):
             raise item
-        if isinstance(item, str):
-            pieces.append(item)
-    return "".join(pieces), seq
+        items.append(item)
+    return items
+
+
+def run(loop: StepLoop, tokens: list[int], max_tokens: int, steps: int = 400, **options) -> tuple[list, Sequence]:
+    options.setdefault("sampling", GREEDY)
+    seq = Sequence(generation=Generation(prompt=Prompt(text="", tokens=tokens), max_tokens=max_tokens, **options))
+    return stepped(loop, seq, steps), seq
+
+
+def answer(loop: StepLoop, tokens: list[int], max_tokens: int, steps: int = 400, **options) -> tuple[str, Sequence]:
+    items, seq = run(loop, tokens, max_tokens, steps, **options)
+    return "".join(item for item in items if isinstance(item, str)), seq
 
 
 def kv_positions(engine, slot: int) -> tuple[int, int]:
@@ -235,24 +246,8 @@ def test_seeded_sampling_draws_the_same_answer_with_drafts(engine):
 def scored(loop: StepLoop, tokens: list[int], max_tokens: int) -> tuple[list, Sequence]:
     from llamad.engine.types import TokenLogprob
 
-    seq = Sequence(generation=Generation(prompt=Prompt(text="", tokens=tokens), max_tokens=max_tokens, sampling=GREEDY, logprobs=3))
-    loop.submit(seq)
-    for _ in range(400):
-        if seq.ended:
-            break
-        loop.step()
-    assert seq.ended
-    entries = []
-    while True:
-        try:
-            item = seq.out.get_nowait()
-        except queue.Empty:
-            break
-        if isinstance(item, BaseException):
-            raise item
-        if isinstance(item, TokenLogprob):
-            entries.append(item)
-    return entries, seq
+    items, seq = run(loop, tokens, max_tokens, logprobs=3)
+    return [item for item in items if isinstance(item, TokenLogprob)], seq
 
 
 def test_log_probabilities_with_drafts_score_every_token_as_without(engine):
