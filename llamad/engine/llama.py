@@ -12,6 +12,7 @@ llamad.engine.prompt_cache's policy.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import re
 import threading
@@ -89,8 +90,9 @@ class NativeLog:
 
     def release(self) -> list[str]:
         lines, self.captured = self.captured or [], None
-        for line in lines:
-            native_log.debug(line.strip())
+        if logging.getLogger("llama.cpp").isEnabledFor(logging.DEBUG):  # thousands of lines a load
+            for line in lines:
+                native_log.debug(line.strip())
         return lines
 
 

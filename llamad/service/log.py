@@ -38,7 +38,11 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
-        processors=shared + [structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # A call below the level ends at the first processor: without it, every debug line
+        # (a model's load logs some 3,000 of llama.cpp's) went through the whole chain,
+        # timestamp included, before logging dropped it: 0.13 s holding the GIL per load,
+        # taken from the models serving meanwhile.
+        processors=[structlog.stdlib.filter_by_level] + shared + [structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
