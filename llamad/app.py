@@ -24,6 +24,7 @@ from llamad.api.openai import models as openai_models
 from llamad.api.responses import routes as responses
 from llamad.config import Config, api_keys
 from llamad.engine import Engine
+from llamad.engine.background import idle_loads_allowed
 from llamad.models.catalog import Catalog, ModelSpec
 from llamad.models.pool import ModelPool
 from llamad.serve.auth import ApiKeys, AuthMiddleware
@@ -144,6 +145,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         if load_engine:
+            # How a model loads beside models that serve (llamad.engine.background): the
+            # systemd unit's syscall filter and LimitNICE decide it, so the journal says it.
+            allowed, how = idle_loads_allowed()  # one short-lived thread
+            log.info("model_load_priority", beside_serving=how, sched_idle=allowed)
             adopted = pool.default_engine
             if adopted is not None and adopted.state == "loading":
                 try:

@@ -261,6 +261,18 @@ def test_installed_service_in_a_booted_debian(deb):
 
         status, health = _http("GET", f"http://127.0.0.1:{port}/health")
         assert status == 200 and health["model"] == "demo-one"
+        # Under the unit's syscall filter a load's thread may lower its priority, and with
+        # LimitNICE=+10 come back from SCHED_IDLE (llamad.engine.background). systemd clamps
+        # the limit to what it may set: where its own hard limit is lower (a container in a
+        # container that has none), the service gets less and says nice +10 only.
+        priority = box.sh("journalctl -u llamad -o cat --no-pager | grep model_load_priority").stdout
+        assert box.sh("systemctl show -p LimitNICE --value llamad").stdout.strip() == "10"
+        pid = box.sh("systemctl show -p MainPID --value llamad").stdout.strip()
+        limit = int(box.sh(f"grep 'Max nice priority' /proc/{pid}/limits").stdout.split()[-2])  # soft: the one the kernel reads
+        if limit >= 10:
+            assert "SCHED_IDLE, back to nice +10 if starved" in priority, priority
+        else:
+            assert "RLIMIT_NICE below 10" in priority, priority  # setpriority and SCHED_IDLE were let through
         status, chat = _chat(port)
         assert status == 200 and chat["object"] == "chat.completion" and chat["choices"][0]["message"]["content"]
         status, message = _message(port)

@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
 
 import anyio
 
+from llamad.engine.background import LoadPriority, serving_started, serving_stopped
 from llamad.engine.chat import Chat
 from llamad.engine.prompt_cache import shared_head
 from llamad.engine.types import (  # the types are part of this module's interface too
@@ -77,12 +78,6 @@ __all__ = [
 
 
 KEEPALIVE_S = 5.0
-# A model loads beside models that serve (llamad.models): its load runs on a thread of its
-# own this much nicer, so their decode steps get the CPU first. On a 2-core machine a load
-# at the same priority (reading the file, clearing the KV cache) made a loaded model's
-# first token 10-50x later: llama.cpp's OpenMP threads spin at every barrier, and one of
-# them without a core stalls the whole step.
-LOAD_NICENESS = 10
 
 
 KEEPALIVE = object()  # queued by KeepaliveTimer: nothing came from the worker for a while
@@ -133,15 +128,6 @@ class EngineStats:
     failed: int = 0  # stopped by an error
 
 
-def _lower_priority() -> None:
-    """The calling thread only (Linux keeps a nice value per thread); elsewhere a no-op."""
-    try:
-        thread = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + LOAD_NICENESS))
-    except (AttributeError, OSError):
-        pass
-
-
 class Engine:
     """Base class: the scheduling, threading and text handling shared by every engine."""
 
@@ -162,6 +148,8 @@ class Engine:
         self._running: threading.Event | None = None
         # Requests that took this engine and are not over yet (llamad.serve.observe.engine_of).
         self.holders = 0
+        self._counted_serving = False  # in llamad.engine.background's count of engines serving
+        self.load_priority: LoadPriority | None = None
         # Prompt tokens every prompt starts with (BOS, the template's opening): reusing only
         # these is no cache hit. Measured on load (`_measure_shared_head`).
         self.shared_head = 0
@@ -249,24 +237,36 @@ class Engine:
 
     # -- lifecycle --------------------------------------------------------------------------
     async def load(self) -> None:
-        loop = asyncio.get_running_loop()
-        loader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamad-load", initializer=_lower_priority)
+        # The load runs on a thread of its own at a lower priority, so the models that serve
+        # meanwhile keep their cores (llamad.engine.background).
+        self.load_priority = LoadPriority.for_load()
         try:
-            await loop.run_in_executor(loader, self._load)
-            self.shared_head = await loop.run_in_executor(loader, self._measure_shared_head)
+            _, self.shared_head = await self.load_priority.run(self._load, self._measure_shared_head)
         except Exception as exc:  # the reason reaches /health and the log, not a traceback
             self.state = "failed"
             self.error = str(exc) or exc.__class__.__name__
             raise
-        finally:
-            loader.shutdown(wait=False)
         self._serve()
         self.state = "ready"
+        serving_started()
+        self._counted_serving = True
+
+    async def unload(self) -> None:
+        """`close`, as a load runs: on a thread at a lower priority, since saving the slots
+        to the disk cache and freeing the context are work beside the models that serve."""
+        self._stop_counting()
+        await LoadPriority.for_load().run(self.close)
 
     def _measure_shared_head(self) -> int:
         return shared_head(self._prepare)
 
+    def _stop_counting(self) -> None:
+        if self._counted_serving:
+            self._counted_serving = False
+            serving_stopped()
+
     def close(self) -> None:
+        self._stop_counting()
         self.scheduler.close()
         if self._running is not None:
             self._running.set()

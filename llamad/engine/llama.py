@@ -298,6 +298,8 @@ class LlamaEngine(Engine):
             kv_tokens=self.info["kv_tokens"],
             chat_template=self.template.source,
             load_s=round(time.monotonic() - started, 3),
+            # SCHED_IDLE beside models that serve, where the process may undo it (llamad.engine.background)
+            load_priority=self.load_priority.described if self.load_priority else "normal",
         )
         if self.prompt_cache is not None:
             self.prompt_cache.disk = open_disk_cache(self.config, self.model_path, self.flash_attn.effective)

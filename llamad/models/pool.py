@@ -232,10 +232,10 @@ class ModelPool:
             except Exception as exc:  # the reason goes to the waiters, /health and the journal
                 self._failed(resident, str(exc) or exc.__class__.__name__)
                 counters.load_failures += 1
-                await asyncio.to_thread(resident.engine.close)
+                await resident.engine.unload()
                 return
             if resident.state != "loading":  # removed by a reload while it loaded
-                await asyncio.to_thread(resident.engine.close)
+                await resident.engine.unload()
                 return
             took = self.clock() - started
             counters.loads += 1
@@ -321,7 +321,7 @@ class ModelPool:
         counters.prompt_tokens += engine.stats.prompt_tokens
         counters.completion_tokens += engine.stats.completion_tokens
         counters.requests += engine.stats.requests
-        await asyncio.to_thread(engine.close)
+        await engine.unload()
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
