@@ -76,3 +76,31 @@ def test_the_table_gives_each_figure_and_llamad_over_llama_server() -> None:
     assert switch == ["600", "1,200", "0.50"]
     assert lines["A while B loads / A idle (target <= 1.2)"] == ["1.25", "5.00", "0.25"]
     assert lines["rounds where A's first token came first"] == ["3 of 3", "3 of 3"]
+
+
+def test_idle_requests_wait_as_long_as_the_one_sent_while_b_loads(monkeypatch) -> None:
+    """A first token after a pause is slower than one right after another request, with
+    nothing loading; so each idle request gets the pause that the request sent while B loads
+    gets, and the pauses go round LOAD_HEAD_STARTS_S so A meets every part of B's load."""
+    from llamad.bench import switch
+
+    timeline: list[tuple[str, float | str]] = []
+    monkeypatch.setattr(switch.time, "sleep", lambda s: timeline.append(("pause", s)))
+
+    class Client:
+        def stream(self, path: str, body: dict) -> dict:
+            timeline.append(("request", body["model"]))
+            return {"status": 200, "ttft_s": 0.02, "first": 1.0 if body["model"] == "a" else 2.0}
+
+    rounds = len(switch.LOAD_HEAD_STARTS_S) + 1
+    result = switch.measure_while_loading(Client(), ["a", "b"], lambda: None, rounds)
+    assert result["rounds"] == rounds and result["a_answered_before_b"] == rounds
+    steps = timeline[1:]  # after the warm-up request
+    for round_ in range(rounds):
+        head = switch.LOAD_HEAD_STARTS_S[round_ % len(switch.LOAD_HEAD_STARTS_S)]
+        idle, steps = steps[: 2 * switch.IDLE_PER_ROUND], steps[2 * switch.IDLE_PER_ROUND :]
+        assert idle == [("pause", head), ("request", "a")] * switch.IDLE_PER_ROUND
+        during, steps = steps[:3], steps[3:]
+        # B's request runs on a thread of its own, so it may land anywhere among these three
+        assert sorted(during, key=str) == sorted([("request", "b"), ("pause", head), ("request", "a")], key=str)
+        assert during.index(("pause", head)) < during.index(("request", "a"))

@@ -40,9 +40,10 @@ from llamad.config import LoadedConfig, load_config
 
 PROMPT = [{"role": "user", "content": "Say hello to the new gardener."}]
 ANSWER_TOKENS = 4
-# Between B's request and A's: long enough for B's request to have started the load, far
-# shorter than the load itself (a second or so for these models on 2 cores).
-LOAD_HEAD_START_S = 0.1
+# Between B's request and A's, round by round in turn: from just after the load has started
+# to near its end (half a second to a second for these models on 2 cores), so A's requests
+# meet every part of it (reading the file, building the context, clearing the KV cache).
+LOAD_HEAD_STARTS_S = (0.05, 0.15, 0.25, 0.35, 0.45)
 IDLE_PER_ROUND = 3
 
 
@@ -175,14 +176,20 @@ def measure_while_loading(client: Http, models: list[str], unload_b: Callable[[]
     a, b = models
     idle, during, loads, overlapped = [], [], [], 0
     ttft(client, a)  # warm-up: A's prompt read once, as in every later round
-    for _ in range(rounds):
+    for round_ in range(rounds):
+        head_start = LOAD_HEAD_STARTS_S[round_ % len(LOAD_HEAD_STARTS_S)]
         unload_b()
-        # Three idle requests a round: on a shared machine one can meet a stall of its own.
-        idle += [ttft(client, a) for _ in range(IDLE_PER_ROUND)]
+        # Three idle requests a round (on a shared machine one can meet a stall of its own),
+        # each after the same pause as the one sent while B loads: after 0.1 s with nothing
+        # to do, a first token takes longer than one right after another request (24 against
+        # 20 ms here, with nothing loading), and that is not the load's cost.
+        for _ in range(IDLE_PER_ROUND):
+            time.sleep(head_start)
+            idle.append(ttft(client, a))
         b_result: dict[str, Any] = {}
         loader = threading.Thread(target=lambda: b_result.update(client.stream("/v1/chat/completions", chat_body(b))))
         loader.start()
-        time.sleep(LOAD_HEAD_START_S)
+        time.sleep(head_start)
         a_result = client.stream("/v1/chat/completions", chat_body(a))
         loader.join()
         during.append(a_result["ttft_s"])
@@ -230,7 +237,7 @@ def run_switch(loaded: LoadedConfig, args: argparse.Namespace, paths: tuple[Path
         processes.append(process)
         router, router_url, router_models = start_router(args.llama_server, paths, loaded, models_max=2)
         processes.append(router)
-        rounds = max(args.runs, 3)
+        rounds = 3 * max(args.runs, 1)  # A meets each part of the load in turn (LOAD_HEAD_STARTS_S), 3 times at --runs 5
         mine, theirs = Http(url), Http(router_url)
         results["llamad, both fit"] = measure_while_loading(
             mine, ["a", "b"], lambda: wait_unloaded(lambda: llamad_states(mine), "b"), rounds)
