@@ -346,3 +346,34 @@ def test_the_backend_decodes_shown_control_tokens_as_their_text(checker):
     backend.shown_tokens = frozenset({token})
     shown = LlamaSlotsBackend.accept(backend, sampler, token)
     assert shown.startswith("<") and shown.endswith(">")
+
+
+THINKING = {"hermes": THINK_REASONING, "qwen3-coder": THINK_REASONING, "glm": THINK_REASONING, "mistral-args": MISTRAL_REASONING}
+
+
+@pytest.mark.parametrize("family", sorted(THINKING))
+def test_a_required_call_may_follow_the_reasoning_the_model_opens(checker, family):
+    """Qwen3 (Hermes calls), Qwen3-Coder and GLM think in `<think>` before a call, Magistral
+    in `[THINK]`: under tool_choice required the grammar lets the model finish its reasoning
+    first (before, it had to write the call at once), and still forces the call after it."""
+    opening, closing = THINKING[family]
+    planned = plan(TOOLS, ToolChoice("required"), template_supports_tools=True, tool_format=FORMATS[family].with_reasoning(THINKING[family]))
+    assert checker.compiles(planned.grammar)
+    thought = f"{opening}\nThe user wants Paris; x << 2 and a</b> are fine in here.\n{closing}\n\n"
+    assert checker.accepts(planned.grammar, thought + GOLDEN[family])
+    assert checker.accepts(planned.grammar, GOLDEN[family])  # or no reasoning at all
+    assert not checker.accepts(planned.grammar, thought)  # reasoning alone is no call
+    assert not checker.accepts(planned.grammar, thought + "It is sunny.")  # nor an answer after it
+    assert not checker.accepts(planned.grammar, f"{opening}\nnever closed " + GOLDEN[family])
+    assert not checker.accepts(planned.grammar, thought.replace(closing, f"{closing} more {closing}") + GOLDEN[family])
+    # A family without reasoning markers still starts with the call.
+    assert not checker.accepts(family_plan(family).grammar, thought + GOLDEN[family])
+
+
+def test_raw_string_values_may_hold_runs_of_the_tags_first_character(checker):
+    """`cat <<EOF` in a Qwen3-Coder shell command: a run of `<` before anything but the
+    closing tag is text (before, `<` had to be followed by something other than `<` or `/`)."""
+    planned = family_plan("qwen3-coder")
+    heredoc = GOLDEN["qwen3-coder"].replace("\nParis\n", "\ncat <<EOF\n<</p>\nEOF\n")
+    assert checker.accepts(planned.grammar, heredoc)
+    assert not checker.accepts(planned.grammar, GOLDEN["qwen3-coder"].replace("\nParis\n", "\nParis</parameter>x\n"))

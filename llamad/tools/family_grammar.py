@@ -38,14 +38,27 @@ from llamad.tools.formats import ToolFormat
 
 
 
+def _class_char(c: str) -> str:
+    return "\\" + c if c in "[]\\" else c
+
+
 def text_without(word: str) -> str:
-    """GBNF for any text in which `word` does not occur (`word`'s first character occurs
-    only there)."""
-    first = word[0]
-    options = [f"[^{first}]"]
-    for i in range(1, len(word)):
-        options.append(f"{gbnf_literal(word[:i])} [^{word[i]}{first}]")
-    return "( " + " | ".join(options) + " )*"
+    """GBNF for any text in which `word` does not occur (`word`'s first character must not
+    occur again in it). Runs of that first character are text too (`cat <<EOF` in a shell
+    command, `x << 2` in reasoning), and the text may end with the beginning of `word`
+    (`a</p`, then `</parameter>`)."""
+    first, rest = word[0], word[1:]
+    run = f"{gbnf_literal(first)}+"
+
+    def other_than(c: str) -> str:
+        return f"[^{_class_char(c)}{_class_char(first)}]"
+
+    breaks = [other_than(rest[0])] + [f"{gbnf_literal(rest[:k])} {other_than(rest[k])}" for k in range(1, len(rest))]
+    partials = " | ".join(gbnf_literal(rest[:k]) for k in range(1, len(rest)))
+    # A run that stops at a beginning of `rest` is text only before another run, or at the end.
+    lead = f"( {run} ( {partials} ) )* " if partials else ""
+    tail = f"{lead}{run} ( {partials} )?" if partials else run
+    return f"( [^{_class_char(first)}] | {lead}{run} ( {' | '.join(breaks)} ) )* ( {tail} )?"
 
 
 XML_TEXT = text_without("</parameter>")  # a string parameter's raw text
@@ -177,6 +190,19 @@ def _harmony_calls(builder: Any, tools: list[ToolSpec], required: bool) -> str:
         return builder.add("tc-block", "tc-call")
     builder.add("tc-analysis", f'"<|channel|>analysis<|message|>" {HARMONY_TEXT} "<|end|>" "<|start|>assistant"')
     return builder.add("tc-block", 'tc-analysis? "<|channel|>commentary"? tc-call')
+
+
+def reasoning_first(builder: Any, fmt: ToolFormat | None) -> str:
+    """Under a required call, what may come before it: the reasoning a model opens itself
+    (`<think>…</think>`, Magistral's `[THINK]…[/THINK]`), then whitespace; "" for a family
+    without reasoning markers, and for harmony, whose analysis message is in its block. A
+    prompt that opened the reasoning already is the constraint's `after` instead
+    (llamad.grammar.constraint)."""
+    if fmt is None or fmt.reasoning is None or fmt.name == "harmony":
+        return ""
+    opening, closing = fmt.reasoning
+    builder.add("tc-reasoning", f"{gbnf_literal(opening)} {text_without(closing)} {gbnf_literal(closing)} [ \\t\\r\\n]*")
+    return "tc-reasoning? "
 
 
 def calls_rule(builder: Any, tools: list[ToolSpec], parallel: bool, fmt: ToolFormat, required: bool) -> str:

@@ -284,20 +284,23 @@ def build_grammar(
     llamad.tools.family_grammar), Hermes when None. With no
     tools (or mode "none") and an `answer_schema`: only the JSON answer.
     """
-    builder = GrammarBuilder()
-    if fmt is not None and fmt.name != "hermes" and tools and mode in ("required", "auto"):
-        from llamad.tools.family_grammar import calls_rule
+    from llamad.tools.family_grammar import calls_rule, reasoning_first
 
+    builder = GrammarBuilder()
+    # A required call may follow the reasoning a thinking model writes first (Qwen3's
+    # `<think>`); under "auto" the grammar is lazy, so the reasoning is free text anyway.
+    first = reasoning_first(builder, fmt) if tools and mode == "required" else ""
+    if fmt is not None and fmt.name != "hermes" and tools and mode in ("required", "auto"):
         block = calls_rule(builder, tools, parallel, fmt, required=mode == "required")
         if mode == "auto" and answer_schema is not None:
             answer = builder.schema_rule(answer_schema, "answer", "response_format schema", answer_strict)
             builder.add("root", f"{answer} | {block}")
             return builder.text()
-        builder.add("root", block)
+        builder.add("root", f"{first}{block}")
         return builder.text() if mode == "required" else lazy(builder.text(), fmt.trigger)
     if tools and mode == "required":
         body = _calls_rules(builder, tools, parallel)
-        builder.add("root", f"{gbnf_literal(CALL_OPEN)} {body}")
+        builder.add("root", f"{first}{gbnf_literal(CALL_OPEN)} {body}")
         # rules are emitted in insertion order; llama.cpp finds root by name
         return builder.text()
     if tools and mode == "auto":
