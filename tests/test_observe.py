@@ -79,3 +79,59 @@ async def test_a_client_that_leaves_after_the_last_event_is_not_a_hang_up(answer
     scope = {"type": "http", "method": "POST", "path": "/v1/responses", "headers": []}
     await app(scope, None, send)
     assert logged == [status]
+
+
+async def test_a_client_that_leaves_on_the_terminal_frame_while_the_engine_stream_ends_is_not_a_hang_up():
+    """Responses' response.completed goes out with the last Finish, before the engine's
+    stream is over. Codex closes the connection as soon as it reads it; when the server saw
+    that close while the engine's stream was ending, the whole answer was logged as a 499
+    (one of two full-prompt Codex runs on SmolLM2). The frames sent after every choice has
+    ended now make the answer whole."""
+    from llamad.serve.answer import Finish, TextDelta, Usage
+    from llamad.serve.pipeline import framed, observed
+
+    logged = []
+    terminal_read = asyncio.Event()
+
+    async def engine_events():
+        yield TextDelta("OK")
+        yield Finish("stop", None, Usage(prompt_tokens=3, completion_tokens=1))
+        await asyncio.sleep(0.2)  # the engine's stream ends: its worker lets the slot go
+
+    class Reply:
+        family = "openai"
+
+        async def frames(self, events):
+            async for event in events:
+                kind = "response.completed" if isinstance(event, Finish) else "response.output_text.delta"
+                yield f"event: {kind}\n\n".encode()
+
+        def error_frames(self, error):
+            return []
+
+    async def streaming_app(scope, receive, send):
+        record = scope["state"]["llamad_record"]
+        frames = framed(Reply(), observed(record, engine_events()), record)
+
+        async def stream():
+            async for frame in frames:
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        task = asyncio.create_task(stream())
+        await terminal_read.wait()  # the server hears the client close: the stream is stopped
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await frames.aclose()
+
+    async def client_send(message):
+        if b"response.completed" in message.get("body", b""):
+            terminal_read.set()  # read, and the connection closed
+
+    app = ObserveMiddleware(streaming_app, write_timeout=1)
+    app._log = lambda record: logged.append((record.status, record.finish_reason))
+    scope = {"type": "http", "method": "POST", "path": "/v1/responses", "headers": []}
+    await asyncio.wait_for(app(scope, None, client_send), timeout=5)
+    assert logged == [(200, "stop")]

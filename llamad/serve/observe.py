@@ -63,6 +63,8 @@ class RequestRecord:
     # A stream's last event went out: a client that closes the connection then (Codex does,
     # on response.completed) has its whole answer and is not a hang-up.
     answer_sent: bool = False
+    choices: int = 1  # generations in the answer (n)
+    answer_ending: bool = False  # every choice has ended: the frames sent now close the answer
     # The model that served it (llamad.serve.models), for the log line.
     model: str | None = None
     # Run when the request is over (answer sent, or failed): e.g. letting go of the engine.
@@ -165,8 +167,11 @@ class ObserveMiddleware:
             except asyncio.TimeoutError:
                 record.error = f"client stopped reading for {self.write_timeout:.0f} s"
                 raise WriteTimeout(record.error) from None
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                done()
+            if message["type"] == "http.response.body":
+                if record.answer_ending and message.get("body"):
+                    record.answer_sent = True  # a frame after the last choice's end is out (pipeline.framed)
+                if not message.get("more_body", False):
+                    done()
 
         structlog.contextvars.bind_contextvars(request_id=request_id)
         if self.metrics is not None:

@@ -98,6 +98,7 @@ async def serve(request: Request, ask: ModelRequest, reply_for: Callable[[Prepar
     prepared = await prepare(engine, ask, request.app.state.config.limits)
     record = record_of(request)
     record.prompt_tokens = prepared.prompt_tokens
+    record.choices = len(prepared.generations)
     reply = reply_for(prepared)
     # The first choice is admitted (or refused) before any response byte.
     first = await admitted(_events(engine, prepared, 0, ask.keep_reasoning))
@@ -283,6 +284,14 @@ async def framed(reply: Reply, events: AsyncIterator[AnswerEvent], record: Reque
     async with aclosing(events), aclosing(reply.frames(events)) as frames:
         try:
             async for frame in frames:
+                # Once every choice has its end, what goes out closes the answer (Responses'
+                # response.completed comes with the last Finish, before the engine's stream
+                # is over): its sending makes the answer whole (llamad.serve.observe). Marked
+                # only here, at the end of this generator, a client that closed on it (Codex)
+                # was seen to leave while the engine's stream ended, and its whole answer
+                # logged as a 499.
+                if record.finished >= record.choices:
+                    record.answer_ending = True
                 yield frame
         except Exception as exc:  # after the headers: the error travels in the stream
             error = from_exception(exc, reply.family)
