@@ -25,7 +25,25 @@ KV_ELEMENT_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0"
 assert set(KV_ELEMENT_BYTES) == set(KV_CACHE_TYPES)
 
 def estimate_bytes(path: Path, config: Config) -> int:
-    """Weights + KV cache + a margin, for `config`'s n_ctx, parallel and cache types."""
+    """Weights + KV cache + a margin, for `config`'s n_ctx, parallel and cache types, and the
+    same for its draft model ([speculative] draft_model), which loads with it."""
+    return _model_bytes(path, config, config.model.type_k, config.model.type_v) + draft_bytes(config)
+
+
+def draft_bytes(config: Config) -> int:
+    """A configured draft model's weights and KV cache (llamad.engine.llama_draft: one
+    sequence per slot of n_ctx cells, f16 keys and values): 0 without one, or where its file
+    cannot be read (the load then fails with the reason)."""
+    draft = config.speculative.draft_model
+    if not draft:
+        return 0
+    try:
+        return _model_bytes(Path(draft).expanduser(), config, "f16", "f16")
+    except OSError:
+        return 0
+
+
+def _model_bytes(path: Path, config: Config, type_k: str, type_v: str) -> int:
     size = path.stat().st_size
     try:
         header = gguf_header(path)
@@ -45,12 +63,13 @@ def estimate_bytes(path: Path, config: Config) -> int:
     m = config.model
     trained = key("context_length") or m.n_ctx
     cells = min(m.n_ctx, trained) * config.server.parallel
-    kv = cells * layers * heads_kv * (k_len * KV_ELEMENT_BYTES[m.type_k] + v_len * KV_ELEMENT_BYTES[m.type_v])
+    kv = cells * layers * heads_kv * (k_len * KV_ELEMENT_BYTES[type_k] + v_len * KV_ELEMENT_BYTES[type_v])
     return int(size + kv + OVERHEAD_BYTES)
 
 
-def measured_bytes(engine: Any, estimate: int) -> int:
-    """A loaded engine's footprint: the file plus the KV cache llama.cpp allocated."""
+def measured_bytes(engine: Any, estimate: int, draft: int = 0) -> int:
+    """A loaded engine's footprint: the file plus the KV cache llama.cpp allocated, plus
+    `draft`, its draft model's estimate (llama.cpp's figures are the target's only)."""
     info = getattr(engine, "info", {}) or {}
     kv_mib = info.get("kv_cache_mib")
     path = info.get("path")
@@ -60,7 +79,7 @@ def measured_bytes(engine: Any, estimate: int) -> int:
         size = os.stat(str(path)).st_size
     except OSError:
         return estimate
-    return int(size + kv_mib * (1 << 20) + OVERHEAD_BYTES)
+    return int(size + kv_mib * (1 << 20) + OVERHEAD_BYTES + draft)
 
 
 def available_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:

@@ -27,7 +27,7 @@ import structlog
 from llamad.engine import Engine, QueueTimeout
 from llamad.engine.scheduler import Overloaded
 from llamad.models.catalog import Catalog, ModelNotFound, ModelSpec, WrongRole
-from llamad.models.memory import estimate_bytes, measured_bytes
+from llamad.models.memory import draft_bytes, estimate_bytes, measured_bytes
 
 log = structlog.get_logger("llamad.models")
 
@@ -201,7 +201,7 @@ class ModelPool:
         """A model loaded elsewhere (a reload loads the new one beside the old): it takes
         the name's place; the caller retires the engine it replaces."""
         resident = Resident(spec=spec, engine=engine, state="ready", keep_alive_s=spec.keep_alive_s)
-        resident.memory = measured_bytes(engine, self.estimate(spec))
+        resident.memory = measured_bytes(engine, self.estimate(spec), draft_bytes(spec.config))
         resident.loaded_at = resident.last_used = self.clock()
         self.residents[spec.name] = resident
         self.counters[spec.name].loads += 1
@@ -241,7 +241,7 @@ class ModelPool:
             counters.loads += 1
             counters.load_seconds += took
             counters.last_load_s = took
-            resident.memory = measured_bytes(resident.engine, need)
+            resident.memory = measured_bytes(resident.engine, need, draft_bytes(spec.config))
             resident.loaded_at = resident.last_used = self.clock()
             resident.state = "ready"
             self.failures.pop(spec.name, None)
