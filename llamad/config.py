@@ -7,6 +7,7 @@ expected.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -75,6 +76,10 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     rope_scale: float = 0.0
     # The RoPE base frequency; 0: the GGUF's.
     rope_freq_base: float = 0.0
+    # Variables every request's chat template is rendered with, under what a request sends
+    # (its chat_template_kwargs, reasoning switches): llama-server's --chat-template-kwargs.
+    # E.g. {clear_thinking = false} keeps GLM 4.7's earlier reasoning in the prompt.
+    chat_template_kwargs: dict[str, Any] = {}
 
 
 class CacheConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -203,6 +208,7 @@ class ModelTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     rope_scaling: Optional[str] = None
     rope_scale: Optional[float] = None
     rope_freq_base: Optional[float] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     top_k: Optional[int] = None
@@ -357,6 +363,14 @@ def _env_value(section: str, key: str, value: str) -> Any:
     annotation = str(SECTIONS[section].__annotations__.get(key, ""))
     if annotation.startswith("list"):
         return [item.strip() for item in value.split(",") if item.strip()]
+    if annotation.startswith("dict"):  # a JSON object: LLAMAD_MODEL_CHAT_TEMPLATE_KWARGS='{"enable_thinking": false}'
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ConfigError(f"LLAMAD_{section.upper()}_{key.upper()} must be a JSON object, got {value!r}")
+        return parsed
     return value
 
 

@@ -262,3 +262,27 @@ def test_rope_scaling_settings_are_checked(tmp_path, toml, words):
         assert word in str(caught.value)
     path.write_text('[model]\nrope_scaling = "yarn"\nrope_scale = 4.0\n')
     assert load_config(path, env={}).config.model.rope_scale == 4.0
+
+
+def test_chat_template_kwargs_from_the_toml_the_environment_and_a_models_table(tmp_path):
+    from llamad.models.catalog import build_catalog
+
+    model = gguf(tmp_path, "glm.gguf")
+    small = gguf(tmp_path, "small.gguf")
+    config = write(tmp_path, f'[model]\npath = "{model}"\nchat_template_kwargs = {{clear_thinking = false}}\n')
+    loaded = load_config(config, env={})
+    assert loaded.config.model.chat_template_kwargs == {"clear_thinking": False}
+    env = {"LLAMAD_MODEL_CHAT_TEMPLATE_KWARGS": '{"enable_thinking": false}'}
+    assert load_config(config, env=env).config.model.chat_template_kwargs == {"enable_thinking": False}
+    with pytest.raises(ConfigError, match="LLAMAD_MODEL_CHAT_TEMPLATE_KWARGS must be a JSON object"):
+        load_config(config, env={"LLAMAD_MODEL_CHAT_TEMPLATE_KWARGS": "enable_thinking=false"})
+    with pytest.raises(ConfigError, match="model.chat_template_kwargs"):
+        load_config(write(tmp_path, '[model]\nchat_template_kwargs = "clear_thinking=false"\n'), env={})
+    tables = write(
+        tmp_path,
+        f'[models.glm]\npath = "{model}"\nchat_template_kwargs = {{clear_thinking = false}}\n'
+        f'[models.small]\npath = "{small}"\n',
+    )
+    catalog = build_catalog(load_config(tables, env={}))
+    assert catalog.models["glm"].config.model.chat_template_kwargs == {"clear_thinking": False}
+    assert catalog.models["small"].config.model.chat_template_kwargs == {}

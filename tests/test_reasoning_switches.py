@@ -136,3 +136,26 @@ async def test_the_budget_closes_gpt_oss_analysis_channel_and_opens_the_final_on
     first, second = engine.generations
     assert first.max_tokens == 300 and second.max_tokens == 600
     assert second.prompt.text.endswith("<|end|><|start|>assistant<|channel|>final<|message|>")
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "switches"),
+    [
+        ("/v1/chat/completions", {"messages": USER}, {"clear_thinking": False, "enable_thinking": True}),
+        # a request's own switch goes over the model's default, the others stay
+        ("/v1/chat/completions", {"messages": USER, "chat_template_kwargs": {"enable_thinking": False}},
+         {"clear_thinking": False, "enable_thinking": False}),
+        ("/v1/messages", {"max_tokens": 16, "messages": USER, "thinking": {"type": "disabled"}},
+         {"clear_thinking": False, "enable_thinking": False}),
+        ("/api/chat", {"model": "m", "stream": False, "messages": USER}, {"clear_thinking": False, "enable_thinking": True}),
+    ],
+)
+async def test_the_models_configured_template_switches_are_under_the_requests(path: str, payload: dict, switches: dict) -> None:
+    """model.chat_template_kwargs (llama-server's --chat-template-kwargs): GLM 4.7's
+    clear_thinking = false, say, on every request, whatever face it comes through."""
+    engine = SwitchEngine()
+    engine.default_template_switches = {"clear_thinking": False, "enable_thinking": True}
+    async with serve(engine) as client:
+        reply = await client.post(path, json=payload)
+    assert reply.status_code in (200, 201), reply.text
+    assert engine.switches == [switches]

@@ -155,6 +155,8 @@ class Engine:
         self.shared_head = 0
         # What a request gets for the sampling settings it leaves out ([sampling] in the TOML).
         self.default_sampling = SAMPLING_DEFAULTS
+        # The template variables a request's own switches go over (model.chat_template_kwargs).
+        self.default_template_switches: dict[str, Any] = {}
 
     # -- what a subclass supplies -------------------------------------------------------
     def _load(self) -> None:

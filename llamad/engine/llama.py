@@ -175,6 +175,7 @@ class LlamaEngine(Engine):
         self.model_path = model_path
         self.parallel = config.server.parallel
         self.default_sampling = sampling_defaults(config)
+        self.default_template_switches = dict(config.model.chat_template_kwargs)
         self.llm = None  # the helper: vocabulary, tokenizer, chat template
         self.template: ChatTemplate | None = None
         self.backend: LlamaSlotsBackend | None = None  # the context the requests decode in

@@ -36,7 +36,7 @@ from llamad.config import (
 
 # [model] keys a [models.<name>] table may set for itself, and [sampling] keys.
 MODEL_KEYS = ("n_ctx", "n_threads", "n_batch", "n_gpu_layers", "chat_format", "prompt_cache_bytes", "type_k", "type_v", "flash_attn",
-              "rope_scaling", "rope_scale", "rope_freq_base")
+              "rope_scaling", "rope_scale", "rope_freq_base", "chat_template_kwargs")
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")
 
 

@@ -132,7 +132,9 @@ async def prepare(engine: Engine, ask: ModelRequest, limits: Any, counting: bool
     grammar, make_parser = _plan_tools(engine, ask)
     checked = None if counting else grammar
     if ask.chat is not None:
-        chat = replace(ask.chat, switches={**ask.chat.switches, **template_switches(ask)})  # rendered with them
+        # rendered with them: the model's configured defaults, under the request's own
+        switches = {**engine.default_template_switches, **ask.chat.switches, **template_switches(ask)}
+        chat = replace(ask.chat, switches=switches)
         prompts = [await engine.prepare(chat, checked)]
     else:
         prompts = [await _raw_prompt(engine, item, checked) for item in ask.prompts]
