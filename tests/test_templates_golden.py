@@ -151,3 +151,23 @@ def test_tools_the_template_refused_still_reach_the_model() -> None:
     assert '<system>You are terse.\n\nYou may call these tools:\n<tools>\n{"name": "get_weather"' in rendered
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in rendered
     assert "<tool_response" in rendered and "[1 tools]" not in rendered
+
+
+@pytest.mark.parametrize("family", ["qwen3", "glm-4.6"])
+def test_a_tool_turns_reasoning_sent_back_makes_the_next_prompt_extend_the_last(family: str) -> None:
+    """Qwen 3 and GLM render the reasoning of the assistant turns since the last user
+    message (`reasoning_content`). Sent back by the client (ChatMessage.reasoning), it
+    makes the next prompt begin with the last prompt and what the model wrote after it, so
+    the prefix cache reuses all of it; left out (as before), the prompt changed right after
+    the last prompt, and everything from there was read again."""
+    template = template_of(family)
+    ask = Chat(messages=[SYSTEM, ASK], tools=[WEATHER])
+    first, _, _ = template.render(ask)
+    thought = "The user wants Paris; I should call get_weather."
+    call = ChatMessage(role="assistant", content="", tool_calls=CALL.tool_calls, reasoning=thought)
+    second, _, _ = template.render(Chat(messages=[SYSTEM, ASK, call, RESULT], tools=[WEATHER]))
+    assert second.startswith(first)
+    written = second[len(first):]  # what the model wrote after the last prompt, as the template shows it
+    assert written.lstrip("\n").startswith("<think>") and thought in written.split("</think>")[0]
+    without, _, _ = template.render(Chat(messages=[SYSTEM, ASK, CALL, RESULT], tools=[WEATHER]))
+    assert thought not in without

@@ -34,6 +34,10 @@ class ChatMessage:
     # For tool results: the name of the tool that produced it, when known.
     name: str | None = None
     is_error: bool = False
+    # An assistant turn's reasoning as the client sent it back (Anthropic thinking blocks,
+    # OpenAI reasoning_content, Ollama thinking): templates that read `reasoning_content`
+    # (Qwen 3, GLM, ...) render it, so the prompt extends the turn the model wrote.
+    reasoning: str = ""
 
 
 @dataclass
@@ -175,6 +179,8 @@ def messages_as_text(chat: Chat, template_has_tools: bool, object_arguments: boo
             out.append({"role": "user", "content": f"<system>\n{message.content}\n</system>"})
         elif message.role == "assistant":
             entry: dict[str, Any] = {"role": "assistant", "content": message.content}
+            if message.reasoning:
+                entry["reasoning_content"] = message.reasoning
             if message.tool_calls:
                 if template_has_tools:
                     entry["tool_calls"] = [

@@ -237,6 +237,7 @@ def _assistant_turn(message: InputMessage, where: str, tool_names: dict[str, str
     if isinstance(message.content, str):
         return ChatMessage(role="assistant", content=message.content)
     texts: list[str] = []
+    thoughts: list[str] = []
     calls: list[ToolCall] = []
     for index, block in enumerate(message.content):
         if isinstance(block, TextBlock):
@@ -244,13 +245,16 @@ def _assistant_turn(message: InputMessage, where: str, tool_names: dict[str, str
         elif isinstance(block, ToolUseBlock):
             calls.append(ToolCall(id=block.id, name=block.name, arguments=_arguments(block.input)))
             tool_names[block.id] = block.name
-        elif isinstance(block, (ThinkingBlock, RedactedThinkingBlock)):
-            continue  # replayed reasoning is not part of the answer the model sees
+        elif isinstance(block, ThinkingBlock):
+            # The turn's reasoning, for the templates that render it (not the answer's text).
+            thoughts.append(block.thinking)
+        elif isinstance(block, RedactedThinkingBlock):
+            continue  # encrypted by another server: nothing a template could show
         elif isinstance(block, UNSUPPORTED_BLOCKS):
             raise _unsupported(block, f"{where}[{index}]")
         else:
             raise InvalidRequest("tool_result blocks belong in user turns", param=f"{where}[{index}]")
-    return ChatMessage(role="assistant", content="\n".join(texts), tool_calls=calls)
+    return ChatMessage(role="assistant", content="\n".join(texts), tool_calls=calls, reasoning="\n".join(t for t in thoughts if t))
 
 
 def _user_turns(message: InputMessage, where: str, tool_names: dict[str, str]) -> list[ChatMessage]:

@@ -113,6 +113,7 @@ def to_chat(req: ChatRequest, max_messages: int) -> Chat:
                 tool_calls=calls if message.role == "assistant" else [],
                 tool_call_id=message.tool_call_id if message.role == "tool" else None,
                 name=message.tool_name if message.role == "tool" else None,
+                reasoning=(message.thinking or "") if message.role == "assistant" else "",
             )
         )
     tools = [

@@ -60,6 +60,9 @@ class Message(msgspec.Struct, kw_only=True):
     name: Union[str, None] = None
     tool_calls: Union[list[ToolCallIn], None] = None
     tool_call_id: Union[str, None] = None
+    # An assistant turn's reasoning, as llamad's /think route (and DeepSeek, vLLM,
+    # llama-server) returns it, sent back.
+    reasoning_content: Union[str, None] = None
 
 
 class StreamOptions(msgspec.Struct):
@@ -150,6 +153,7 @@ def to_chat(req: ChatRequest, max_messages: int) -> Chat:
                 tool_calls=calls if role == "assistant" else [],
                 tool_call_id=message.tool_call_id if role == "tool" else None,
                 name=message.name if role == "tool" else None,
+                reasoning=(message.reasoning_content or "") if role == "assistant" else "",
             )
         )
     tools = [

@@ -3,8 +3,9 @@ sampling settings and tool plan. Pure functions of the request (plus the stored 
 `previous_response_id` continues); the routes live in llamad.api.responses.routes.
 
 `input` items are checked one by one, so an error names the item (`input[3].call_id`).
-Item and tool types llamad has no use for are accepted and left out of the prompt:
-`reasoning` items (replayed thinking is not answer text), and tools llamad cannot run
+A `reasoning` item's text becomes the reasoning of the assistant turn that follows it
+(rendered by the templates that show earlier reasoning; never answer text). Item and tool
+types llamad has no use for are accepted and left out of the prompt: tools llamad cannot run
 (`web_search`, `namespace`, `custom`, `local_shell`, `mcp`, …), which are logged once per
 type per process. A `function_call_output` answers the call with its `call_id`; one
 without a `call_id` (Codex's injected context) is a tool result named by its `name`.
@@ -125,7 +126,6 @@ def top_logprobs_of(req: ResponsesRequest) -> int | None:
     if LOGPROBS_INCLUDE in (req.include or []) or req.top_logprobs is not None:
         return req.top_logprobs or 0
     return None
-IGNORED_ITEMS = {"reasoning"}  # accepted, not part of the prompt
 
 # Types llamad has already said it leaves out (tools and input items), so each is logged once.
 _logged_types: set[str] = set()
@@ -216,6 +216,7 @@ def input_messages(items: Union[str, list[dict[str, Any]], None], history: list[
         return [ChatMessage(role="user", content=items)]
     calls = {call.id: call.name for message in history for call in message.tool_calls}
     out: list[ChatMessage] = []
+    thought: list[str] = []  # `reasoning` items since the last assistant turn: that turn's reasoning
     for index, raw in enumerate(items):
         where = f"input[{index}]"
         if not isinstance(raw, dict):
@@ -229,16 +230,19 @@ def input_messages(items: Union[str, list[dict[str, Any]], None], history: list[
                     param=f"{where}.role",
                 )
             role = "system" if item.role == "developer" else item.role
-            out.append(ChatMessage(role=role, content=_text_of(item.content, f"{where}.content")))
+            reasoning = "\n".join(thought) if role == "assistant" else ""
+            thought = [] if role == "assistant" else thought
+            out.append(ChatMessage(role=role, content=_text_of(item.content, f"{where}.content"), reasoning=reasoning))
         elif kind == "function_call":
             call = _convert({k: v for k, v in raw.items() if k != "type"}, FunctionCallItem, where)
             tool_call = ToolCall(id=call.call_id, name=call.name, arguments=_arguments_text(call.arguments))
             calls[call.call_id] = call.name
             # Calls right after an assistant message (or after each other) belong to that turn.
-            if out and out[-1].role == "assistant":
+            if out and out[-1].role == "assistant" and not thought:
                 out[-1].tool_calls.append(tool_call)
             else:
-                out.append(ChatMessage(role="assistant", content="", tool_calls=[tool_call]))
+                out.append(ChatMessage(role="assistant", content="", tool_calls=[tool_call], reasoning="\n".join(thought)))
+                thought = []
         elif kind == "function_call_output":
             result = _convert({k: v for k, v in raw.items() if k != "type"}, FunctionCallOutputItem, where)
             if result.call_id is not None and result.call_id not in calls:
@@ -255,8 +259,10 @@ def input_messages(items: Union[str, list[dict[str, Any]], None], history: list[
                     name=result.name if result.call_id is None else calls[result.call_id],
                 )
             )
-        elif isinstance(kind, str) and kind in IGNORED_ITEMS:
-            continue
+        elif kind == "reasoning":
+            text = reasoning_text(raw)
+            if text:
+                thought.append(text)
         else:
             _log_once("input_item", str(kind))
     return out
@@ -416,6 +422,17 @@ def to_request(
         reasoning_effort=effort_of(req.reasoning),
     )
     return ask, history
+
+
+def reasoning_text(item: dict[str, Any]) -> str:
+    """A `reasoning` item's text: its `reasoning_text` content (what llamad writes), else its
+    summary; an item with only `encrypted_content` (another server's) has none."""
+    def texts(parts: Any, kind: str) -> list[str]:
+        if not isinstance(parts, list):
+            return []
+        return [p["text"] for p in parts if isinstance(p, dict) and p.get("type") == kind and isinstance(p.get("text"), str)]
+
+    return "\n".join(texts(item.get("content"), "reasoning_text") or texts(item.get("summary"), "summary_text"))
 
 
 def effort_of(reasoning: dict[str, Any] | None) -> str | None:

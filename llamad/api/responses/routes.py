@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Callable
 from litestar import Request, Response, Router, delete, get, post
 
 from llamad.api.responses.items import input_items_of, page
-from llamad.api.responses.request import ResponsesRequest, to_request
+from llamad.api.responses.request import ResponsesRequest, reasoning_text, to_request
 from llamad.api.responses.store import ResponseStore, StoredResponse
 from llamad.api.responses.stream import TERMINAL, ResponseStream, WireEvent, final_response
 from llamad.engine import Sampling
@@ -74,16 +74,19 @@ def echo_of(req: ResponsesRequest, model: str, sampling: Sampling, max_tokens: i
 
 
 def answer_turn(response: dict[str, Any]) -> ChatMessage:
-    """The response's output as the assistant turn a follow-up request continues
-    (reasoning is not fed back)."""
+    """The response's output as the assistant turn a follow-up request continues, its
+    reasoning included (for the templates that render it)."""
     texts: list[str] = []
+    thoughts: list[str] = []
     calls: list[ToolCall] = []
     for item in response["output"]:
         if item["type"] == "message":
             texts.extend(part["text"] for part in item["content"] if part["type"] == "output_text")
         elif item["type"] == "function_call":
             calls.append(ToolCall(id=item["call_id"], name=item["name"], arguments=item["arguments"]))
-    return ChatMessage(role="assistant", content="".join(texts), tool_calls=calls)
+        elif item["type"] == "reasoning":
+            thoughts.append(reasoning_text(item))
+    return ChatMessage(role="assistant", content="".join(texts), tool_calls=calls, reasoning="\n".join(t for t in thoughts if t))
 
 
 class ResponseReply:
