@@ -52,29 +52,20 @@ class Busy(threading.Thread):
 
 @linux_only
 @pytest.mark.timeout(60)
-def test_a_load_beside_serving_models_is_sched_idle_at_nice_10():
-    needs_idle_loads()
-    load = Busy(LoadPriority(use_idle=True))
+@pytest.mark.parametrize(
+    ("use_idle", "policy", "described"),
+    [(True, "SCHED_IDLE", "SCHED_IDLE"), (False, "SCHED_OTHER", f"nice +{LOAD_NICENESS}")],
+    ids=["beside-serving-models", "beside-nothing"],
+)
+def test_a_loads_thread_is_sched_idle_beside_serving_models_and_nice_10_always(use_idle, policy, described):
+    if use_idle:
+        needs_idle_loads()
+    load = Busy(LoadPriority(use_idle=use_idle))
     load.start()
     try:
         assert load.entered.wait(10)
-        policy, nice = load.policy()
-        assert policy == os.SCHED_IDLE and nice >= LOAD_NICENESS
-        assert load.priority.described == "SCHED_IDLE"
-    finally:
-        load.stop.set()
-        load.join(10)
-
-
-@linux_only
-@pytest.mark.timeout(60)
-def test_a_load_beside_nothing_is_nice_10_not_idle():
-    load = Busy(LoadPriority(use_idle=False))
-    load.start()
-    try:
-        assert load.entered.wait(10)
-        policy, nice = load.policy()
-        assert policy == os.SCHED_OTHER and nice >= LOAD_NICENESS
+        assert load.policy()[0] == getattr(os, policy) and load.policy()[1] >= LOAD_NICENESS
+        assert load.priority.described == described
     finally:
         load.stop.set()
         load.join(10)
