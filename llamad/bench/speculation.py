@@ -24,6 +24,7 @@ import argparse
 import http.client
 import json
 import signal
+import statistics
 import subprocess
 import threading
 import time
@@ -145,6 +146,31 @@ def metrics_counts(client: Http) -> dict[str, float]:
     return counts
 
 
+def prose_pairs(client: Http, tokens: int, pairs: int) -> dict[str, Any]:
+    """What speculation costs where it can only cost: sampled prose, each seed answered with
+    speculation on and off back to back (the order alternates), so a machine that gets busier
+    moves both alike. The same seed gives the same tokens either way (the check samples as
+    if there had been no draft), so each pair's ratio is the speed alone. `enabled`'s
+    default rests on this figure (the issue's rule: on by default only if prose costs no
+    more than noise)."""
+    ratios: list[float] = []
+    before = metrics_counts(client)
+    for i in range(pairs):
+        body = prose_body(tokens, i, sampled=True)
+        order = (ON, OFF) if i % 2 == 0 else (OFF, ON)
+        rate = {id(headers): decode_rate(complete(client, body, headers)) for headers in order}
+        ratios.append(rate[id(ON)] / rate[id(OFF)])
+    after = metrics_counts(client)
+    ratios = [r for r in ratios if r == r]  # a NaN (no second chunk) says nothing
+    return {
+        "ratios": ratios,
+        "geometric_mean": statistics.geometric_mean(ratios) if ratios else float("nan"),
+        "median": _median(ratios) if ratios else float("nan"),
+        "drafted": int(after.get("llamad_speculative_draft_tokens_total", 0) - before.get("llamad_speculative_draft_tokens_total", 0)),
+        "accepted": int(after.get("llamad_speculative_accepted_tokens_total", 0) - before.get("llamad_speculative_accepted_tokens_total", 0)),
+    }
+
+
 def run_speculation(loaded: LoadedConfig, args: argparse.Namespace) -> int:
     model = resolve_model(loaded).path
     spec_types = [t for t in (args.spec_types or ",".join(SPEC_TYPES)).split(",") if t]
@@ -207,6 +233,7 @@ def run_speculation(loaded: LoadedConfig, args: argparse.Namespace) -> int:
                 off.append(parallel(llamad, bodies, OFF)["aggregate_tokens_per_s"])
             four[workload] = {"on_tokens_per_s": _median(on), "off_tokens_per_s": _median(off)}
         results["llamad 4 streams"] = four
+        results["llamad prose pairs"] = prose_pairs(llamad, args.tokens, args.prose_pairs)
     finally:
         for process, _ in servers.values():
             process.send_signal(signal.SIGTERM)
@@ -223,7 +250,7 @@ def run_speculation(loaded: LoadedConfig, args: argparse.Namespace) -> int:
 
 
 def render(results: dict[str, Any], spec_types: list[str]) -> str:
-    names = [name for name in results if name != "llamad 4 streams"]
+    names = [name for name in results if name not in ("llamad 4 streams", "llamad prose pairs")]
     rows: list[list[str]] = [["", *names]]
     for workload in WORKLOADS:
         rows.append([f"{workload}: decode tok/s", *(f"{results[n][f'{workload}_decode_tokens_per_s']:.1f}" for n in names)])
@@ -247,5 +274,12 @@ def render(results: dict[str, Any], spec_types: list[str]) -> str:
         lines.append(
             f"4 parallel {workload} streams on llamad: speculation on {four['on_tokens_per_s']:.1f} tok/s, "
             f"off {four['off_tokens_per_s']:.1f} (on / off {four['on_tokens_per_s'] / four['off_tokens_per_s']:.2f})"
+        )
+    pairs = results.get("llamad prose pairs")
+    if pairs and pairs["ratios"]:
+        lines.append(
+            f"sampled prose, {len(pairs['ratios'])} seeds, each on and off back to back: on / off geometric mean "
+            f"{pairs['geometric_mean']:.3f}, median {pairs['median']:.3f}, pairs {min(pairs['ratios']):.2f}..{max(pairs['ratios']):.2f}; "
+            f"drafted {pairs['drafted']}, accepted {pairs['accepted']}"
         )
     return "\n".join(lines)
