@@ -144,9 +144,10 @@ class ResponsesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class SpeculativeConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # N-gram speculative decoding (llamad.engine.speculative): drafts from each request's own
     # prompt and answer, checked by the model in the same step; the answers do not change.
-    # Off by default: on only once `llamad bench --speculation` shows prose costs no more than
-    # noise (the rule); a request asks for it with X-Llamad-Speculative: on.
-    enabled: bool = False
+    # On by default: `llamad bench --speculation` measured sampled prose, where drafts are
+    # rare and mostly fail, at on / off 0.99-1.01 (docs/benchmark.md); a request turns it off
+    # with X-Llamad-Speculative: off.
+    enabled: bool = True
     # Tokens looked up: the last `ngram` tokens must have occurred before.
     ngram: int = 12
     # Tokens one draft may hold, and the fewest worth feeding.

@@ -281,7 +281,7 @@ def test_the_speculative_table_and_its_environment_overrides(tmp_path):
     from llamad.config import ConfigError, load_config
 
     config = config_for_tests(tmp_path)
-    assert (config.speculative.enabled, config.speculative.ngram, config.speculative.draft_max, config.speculative.draft_min) == (False, 12, 32, 2)  # off by default
+    assert (config.speculative.enabled, config.speculative.ngram, config.speculative.draft_max, config.speculative.draft_min) == (True, 12, 32, 2)  # on by default
     config = config_for_tests(tmp_path, LLAMAD_SPECULATIVE_ENABLED="false", LLAMAD_SPECULATIVE_NGRAM="8", LLAMAD_SPECULATIVE_DRAFT_MAX="16")
     assert (config.speculative.enabled, config.speculative.ngram, config.speculative.draft_max) == (False, 8, 16)
     toml = tmp_path / "spec.toml"
