@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+from dataclasses import dataclass
 
 import pytest
 
@@ -16,7 +17,7 @@ from test_engine import collect
 from test_slots import FakeSlotsEngine, generation
 from llamad.engine import Generation, Prompt
 from llamad.engine.slots import Sequence, StepLoop
-from llamad.engine.speculative import MAX_PAUSE, ModelDrafter, NgramDrafter, Speculation
+from llamad.engine.speculative import MAX_PAUSE, DraftOdds, ModelDrafter, NgramDrafter, Speculation, StepCosts, worthwhile_length
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -210,6 +211,99 @@ def test_no_drafts_for_a_request_that_turns_speculation_off_nor_while_a_prompt_i
     run_until(loop, lambda: not second.prefilling)
     reading = [b for b in backend.batches if any(200 <= t < 260 for t in b["tokens"])]
     assert reading and all(b["slots"].count(0) == 1 for b in reading)  # the stream fed its next token alone
+
+
+# -- what a draft is worth ------------------------------------------------------------------------
+
+
+def linear_costs(plain: float, entry: float, widths=(1, 2, 4, 8, 16, 32, 64)) -> StepCosts:
+    costs = StepCosts()
+    for width in widths:
+        costs.measured(width, plain + entry * (width - 1))
+    return costs
+
+
+def test_a_draft_holds_the_tokens_whose_expected_saving_beats_their_cost():
+    # The j-th token is kept with probability p**j and saves one plain step (10 ms); each
+    # costs 4 ms: it pays while 0.8**j > 0.4, so 4 tokens (0.8**4 = 0.41, 0.8**5 = 0.33).
+    costs = linear_costs(0.010, 0.004)
+    assert worthwhile_length(0.8, 0.010, costs, 1, 32) == 4
+    assert worthwhile_length(0.95, 0.010, linear_costs(0.010, 0.0005), 1, 32) == 32  # a copy, cheap entries
+    assert worthwhile_length(0.5, 0.010, linear_costs(0.010, 0.006), 1, 32) == 0  # dearer than it is worth
+    assert worthwhile_length(0.8, 0.010, costs, 1, 32, shortest=5) == 5  # the best is under draft_min: the best from it
+    assert worthwhile_length(0.8, 0.010, costs, 1, 32, shortest=12) == 0  # none from 12 on gains
+    assert worthwhile_length(0.8, 0.010, StepCosts(), 1, 16) == 16  # nothing measured yet
+    # A wide batch is cheaper per entry than a narrow one (a CPU's matrix kernels): 10 ms
+    # each for the first 3 entries, then 0.25 ms. A draft of 3 does not pay (2.4 tokens
+    # kept of 3 for 30 ms); one of 32 does (8.7 kept for 37 ms).
+    concave = StepCosts()
+    for width, seconds in ((1, 0.010), (4, 0.040), (36, 0.048)):
+        concave.measured(width, seconds)
+    assert worthwhile_length(0.9, 0.010, concave, 1, 3) == 0
+    assert worthwhile_length(0.9, 0.010, concave, 1, 32) == 32
+    # Wider than measured, a step is taken to cost what the widest did: a draft is tried.
+    assert concave.at(100) == 0.048 and abs(concave.at(20) - 0.044) < 1e-9
+    odds = DraftOdds()
+    assert odds.p == 0.8
+    for _ in range(5):
+        odds.verified(8, 1)  # one kept, then a break-off, again and again
+    assert 0.45 < odds.p < 0.6
+    odds.verified(8, 8)
+    assert odds.p > 0.6  # a wholly kept draft: no break-off counted
+
+
+@dataclass
+class TimedBackend(FakeBackend):
+    """Steps take time on a clock of its own: 10 ms, plus `entry_s` per entry beyond one."""
+
+    entry_s: float = 0.0
+    now: float = 0.0
+
+    def decode(self, tokens, positions, slots, outputs):
+        code = super().decode(tokens, positions, slots, outputs)
+        self.now += 0.010 + self.entry_s * (len(tokens) - 1)
+        return code
+
+
+def drafted_steps_on(entry_s: float) -> tuple[list[int], str]:
+    """A sequence that re-enters the prompt's passage, follows it for three tokens and leaves
+    it, over and over (what a numbered log does): its drafts keep two or three tokens each.
+    Returns the draft lengths of its steps in order, and what it wrote."""
+    answer: list[int] = [23]
+    for i in range(12):
+        answer += [24, 60 + i, 20, 21, 22, 23]
+    backend = TimedBackend(n_slots=1, n_batch=64, prompt_step=64, script=lambda g: answer, entry_s=entry_s)
+    loop = StepLoop(backend, speculation=Speculation(enabled=True, ngram=3, draft_max=16, draft_min=2))
+    loop.clock = lambda: backend.now
+    seq = sequence(PROMPT)
+    loop.submit(seq)
+    run_until(loop, lambda: seq.ended)
+    kv_matches(backend, loop)
+    return [len(b["tokens"]) - 1 for b in backend.batches[1:]], "".join(texts(seq))
+
+
+def test_drafts_stop_where_a_drafted_entry_costs_more_than_it_saves():
+    cheap, cheap_text = drafted_steps_on(entry_s=0.0005)  # 5% of a plain step per entry
+    dear, dear_text = drafted_steps_on(entry_s=0.010)  # a whole plain step per entry
+    assert cheap_text == dear_text  # the answer is the same either way
+    half = len(cheap) // 2
+    assert sum(cheap[half:]) > 0  # cheap: drafting goes on to the end
+    # Dear: once the loop has measured a drafted entry's cost, nothing is worth drafting
+    # (p < 1 = the relative cost), so the second half goes one token a step.
+    assert sum(dear[:half]) > 0 and sum(dear[len(dear) // 2 :]) == 0, dear
+
+
+def test_a_new_request_drafts_once_at_least_so_a_dear_measure_is_taken_again():
+    backend = TimedBackend(n_slots=1, n_batch=64, prompt_step=64, script=lambda g: PASSAGE[3:], entry_s=0.010)
+    loop = StepLoop(backend, speculation=SPEC)
+    loop.clock = lambda: backend.now
+    loop.step_costs = linear_costs(0.010, 0.050, widths=(1, 3, 9))  # measured where drafts were dearest
+    seq = sequence(PROMPT)
+    loop.submit(seq)
+    run_until(loop, lambda: seq.ended)
+    drafts = [len(b["tokens"]) - 1 for b in backend.batches[1:] if len(b["tokens"]) > 1]
+    assert drafts == [SPEC.draft_min]  # one draft of draft_min tokens, then none
+    assert loop.step_costs.at(3) < 0.110  # and the measure moved toward what it costs now
 
 
 def test_kv_full_with_drafts_retries_without_them_and_the_stream_gets_what_it_would_without():

@@ -28,7 +28,9 @@ from typing import Any, Callable, Iterator, Protocol
 import structlog
 
 from llamad.engine import Generation, TokenLogprob
-from llamad.engine.speculative import DraftModel, Drafter, ModelDrafter, NgramDrafter, Speculation
+from llamad.engine.speculative import (
+    DraftModel, DraftOdds, Drafter, ModelDrafter, NgramDrafter, Speculation, StepCosts, worthwhile_length,
+)
 from llamad.engine.prompt_cache import (
     PromptStateCache,
     common_prefix,
@@ -130,6 +132,7 @@ class Sequence:
     ended: bool = False
     order: int = 0  # admission order: prompts are evaluated first come, first served
     drafter: Drafter | None = None  # its drafts, while speculation is on for it
+    odds: DraftOdds = field(default_factory=DraftOdds)  # that its next drafted token is kept
     draft: list[int] = field(default_factory=list)  # fed after next_token in the planned step
 
     @property
@@ -236,6 +239,13 @@ class StepLoop:
         # Learned costs (seconds): one decode-only step, and one prompt token.
         self._step_s: float | None = None
         self._token_s: float | None = None
+        # What a decode-only step takes by its width: what a draft adds to a step.
+        self.step_costs = StepCosts()
+        # The odds that a drafted token is kept, over every sequence's recent drafts: where a
+        # new sequence's own odds start (a deep log that drafts badly, request after request,
+        # does not pay for the same optimism each time).
+        self.odds = DraftOdds(keep=0.95)
+        self.clock = time.perf_counter
         # After a KV-full decode, no new prompt starts until a sequence ends.
         self._hold_admission = False
         self._admissions = 0
@@ -326,9 +336,9 @@ class StepLoop:
         plan = self._plan()
         if not plan.tokens:
             return False
-        started = time.perf_counter()
+        started = self.clock()
         code = self.backend.decode(plan.tokens, plan.positions, plan.slots, plan.outputs)
-        elapsed = time.perf_counter() - started
+        elapsed = self.clock() - started
         if code == 1:
             self._no_room(plan)
             return True
@@ -435,6 +445,7 @@ class StepLoop:
         seq.sampler = self.backend.new_sampler(seq.generation)
         spec = self.speculation
         if spec is not None and (seq.generation.speculative if seq.generation.speculative is not None else spec.enabled):
+            seq.odds = DraftOdds(self.odds.p)
             lookup = NgramDrafter(spec.ngram, seq.tokens, spec.draft_max, spec.draft_min)
             seq.drafter = lookup
             if self.draft_model is not None:
@@ -482,10 +493,11 @@ class StepLoop:
         # No drafts in a step that reads a prompt: its chunk is sized against a plain step
         # (GAP_FACTOR), and the prompt's reader waits for nothing else.
         drafting = self.speculation is not None and not any(s.prefilling for s in active)
-        room = self.backend.n_batch - sum(1 for s in active if not s.prefilling)
+        generating = sum(1 for s in active if not s.prefilling)
+        room = self.backend.n_batch - generating
         for seq in active:
             if not seq.prefilling:
-                draft = self._draft(seq, room) if drafting and seq.drafter is not None else []
+                draft = self._draft(seq, room, generating, generating + plan.drafted) if drafting and seq.drafter is not None else []
                 seq.draft = draft
                 room -= len(draft)
                 plan.add(seq, [seq.next_token, *draft], wants_output=True, every_output=bool(draft))
@@ -502,10 +514,11 @@ class StepLoop:
             budget -= len(chunk)
         return plan
 
-    def _draft(self, seq: Sequence, room: int) -> list[int]:
+    def _draft(self, seq: Sequence, room: int, generating: int, width: int) -> list[int]:
         """The draft fed after the sequence's next token: no longer than the batch's room,
-        the tokens max_tokens still allows after the next one, the context, and the prefix
-        of it the sequence's grammar allows."""
+        the tokens max_tokens still allows after the next one, the context, the prefix of it
+        the sequence's grammar allows, and what pays for itself in a step of `generating`
+        streams that is `width` entries wide so far."""
         drafter = seq.drafter
         assert drafter is not None and seq.next_token is not None
         drafter_limit = min(
@@ -517,6 +530,9 @@ class StepLoop:
         if draft:
             fits = self.backend.draft_fits(seq.sampler, draft)
             draft = draft[:fits] if fits >= drafter.draft_min else []
+        if draft:
+            worth = self._worthwhile(seq, generating, width, len(draft), drafter.draft_min)
+            draft = draft[:worth] if worth >= drafter.draft_min else []
         return draft
 
     def _prefill_budget(self, generating: int) -> int:
@@ -532,7 +548,24 @@ class StepLoop:
             chunk = int((GAP_FACTOR - 1) * self._step_s / self._token_s)
         return max(0, min(room, b.prompt_step, max(MIN_PREFILL_CHUNK, chunk)))
 
+    def _worthwhile(self, seq: Sequence, generating: int, width: int, longest: int, shortest: int) -> int:
+        """Of a draft of `longest` tokens, how many are worth feeding: a kept token saves
+        its stream's share of a plain step, and the draft costs what the loop measured a
+        step that much wider to take (llamad.engine.speculative.worthwhile_length).
+        A sequence's first draft is fed at least `shortest` long, whatever the measure says:
+        otherwise a cost measured where drafts were dear (deep in a long context) would stop
+        every later request from drafting, and from measuring again."""
+        plain = self.step_costs.at(generating)
+        if plain is None:
+            return longest
+        worth = worthwhile_length(seq.odds.p, plain / generating, self.step_costs, width, longest, shortest)
+        if seq.odds.drafts == 0:
+            worth = max(worth, shortest)
+        return worth
+
     def _learn(self, plan: Plan, elapsed: float) -> None:
+        if plan.prefill == 0 and plan.generating:
+            self.step_costs.measured(len(plan.tokens), elapsed)
         if plan.drafted:
             return  # a wider step than the plain one the prefill chunk is sized against
         if plan.prefill == 0:
@@ -576,6 +609,8 @@ class StepLoop:
                 if self.engine_stats is not None:
                     self.engine_stats.draft_tokens += len(draft)
                     self.engine_stats.draft_accepted += accepted
+                seq.odds.verified(len(draft), accepted)
+                self.odds.verified(len(draft), accepted)
                 if seq.drafter is not None:
                     seq.drafter.verified(len(draft), accepted)
                 # The next token and the accepted draft stay; a rejected tail leaves the KV.

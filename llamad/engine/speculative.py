@@ -17,9 +17,15 @@ distribution as without speculation: greedy answers are the same tokens, and a s
 with penalties or a grammar advances only by the tokens it keeps.
 
 What a draft costs where none of it is accepted is one wider decode step; on a CPU that is
-not free (every drafted entry is a row of logits), so drafts adapt per sequence: a draft
-is as long as the last one accepted, doubled (up to `draft_max`), and a sequence whose
-drafts keep failing drafts less and less often.
+not free (every drafted entry is a row of logits, and at 8k tokens of context a row of
+attention over all of them: 0.4 of a plain step each, measured), so drafts adapt per
+sequence: a draft is as long as the last one accepted, doubled (up to `draft_max`), and a
+sequence whose drafts keep failing drafts less and less often. And no longer than it pays
+(worthwhile_length): the step loop measures what a step takes by its width (StepCosts:
+on a CPU a wide batch is much cheaper per entry than a narrow one), and each sequence keeps
+the odds that its next drafted token is kept (DraftOdds). The j-th token of a draft is
+kept with probability odds**j and then saves a plain step's share of time; the draft fed
+is the length whose expected saving beats what it adds to the step by the most.
 
 With a draft model ([speculative] draft_model, llamad.engine.llama_draft), a sequence whose
 lookup finds nothing asks the small model instead (ModelDrafter): it reads what the
@@ -29,6 +35,7 @@ probable enough. The check is the same, so the answers still do not change.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,6 +63,83 @@ class Speculation:
 # After a draft of which nothing was accepted, the sequence drafts again only after
 # 2**misses more tokens (misses: such drafts in a row), at most this many.
 MAX_PAUSE = 64
+
+
+class DraftOdds:
+    """The odds that a drafted token is kept: drafted positions kept against positions where
+    drafts broke off, recent drafts weighing most (`keep`: each draft's weight against the
+    next one's). A sequence starts from the odds of the engine's recent drafts (the step
+    loop keeps those too), as if from five positions; the engine's own start at 0.8, since a
+    12-token match is good evidence and drafting is how the odds are learned."""
+
+    def __init__(self, p: float = 0.8, keep: float = 0.8) -> None:
+        self.kept, self.lost = 5 * p, 5 * (1 - p)
+        self.keep = keep
+        self.drafts = 0
+
+    def verified(self, drafted: int, accepted: int) -> None:
+        self.drafts += 1
+        self.kept = self.keep * self.kept + accepted
+        self.lost = self.keep * self.lost + (1 if accepted < drafted else 0)
+
+    @property
+    def p(self) -> float:
+        return self.kept / (self.kept + self.lost)
+
+
+class StepCosts:
+    """What a decode-only step takes, by its width (entries in the batch), as the step loop
+    measured it: a moving average per width, straight lines between the widths measured.
+    Wider than any measured, a step is taken to cost what the widest did: so a wider draft
+    is tried, and measured, before its cost can rule it out."""
+
+    def __init__(self) -> None:
+        self.widths: list[int] = []
+        self.seconds: dict[int, float] = {}
+
+    def measured(self, width: int, seconds: float) -> None:
+        before = self.seconds.get(width)
+        if before is None:
+            bisect.insort(self.widths, width)
+            self.seconds[width] = seconds
+        else:
+            self.seconds[width] = 0.8 * before + 0.2 * seconds
+
+    def at(self, width: int) -> float | None:
+        widths, seconds = self.widths, self.seconds
+        if not widths:
+            return None
+        i = bisect.bisect_left(widths, width)
+        if i < len(widths) and widths[i] == width:
+            return seconds[width]
+        if i == 0:
+            return seconds[widths[0]]
+        if i == len(widths):
+            return seconds[widths[-1]]
+        low, high = widths[i - 1], widths[i]
+        return seconds[low] + (seconds[high] - seconds[low]) * (width - low) / (high - low)
+
+
+def worthwhile_length(p: float, share: float, costs: StepCosts, width: int, longest: int, shortest: int = 1) -> int:
+    """How many of a draft's first `longest` tokens to feed in a step `width` entries wide
+    so far: the j-th is kept with probability p**j (every one before it kept) and then saves
+    `share` seconds (a plain step's time per stream); the draft adds costs.at(width + k) -
+    costs.at(width). The length with the largest expected gain; 0 when none gains, or the
+    best is shorter than `shortest`."""
+    base = costs.at(width)
+    if base is None:
+        return longest
+    best, best_gain = 0, 0.0
+    kept, reach = 0.0, 1.0
+    for k in range(1, longest + 1):
+        reach *= p
+        kept += reach
+        if k < shortest:
+            continue
+        gain = kept * share - (costs.at(width + k) or base) + base
+        if gain > best_gain:
+            best, best_gain = k, gain
+    return best
 
 
 class NgramDrafter:
