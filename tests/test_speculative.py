@@ -230,6 +230,9 @@ def test_a_draft_holds_the_tokens_whose_expected_saving_beats_their_cost():
     assert worthwhile_length(0.8, 0.010, costs, 1, 32) == 4
     assert worthwhile_length(0.95, 0.010, linear_costs(0.010, 0.0005), 1, 32) == 32  # a copy, cheap entries
     assert worthwhile_length(0.5, 0.010, linear_costs(0.010, 0.006), 1, 32) == 0  # dearer than it is worth
+    # A draft that barely pays is not fed: one token at 0.6 saves 6 ms for 4, under the
+    # margin (a quarter of the 10 ms share).
+    assert worthwhile_length(0.6, 0.010, costs, 1, 32) == 0
     assert worthwhile_length(0.8, 0.010, costs, 1, 32, shortest=5) == 5  # the best is under draft_min: the best from it
     assert worthwhile_length(0.8, 0.010, costs, 1, 32, shortest=12) == 0  # none from 12 on gains
     assert worthwhile_length(0.8, 0.010, StepCosts(), 1, 16) == 16  # nothing measured yet

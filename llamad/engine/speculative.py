@@ -120,16 +120,22 @@ class StepCosts:
         return seconds[low] + (seconds[high] - seconds[low]) * (width - low) / (high - low)
 
 
+# A draft must be expected to save this much of a stream's plain step, net of its cost: the
+# odds and the measured costs are estimates, and where they barely favour a draft (deep in
+# a long context, drafts that keep one token in two) the draft lost more than it saved.
+MARGIN = 0.25
+
+
 def worthwhile_length(p: float, share: float, costs: StepCosts, width: int, longest: int, shortest: int = 1) -> int:
     """How many of a draft's first `longest` tokens to feed in a step `width` entries wide
     so far: the j-th is kept with probability p**j (every one before it kept) and then saves
     `share` seconds (a plain step's time per stream); the draft adds costs.at(width + k) -
-    costs.at(width). The length with the largest expected gain; 0 when none gains, or the
-    best is shorter than `shortest`."""
+    costs.at(width). The length with the largest expected gain; 0 when none gains more than
+    MARGIN of a share, or the best is shorter than `shortest`."""
     base = costs.at(width)
     if base is None:
         return longest
-    best, best_gain = 0, 0.0
+    best, best_gain = 0, MARGIN * share
     kept, reach = 0.0, 1.0
     for k in range(1, longest + 1):
         reach *= p
