@@ -3,7 +3,11 @@
 Agents send 8k-30k tokens of context, and there the attention setting decides the speed.
 Five servers on loopback, the same model, threads and batch: llamad with model.flash_attn
 = "auto" (its measured choice, llamad.engine.flash_attn), llamad forced "on" and forced
-"off", and `llama-server -np 1 -fa on` and `-fa off`. One raw prompt of about N tokens
+"off", and `llama-server -np 1 -fa on` and `-fa off`; these five columns compare attention
+alone, so llamad's requests there ask for no speculation (X-Llamad-Speculative: off). Two
+more columns: llamad as configured ("llamad, default": the auto server, no header, so
+[speculative] decides, on by default), and `llama-server -np 1 -fa off --spec-type
+ngram-mod`, llama-server's own n-gram speculation. One raw prompt of about N tokens
 (the same text to every server, through /v1/completions) is read once by each (its time
 to first token is the cold read), then answered `--runs` times, each server in turn run
 by run, from the cached prompt: the figure is the decode rate after the first token,
@@ -23,10 +27,11 @@ from typing import Any
 from llamad.bench.run import Http, _median
 from llamad.bench.servers import start_llamad
 from llamad.bench.slots import start_llama_server
-from llamad.bench.speculation import complete, decode_rate
+from llamad.bench.speculation import OFF, complete, decode_rate, metrics_counts
 from llamad.config import LoadedConfig, resolve_model
 
 LLAMA_SERVER_COLUMNS = ("llama-server -fa on", "llama-server -fa off")
+SPEC_COLUMN = "llama-server -fa off --spec-type ngram-mod"
 
 
 def _get(client: Http, path: str) -> dict[str, Any]:
@@ -80,20 +85,34 @@ def run_depth(loaded: LoadedConfig, args: argparse.Namespace) -> int:
         servers["llamad, off"] = start_llamad(loaded, {"LLAMAD_MODEL_FLASH_ATTN": "off"})
         for name, flag in zip(LLAMA_SERVER_COLUMNS, ("on", "off")):
             servers[name] = start_llama_server(args.llama_server, model, 1, loaded, extra=["-fa", flag])
+        servers[SPEC_COLUMN] = start_llama_server(args.llama_server, model, 1, loaded, extra=["-fa", "off", "--spec-type", "ngram-mod"])
         clients = {name: Http(url) for name, (_, url) in servers.items()}
+        # Columns: (server, headers). llamad's attention columns without speculation; the
+        # auto server once more as configured.
+        columns: dict[str, tuple[Http, dict[str, str] | None]] = {}
+        for name, client in clients.items():
+            columns[name] = (client, OFF if name.startswith("llamad") else None)
+            if name == "llamad, auto":
+                columns["llamad, default"] = (client, None)
         info = _get(clients["llamad, auto"], "/health").get("model_info", {})
         prompt, prompt_tokens = deep_prompt(clients["llamad, auto"], args.depth)
         print(f"prompt: {prompt_tokens} tokens; llamad's auto choice: {info.get('flash_attn')} ({info.get('flash_attn_reason')})", flush=True)
         body = {"model": "bench", "prompt": prompt, "max_tokens": args.tokens, "temperature": 0, "ignore_eos": True}
-        results: dict[str, dict[str, Any]] = {name: {} for name in servers}
+        results: dict[str, dict[str, Any]] = {name: {} for name in columns}
         for name, client in clients.items():  # the cold read, which also caches the prompt
-            first = complete(client, {**body, "max_tokens": 2})
+            first = complete(client, {**body, "max_tokens": 2}, OFF)
             results[name]["cold_prompt_s"] = first["first"] - first["started"] if first["first"] else None
-        rates: dict[str, list[float]] = {name: [] for name in servers}
+        results["llamad, default"]["cold_prompt_s"] = results["llamad, auto"]["cold_prompt_s"]
+        rates: dict[str, list[float]] = {name: [] for name in columns}
+        before = metrics_counts(clients["llamad, auto"])
         for _ in range(args.runs):
-            for name, client in clients.items():
-                rates[name].append(decode_rate(complete(client, body)))
-        for name in servers:
+            for name, (client, headers) in columns.items():
+                rates[name].append(decode_rate(complete(client, body, headers)))
+        after = metrics_counts(clients["llamad, auto"])
+        for key, counter in (("drafted", "draft_tokens_total"), ("accepted", "accepted_tokens_total")):
+            counter = f"llamad_speculative_{counter}"
+            results["llamad, default"][key] = int(after.get(counter, 0) - before.get(counter, 0))
+        for name in columns:
             results[name]["decode_tokens_per_s"] = _median(rates[name])
             # On a shared machine a run either has its cores or waits on another job's (2-3x
             # slower, or 10x with llama.cpp's spinning threads): the best run is the rate
@@ -127,6 +146,8 @@ def render(results: dict[str, Any]) -> str:
         label = name
         if name == "llamad, auto":
             label += f" ({r['choice'].get('flash_attn')})"
+        if name == "llamad, default":
+            label += f" (speculation: {r['drafted']} drafted, {r['accepted']} accepted)"
         cold = r.get("cold_prompt_s")
         rows.append([
             label, f"{r['decode_tokens_per_s']:.1f}", f"{r['decode_tokens_per_s'] / best:.2f}",
