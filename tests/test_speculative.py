@@ -516,9 +516,11 @@ def test_a_model_draft_stops_before_an_improbable_token_and_a_short_one_is_not_f
     assert model.held[0] == COUNTING + [101, 102, 103, 104, 105]
 
 
-def test_a_sequence_that_ends_with_model_drafted_tokens_unchecked_leaves_none_in_the_draft_context():
+def test_a_model_draft_the_loop_does_not_feed_leaves_nothing_in_the_draft_context():
     # The "grammar" refuses 103: the draft after 101 (102, 103, ...) is cut to one token, too
-    # short to feed, so the draft context holds drafted tokens the target never checked.
+    # short to feed. The draft model had decoded those tokens into its context; the loop
+    # drops them at once (a draft the cost rule cuts to nothing goes the same way), and a
+    # sequence that then ends leaves nothing either.
     script = list(range(101, 131))
     backend, model, loop = drafting_loop(script)
     backend.forbidden = {103}
@@ -526,7 +528,8 @@ def test_a_sequence_that_ends_with_model_drafted_tokens_unchecked_leaves_none_in
     loop.submit(seq)
     loop.step()  # the prompt; 101 is sampled
     loop.step()  # 101 fed alone: its draft was refused
-    assert loop.stats.drafted == 0 and 103 in model.context[0] and 103 not in seq.drafter.history
+    assert loop.stats.drafted == 0 and 103 not in model.context[0] and 103 not in seq.drafter.history
+    assert model.held[0] == model.context[0] == seq.drafter.history[: len(model.held[0])]
     seq.cancel.set()
     loop.step()
     assert seq.ended

@@ -526,13 +526,17 @@ class StepLoop:
             seq.generation.max_tokens - seq.generated - 1,
             self.backend.n_ctx - 1 - seq.n_past - 1,  # positions n_past+1 .. n_past+k
         )
-        draft = drafter.draft(drafter_limit)
+        proposed = draft = drafter.draft(drafter_limit)
         if draft:
             fits = self.backend.draft_fits(seq.sampler, draft)
             draft = draft[:fits] if fits >= drafter.draft_min else []
         if draft:
             worth = self._worthwhile(seq, generating, width, len(draft), drafter.draft_min)
             draft = draft[:worth] if worth >= drafter.draft_min else []
+        if proposed and not draft:
+            # Nothing is fed, so no verification will trim what the drafter holds of it (a
+            # draft model's cells); a draft cut short is trimmed when it is verified.
+            drafter.release()
         return draft
 
     def _prefill_budget(self, generating: int) -> int:
