@@ -59,3 +59,18 @@ def test_bench_runs_every_phase_and_writes_json(tmp_path: Path) -> None:
     assert [(c["streams"], c["ok"]) for c in data["parallel"]] == [(1, 1), (2, 2)]
     # The second turn found the first turn's prefix in the cache.
     assert data["prompt_cache"]["turn2_cached_tokens"] > 200
+
+
+def test_the_engine_alone_times_steps_that_check_a_draft_by_width(tmp_path: Path) -> None:
+    from llamad.bench.ceiling import verify_rates
+    from llamad.config import load_config
+
+    config = tmp_path / "llamad.toml"
+    config.write_text(f'[model]\npath = "{TEST_MODEL}"\nn_ctx = 1024\nflash_attn = "off"\n[server]\nparallel = 1\n')
+    text = "def add(a, b):\n    return a + b\n" * 20
+    figures = verify_rates(load_config(config, env={}), Path(TEST_MODEL), text, (1, 4, 5), steps=2)
+    assert figures["context_tokens"] > 100
+    assert set(figures["tokens_per_s"]) == set(figures["step_ms"]) == {"1", "4", "5"}
+    for width, rate in figures["tokens_per_s"].items():
+        # A rate is the width over the step's time: both come from the same measurement.
+        assert rate > 0 and math.isclose(rate * figures["step_ms"][width] / 1000, int(width))

@@ -84,3 +84,55 @@ def _rate(backend: Any, n: int, steps: int) -> float:
         for sampler in samplers:
             backend.free_sampler(sampler)
     return n * steps / elapsed
+
+
+def verify_rates(loaded: LoadedConfig, model: Path, text: str, widths: tuple[int, ...], steps: int = 12) -> dict[str, Any]:
+    """What checking a draft costs, the engine alone: one sequence holds `text`'s tokens (a
+    raw prompt), then steps
+    of `width` entries with logits on every one (a next token and `width - 1` drafted ones,
+    as the step loop feeds them), each row's greedy token taken, the entries rolled back after
+    each step. The median step's `width / seconds` is the rate one stream reaches if every
+    drafted token is kept: the ceiling of a speculating server's decode on this machine, for
+    drafts of `width - 1` tokens (on a CPU a checked token is compute, not a free ride on the
+    weights' read: see docs/benchmark.md). Width 1 is a plain step."""
+    import msgspec
+
+    from llamad.engine.llama import LlamaEngine
+
+    config = loaded.config
+    engine = LlamaEngine(msgspec.structs.replace(config, cache=msgspec.structs.replace(config.cache, max_bytes=0)), model)
+    engine._load()  # noqa: SLF001 (loaded here without a server around it)
+    backend = engine.backend
+    assert backend is not None
+    prompt = engine.tokenize(text, True, True)
+    greedy = Generation(prompt=Prompt(text="", tokens=prompt), max_tokens=1, sampling=Sampling(temperature=0.0, repeat_penalty=1.0))
+    sampler = backend.new_sampler(greedy)
+    rates: dict[str, float] = {}
+    step_ms: dict[str, float] = {}
+    try:
+        backend.forget(0, 0)
+        for at in range(0, len(prompt), backend.n_batch):
+            chunk = prompt[at : at + backend.n_batch]
+            if backend.decode(chunk, list(range(at, at + len(chunk))), [0] * len(chunk), [False] * len(chunk)) != 0:
+                raise RuntimeError("the verification phase found no KV room")
+        n = len(prompt)
+        times: dict[int, list[float]] = {width: [] for width in widths}
+        for _ in range(steps):  # the widths in turn, round by round: a machine's drift moves all alike
+            for width in widths:
+                fed = (prompt * (width // max(1, n) + 1))[:width]  # what is fed does not change the cost
+                started = time.perf_counter()
+                if backend.decode(fed, list(range(n, n + width)), [0] * width, [True] * width) != 0:
+                    raise RuntimeError("the verification phase found no KV room")
+                for i in range(width):
+                    backend.sample(sampler, i)
+                times[width].append(time.perf_counter() - started)
+                backend.forget(0, n)
+        for width, taken in times.items():
+            median = sorted(taken)[len(taken) // 2]
+            rates[str(width)] = width / median
+            step_ms[str(width)] = 1000 * median
+    finally:
+        backend.forget(0, 0)
+        backend.free_sampler(sampler)
+        engine.close()
+    return {"context_tokens": len(prompt), "tokens_per_s": rates, "step_ms": step_ms, "steps": steps}

@@ -16,6 +16,10 @@ ngram-map-k look up 12 tokens and draft up to 48, ngram-mod 24 and 48..64). The 
 the decode rate after the first token, (tokens - 1) / (last chunk - first chunk).
 Then four parallel streams of each workload on llamad, speculation on against off
 (aggregate tokens/s).
+
+Before any server starts, the engine alone (llamad.bench.ceiling.verify_rates) times steps
+that check a draft at the edit prompt's depth, by width: the rate one stream would reach if
+every drafted token were kept, the ceiling that the edit figures are read against.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llamad.bench.ceiling import verify_rates
 from llamad.bench.edit_source import PROMPT as EDIT_PROMPT
 from llamad.bench.run import Http, _median
 from llamad.bench.servers import start_llamad
@@ -68,6 +73,9 @@ def prose_body(tokens: int, i: int = 0, sampled: bool = False) -> dict[str, Any]
 
 
 WORKLOADS = ("edit", "prose", "prose_sampled")
+# Steps of these widths check a draft in the engine-alone phase: on either side of the CPU
+# kernels' groups of 4 rows, up to llama-server's longest n-gram drafts (64).
+VERIFY_WIDTHS = (1, 8, 9, 16, 17, 32, 33, 48, 49, 64, 65)
 
 
 def complete(client: Http, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
@@ -175,6 +183,8 @@ def run_speculation(loaded: LoadedConfig, args: argparse.Namespace) -> int:
     model = resolve_model(loaded).path
     spec_types = [t for t in (args.spec_types or ",".join(SPEC_TYPES)).split(",") if t]
     print(f"llamad bench --speculation, beside {args.llama_server}: {model}", flush=True)
+    # Before any server starts: what checking a draft costs, the engine alone (the ceiling).
+    verification = verify_rates(loaded, model, EDIT_PROMPT, VERIFY_WIDTHS)
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
         servers["llamad"] = start_llamad(loaded)
@@ -234,6 +244,7 @@ def run_speculation(loaded: LoadedConfig, args: argparse.Namespace) -> int:
             four[workload] = {"on_tokens_per_s": _median(on), "off_tokens_per_s": _median(off)}
         results["llamad 4 streams"] = four
         results["llamad prose pairs"] = prose_pairs(llamad, args.tokens, args.prose_pairs)
+        results["verification"] = verification
     finally:
         for process, _ in servers.values():
             process.send_signal(signal.SIGTERM)
@@ -250,7 +261,7 @@ def run_speculation(loaded: LoadedConfig, args: argparse.Namespace) -> int:
 
 
 def render(results: dict[str, Any], spec_types: list[str]) -> str:
-    names = [name for name in results if name not in ("llamad 4 streams", "llamad prose pairs")]
+    names = [name for name in results if name not in ("llamad 4 streams", "llamad prose pairs", "verification")]
     rows: list[list[str]] = [["", *names]]
     for workload in WORKLOADS:
         rows.append([f"{workload}: decode tok/s", *(f"{results[n][f'{workload}_decode_tokens_per_s']:.1f}" for n in names)])
@@ -282,4 +293,19 @@ def render(results: dict[str, Any], spec_types: list[str]) -> str:
             f"{pairs['geometric_mean']:.3f}, median {pairs['median']:.3f}, pairs {min(pairs['ratios']):.2f}..{max(pairs['ratios']):.2f}; "
             f"drafted {pairs['drafted']}, accepted {pairs['accepted']}"
         )
+    verification = results.get("verification")
+    if verification:
+        rates, ms = verification["tokens_per_s"], verification["step_ms"]
+        lines.append(
+            f"checking a draft, the engine alone at {verification['context_tokens']} tokens of context "
+            "(entries a step: ms, tok/s if every drafted token is kept): "
+            + ", ".join(f"{w}: {ms[w]:.0f} ms, {rates[w]:.0f}" for w in rates)
+        )
+        widest = max((int(w) for w in rates if int(w) <= 32), default=None)  # llamad's one stream: 1 + 31
+        if widest:
+            lines.append(
+                f"edit: llamad = {mine['edit_decode_tokens_per_s'] / rates[str(widest)]:.2f} x the engine's rate at {widest} "
+                f"entries a step with every drafted token kept ({rates[str(widest)]:.0f} tok/s); "
+                f"best llama-server n-gram = {best['edit'] / rates[str(widest)]:.2f} x"
+            )
     return "\n".join(lines)
