@@ -27,6 +27,7 @@ class FakeBackend:
     n_ctx: int = 256
     n_batch: int = 64
     prompt_step: int = 16
+    batch_rows: int = 1
     kv_cells: int | None = None  # total KV cells; None: unlimited
     decode_delay: float = 0.0
     # The tokens a generation produces (EOG appended); default: five tokens.

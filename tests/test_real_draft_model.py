@@ -105,7 +105,7 @@ def test_a_rejected_draft_leaves_no_cell_in_the_draft_context(engine, monkeypatc
     # soon stop such drafts (they do not pay); here every draft is fed, whatever it costs.
     from llamad.engine import slots
 
-    monkeypatch.setattr(slots, "worthwhile_length", lambda p, share, costs, width, longest, shortest=1: longest)
+    monkeypatch.setattr(slots, "worthwhile_length", lambda p, share, costs, width, longest, shortest=1, rows=1: longest)
     sampled = Sampling(temperature=1.5, top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1.0, seed=7)
     loop = fresh_loop(engine, Speculation(enabled=True, ngram=64, draft_max=6, draft_min=2, draft_p_min=0.0))
     model = engine.draft_model

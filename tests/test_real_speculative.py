@@ -57,6 +57,9 @@ def engine(tmp_path_factory):
 def test_the_engine_speculates_with_the_configured_table_and_says_so(engine):
     # [speculative] turned on, with its default sizes; `llamad check` logs info["speculative"].
     assert engine.configured == (Speculation(enabled=True, ngram=12, draft_max=32, draft_min=2), "ngram 12, draft 2..32 tokens")
+    # On the CPU, llama.cpp's matrix kernels take rows in fours: drafts end a step on an edge.
+    on_gpu = not engine.info["gpu_layers_offloaded"].startswith("0")
+    assert engine.backend.batch_rows == (1 if on_gpu else 4)
 
 
 def chat_tokens(engine, content: str) -> list[int]:
@@ -157,17 +160,18 @@ def test_a_rejected_draft_leaves_nothing_in_llama_cpps_kv_and_the_answer_goes_on
     loop.submit(seq)
     loop.step()  # the prompt; the answer's first token is sampled
     assert seq.next_token == ids[0]
-    # Three right tokens, then two the model would not write here.
-    wrong = [t for t in (255990, 255991) if t not in ids[4:6]]
+    # Three right tokens, then four the model would not write here (with the next token, a
+    # step of 8 entries: on a CPU the loop cuts a draft to end a step on a multiple of 4).
+    wrong = [t for t in (255990, 255991, 255992, 255993) if t not in ids[4:8]]
     seq.drafter = drafter = ScriptedDrafter(ids[1:4] + wrong)
     loop.step()
-    assert drafter.outcome == (5, 3), drafter.outcome
+    assert drafter.outcome == (7, 3), drafter.outcome
     slot = seq.slot
     # The KV holds the prompt, the fed token and the three accepted ones: no rejected cell.
     assert slot.cached == tokens + ids[:4]
     assert kv_positions(engine, slot.id) == (0, len(tokens) + 3)
     assert seq.n_past == len(slot.cached) and seq.next_token == ids[4]
-    assert loop.stats.rolled_back == 2
+    assert loop.stats.rolled_back == 4
     for _ in range(100):
         if seq.ended:
             break

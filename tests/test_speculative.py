@@ -255,6 +255,43 @@ def test_a_draft_holds_the_tokens_whose_expected_saving_beats_their_cost():
     assert odds.p > 0.6  # a wholly kept draft: no break-off counted
 
 
+def test_where_the_kernels_take_rows_in_fours_a_draft_ends_the_step_on_an_edge():
+    # Linear costs, so the unaligned best would be the whole draft; with rows of 4 the step
+    # ends on a multiple of 4 entries, the width so far included.
+    cheap = linear_costs(0.010, 0.0005)
+    assert worthwhile_length(0.95, 0.010, cheap, 1, 32) == 32
+    assert worthwhile_length(0.95, 0.010, cheap, 1, 32, rows=4) == 31  # 32 entries with the next token
+    assert worthwhile_length(0.95, 0.010, cheap, 4, 32, rows=4) == 32  # four streams' next tokens first
+    assert worthwhile_length(0.95, 0.010, cheap, 6, 32, rows=4) == 30
+    assert worthwhile_length(0.95, 0.010, StepCosts(), 1, 32, rows=4) == 31  # nothing measured yet
+    # A draft too short to reach an edge is weighed as it is.
+    assert worthwhile_length(0.95, 0.010, cheap, 1, 2, shortest=2, rows=4) == 2
+    # A copy (p = 0.99) on the demo model's CPU costs (docs/benchmark.md), where only 24 and
+    # 33 entries were measured: the line between them makes 33 look best, which is the
+    # dearest width near it (189 ms; 32 took 167). With rows of 4 the loop feeds 32, and
+    # measures it.
+    measured = StepCosts()
+    for width, ms in ((1, 17), (24, 131), (33, 189)):
+        measured.measured(width, ms / 1000)
+    assert worthwhile_length(0.99, 0.017, measured, 1, 32) == 32
+    assert worthwhile_length(0.99, 0.017, measured, 1, 32, rows=4) == 31
+
+
+def test_the_step_loop_cuts_drafts_to_the_backends_rows():
+    def widths(rows: int) -> list[int]:
+        backend = FakeBackend(n_slots=1, n_batch=64, prompt_step=64, script=lambda g: PASSAGE[3:], batch_rows=rows)
+        loop = StepLoop(backend, speculation=Speculation(enabled=True, ngram=3, draft_max=16, draft_min=2))
+        seq = sequence(PROMPT)
+        loop.submit(seq)
+        run_until(loop, lambda: seq.ended)
+        kv_matches(backend, loop)
+        return [len(b["tokens"]) for b in backend.batches[1:]]
+
+    free = widths(1)
+    assert any(w % 4 for w in free if w > 1), free  # the drafts' own lengths: 1 + 2, 1 + 4, ...
+    assert all(w % 4 == 0 for w in widths(4) if w > 3), widths(4)
+
+
 @dataclass
 class TimedBackend(FakeBackend):
     """Steps take time on a clock of its own: 10 ms, plus `entry_s` per entry beyond one."""

@@ -133,6 +133,15 @@ def offloaded_layers(lines: list[str]) -> str | None:
             return f"{match.group(1)}/{match.group(2)}"
     return None
 
+# On the CPU, llama.cpp's matrix kernels take a batch four rows at a time (the repacked
+# weights' gemm, and llamafile's tiles for q8_0 and the like), and each row past the last
+# group of four costs about what a plain step's matrix work does. Measured on the demo model
+# at 1,645 tokens of context (docs/benchmark.md): a 32-entry step 167 ms, 33 entries 189,
+# 31 181; 8 entries 57 ms, 7 68. Drafts are cut to end a step on such an edge. Where the
+# kernels go row by row (SmolLM2's Q4_1) a step's cost is linear in its width, and the cut
+# costs nothing.
+CPU_BATCH_ROWS = 4
+
 # GGUF general.file_type -> the quantization name Ollama's clients show.
 FILE_TYPES = {"0": "F32", "1": "F16", "2": "Q4_0", "3": "Q4_1", "7": "Q8_0", "8": "Q5_0", "9": "Q5_1", "10": "Q2_K",
               "11": "Q3_K_S", "12": "Q3_K_M", "13": "Q3_K_L", "14": "Q4_K_S", "15": "Q4_K_M", "16": "Q5_K_S",
@@ -250,7 +259,8 @@ class LlamaEngine(Engine):
         native.capture()
         try:
             self.backend = LlamaSlotsBackend(
-                self.llm, self.parallel, n_ctx, m.n_batch, prompt_step, threads, flash_attn=self.flash_attn.effective
+                self.llm, self.parallel, n_ctx, m.n_batch, prompt_step, threads, flash_attn=self.flash_attn.effective,
+                batch_rows=1 if offloaded and not offloaded.startswith("0/") else CPU_BATCH_ROWS,
             )
             self.backend.shown_tokens = self._shown_tokens()
         finally:

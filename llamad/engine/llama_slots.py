@@ -79,7 +79,7 @@ class LlamaSlotsBackend:
 
     def __init__(
         self, llm: Any, n_slots: int, n_ctx: int, n_batch: int, prompt_step: int, threads: int,
-        flash_attn: str = "auto",
+        flash_attn: str = "auto", batch_rows: int = 1,
     ):
         import llama_cpp
         from llama_cpp._internals import LlamaContext
@@ -89,6 +89,7 @@ class LlamaSlotsBackend:
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.prompt_step = prompt_step
+        self.batch_rows = batch_rows
         self.grammar_fallbacks = 0
         self.vocab = llm._model.vocab  # noqa: SLF001
         self.n_swa = int(llama_cpp.llama_model_n_swa(llm._model.model))  # noqa: SLF001

@@ -66,6 +66,10 @@ class Backend(Protocol):
     n_ctx: int  # tokens one sequence may hold
     n_batch: int  # tokens one decode may carry
     prompt_step: int  # prompt tokens per step when no stream is waiting on it
+    # The batch width its matrix kernels take in whole groups: entries past the last whole
+    # group cost more each (llamad.engine.speculative.worthwhile_length); drafts are cut
+    # to end a step on a group's edge. 1: no such edge.
+    batch_rows: int
 
     def new_sampler(self, generation: Generation) -> Any: ...
 
@@ -559,10 +563,11 @@ class StepLoop:
         A sequence's first draft is fed at least `shortest` long, whatever the measure says:
         otherwise a cost measured where drafts were dear (deep in a long context) would stop
         every later request from drafting, and from measuring again."""
-        plain = self.step_costs.at(generating)
-        if plain is None:
-            return longest
-        worth = worthwhile_length(seq.odds.p, plain / generating, self.step_costs, width, longest, shortest)
+        plain = self.step_costs.at(generating)  # None until a step is measured: then the whole draft
+        worth = worthwhile_length(
+            seq.odds.p, (plain or 0.0) / generating, self.step_costs, width, longest, shortest,
+            rows=self.backend.batch_rows,
+        )
         if seq.odds.drafts == 0:
             worth = max(worth, shortest)
         return worth

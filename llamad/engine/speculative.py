@@ -126,21 +126,32 @@ class StepCosts:
 MARGIN = 0.25
 
 
-def worthwhile_length(p: float, share: float, costs: StepCosts, width: int, longest: int, shortest: int = 1) -> int:
+def worthwhile_length(
+    p: float, share: float, costs: StepCosts, width: int, longest: int, shortest: int = 1, rows: int = 1
+) -> int:
     """How many of a draft's first `longest` tokens to feed in a step `width` entries wide
     so far: the j-th is kept with probability p**j (every one before it kept) and then saves
     `share` seconds (a plain step's time per stream); the draft adds costs.at(width + k) -
     costs.at(width). The length with the largest expected gain; 0 when none gains more than
-    MARGIN of a share, or the best is shorter than `shortest`."""
+    MARGIN of a share, or the best is shorter than `shortest`.
+
+    `rows`: the backend's matrix kernels take a batch in groups of that many entries, and
+    each entry past the last whole group costs about a plain step of its own (llama.cpp's
+    CPU kernels for repacked weights, rows = 4). Only the lengths that end the step on a
+    group's edge are weighed then, where there is one from `shortest` to `longest`: the
+    loop measures the widths it feeds, so an edge's cheap width never has to be guessed
+    from a dear one beside it."""
+    first_edge = shortest + (-(width + shortest)) % rows
+    aligned = rows > 1 and first_edge <= longest
     base = costs.at(width)
     if base is None:
-        return longest
+        return longest - (width + longest) % rows if aligned else longest
     best, best_gain = 0, MARGIN * share
     kept, reach = 0.0, 1.0
     for k in range(1, longest + 1):
         reach *= p
         kept += reach
-        if k < shortest:
+        if k < shortest or (aligned and (width + k) % rows):
             continue
         gain = kept * share - (costs.at(width + k) or base) + base
         if gain > best_gain:
