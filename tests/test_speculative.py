@@ -297,6 +297,7 @@ class TimedBackend(FakeBackend):
     """Steps take time on a clock of its own: 10 ms, plus `entry_s` per entry beyond one."""
 
     entry_s: float = 0.0
+    sample_s: float = 0.0  # per row sampled (a sampler chain over the whole vocabulary)
     now: float = 0.0
 
     def decode(self, tokens, positions, slots, outputs):
@@ -304,15 +305,19 @@ class TimedBackend(FakeBackend):
         self.now += 0.010 + self.entry_s * (len(tokens) - 1)
         return code
 
+    def sample(self, sampler, index):
+        self.now += self.sample_s
+        return super().sample(sampler, index)
 
-def drafted_steps_on(entry_s: float) -> tuple[list[int], str]:
+
+def drafted_steps_on(entry_s: float, sample_s: float = 0.0) -> tuple[list[int], str]:
     """A sequence that re-enters the prompt's passage, follows it for three tokens and leaves
     it, over and over (what a numbered log does): its drafts keep two or three tokens each.
     Returns the draft lengths of its steps in order, and what it wrote."""
     answer: list[int] = [23]
     for i in range(12):
         answer += [24, 60 + i, 20, 21, 22, 23]
-    backend = TimedBackend(n_slots=1, n_batch=64, prompt_step=64, script=lambda g: answer, entry_s=entry_s)
+    backend = TimedBackend(n_slots=1, n_batch=64, prompt_step=64, script=lambda g: answer, entry_s=entry_s, sample_s=sample_s)
     loop = StepLoop(backend, speculation=Speculation(enabled=True, ngram=3, draft_max=16, draft_min=2))
     loop.clock = lambda: backend.now
     seq = sequence(PROMPT)
@@ -331,6 +336,16 @@ def test_drafts_stop_where_a_drafted_entry_costs_more_than_it_saves():
     # Dear: once the loop has measured a drafted entry's cost, nothing is worth drafting
     # (p < 1 = the relative cost), so the second half goes one token a step.
     assert sum(dear[:half]) > 0 and sum(dear[len(dear) // 2 :]) == 0, dear
+
+
+def test_what_a_drafted_entry_costs_includes_sampling_it():
+    # The decode is as cheap as above, but sampling a row costs ten times the decode (a
+    # sampled chain over a large vocabulary, on a slow core), so a drafted entry costs
+    # nearly what a plain step does: drafting stops as in the dear case.
+    cheap, _ = drafted_steps_on(entry_s=0.0005)
+    sampled, _ = drafted_steps_on(entry_s=0.0005, sample_s=0.100)
+    half = len(sampled) // 2
+    assert sum(cheap[half:]) > 0 and sum(sampled[half:]) == 0, sampled
 
 
 def test_a_new_request_drafts_once_at_least_so_a_dear_measure_is_taken_again():
