@@ -362,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--edit-tokens", type=int, default=2000, help="most tokens of an edit answer (default 2000: the whole file)")
     bench.add_argument("--prose-pairs", type=int, default=12, help="sampled prose seeds answered with speculation on and off back to back (default 12; 0 skips)")
     bench.add_argument("--parallel-tokens", type=int, default=256, help="tokens per answer of the 4-stream speculation phase (default 256)")
+    bench.add_argument("--parallel-pairs", type=int, default=4, help="4-stream speculation phase: measurements on and off back to back per workload (default 4)")
     bench.add_argument("--json", help="also write the results as JSON to this file")
     for name in ("config", "check", "bench", "serve"):
         sub.choices[name].add_argument("--config", dest="config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -15,7 +15,7 @@ the "llamad, speculation off" column, so the figures do not depend on `enabled`)
 ngram-map-k look up 12 tokens and draft up to 48, ngram-mod 24 and 48..64). The figure is
 the decode rate after the first token, (tokens - 1) / (last chunk - first chunk).
 Then four parallel streams of each workload on llamad, speculation on against off
-(aggregate tokens/s).
+(aggregate tokens/s), `--parallel-pairs` times back to back, the order alternating.
 
 Before any server starts, the engine alone (llamad.bench.ceiling.verify_rates) times steps
 that check a draft at the edit prompt's depth, by width: the rate one stream would reach if
@@ -237,11 +237,20 @@ def run_speculation(loaded: LoadedConfig, args: argparse.Namespace) -> int:
                 for i in range(4)
             ]
             parallel(llamad, bodies)  # warm-up: each prompt read once, into a slot of its own
-            on, off = [], []
-            for _ in range(max(1, args.runs // 2)):
-                on.append(parallel(llamad, bodies, ON)["aggregate_tokens_per_s"])
-                off.append(parallel(llamad, bodies, OFF)["aggregate_tokens_per_s"])
-            four[workload] = {"on_tokens_per_s": _median(on), "off_tokens_per_s": _median(off)}
+            # On and off back to back, the order alternating: each pair's ratio is read alone,
+            # so a machine that gets busier between pairs moves both of a pair alike.
+            on, off, ratios = [], [], []
+            for i in range(max(1, args.parallel_pairs)):
+                rate = {}
+                for headers in ((ON, OFF) if i % 2 == 0 else (OFF, ON)):
+                    rate[id(headers)] = parallel(llamad, bodies, headers)["aggregate_tokens_per_s"]
+                on.append(rate[id(ON)])
+                off.append(rate[id(OFF)])
+                ratios.append(rate[id(ON)] / rate[id(OFF)])
+            four[workload] = {
+                "on_tokens_per_s": _median(on), "off_tokens_per_s": _median(off),
+                "ratios": ratios, "geometric_mean": statistics.geometric_mean(ratios),
+            }
         results["llamad 4 streams"] = four
         results["llamad prose pairs"] = prose_pairs(llamad, args.tokens, args.prose_pairs)
         results["verification"] = verification
@@ -282,9 +291,11 @@ def render(results: dict[str, Any], spec_types: list[str]) -> str:
         f"llamad drafted {mine['drafted']} tokens, accepted {mine['accepted']}",
     ]
     for workload, four in results["llamad 4 streams"].items():
+        pairs = four.get("ratios") or []
         lines.append(
             f"4 parallel {workload} streams on llamad: speculation on {four['on_tokens_per_s']:.1f} tok/s, "
-            f"off {four['off_tokens_per_s']:.1f} (on / off {four['on_tokens_per_s'] / four['off_tokens_per_s']:.2f})"
+            f"off {four['off_tokens_per_s']:.1f} (medians); on / off in {len(pairs)} pairs back to back: geometric mean "
+            f"{four.get('geometric_mean', float('nan')):.3f}, pairs " + ", ".join(f"{r:.2f}" for r in pairs)
         )
     pairs = results.get("llamad prose pairs")
     if pairs and pairs["ratios"]:
